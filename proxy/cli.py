@@ -1,0 +1,110 @@
+"""The `outrigger` command: run, check, explain, schema."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from proxy.admin import build_admin_app
+from proxy.config.loader import Config, ConfigError, load_config
+from proxy.config.model import PolicySettings, PolicyTarget
+from proxy.explain import explain
+from proxy.server import ProxyServer
+
+log = logging.getLogger("outrigger")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="outrigger", description="Sidecar resilience proxy")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    run = verbs.add_parser("run", help="serve until SIGTERM/SIGINT, then drain")
+    run.add_argument("-c", "--config", required=True)
+    run.add_argument("--log-level", default="INFO")
+    check = verbs.add_parser("check", help="validate config and policies")
+    check.add_argument("-c", "--config", required=True)
+    exp = verbs.add_parser("explain", help="show the policy and merged settings for a request")
+    exp.add_argument("-c", "--config", required=True)
+    exp.add_argument("method")
+    exp.add_argument("url")
+    verbs.add_parser("schema", help="print the JSON Schema of a policy file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.verb == "schema":
+        print(json.dumps(policy_file_schema(), indent=2))
+        return 0
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(error.problems)} problem(s) found", file=sys.stderr)
+        return 1
+    if args.verb == "check":
+        print(f"{config.path}: OK ({len(config.policies)} policies, version {config.version})")
+        return 0
+    if args.verb == "explain":
+        try:
+            print(explain(config, args.method, args.url), end="")
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return 0
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(serve(config))
+    return 0
+
+
+async def serve(config: Config) -> None:
+    """Run the proxy and admin listeners until SIGTERM/SIGINT, then drain in-flight requests."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    proxy = ProxyServer(config)
+    admin = web.AppRunner(build_admin_app(proxy), handle_signals=False, access_log=None)
+    await admin.setup()
+    try:
+        await web.TCPSite(admin, config.main.admin.host, config.main.admin.port, reuse_address=True).start()
+        await proxy.start()
+        log.info("outrigger ready (config version %s, %d policies)", config.version, len(config.policies))
+        await stop.wait()
+        log.info("stopping: draining in-flight requests for up to %.0fs", config.main.drain_timeout)
+    finally:
+        await proxy.stop()
+        with contextlib.suppress(Exception):
+            await admin.cleanup()
+    log.info("stopped")
+
+
+def policy_file_schema() -> dict[str, object]:
+    """JSON Schema of a policy file: one policy or a list of them."""
+
+    class PolicyFile(PolicyTarget, PolicySettings):
+        pass
+
+    policy = PolicyFile.model_json_schema()
+    definitions = policy.pop("$defs", {})
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "Outrigger policy file",
+        "$defs": {**definitions, "Policy": policy},
+        "anyOf": [
+            {"$ref": "#/$defs/Policy"},
+            {"type": "array", "items": {"$ref": "#/$defs/Policy"}},
+        ],
+    }

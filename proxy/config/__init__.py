@@ -1,0 +1,1 @@
+"""Configuration: typed models, unit parsing, YAML loading with line numbers, lint."""

@@ -1,0 +1,377 @@
+"""YAML -> validated models, reporting every problem as ``FILE:LINE: key.path: message``.
+
+The loader keeps each YAML node's line so that pydantic errors, which only
+know a key path, can be pointed at the line a person has to edit. All
+problems of one load are collected and raised together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from proxy import secrets
+from proxy.config.model import (
+    POLICY_TARGET_KEYS,
+    MainConfig,
+    Policy,
+    PolicySettings,
+    PolicyTarget,
+    Route,
+)
+
+KeyPath = tuple[str | int, ...]
+Positions = dict[KeyPath, int]
+
+
+class ConfigError(Exception):
+    """One or more problems found while loading; each is a ready-to-print line."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = tuple(problems)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A fully validated configuration: the unit that is swapped on reload."""
+
+    path: Path
+    main: MainConfig
+    policies: tuple[Policy, ...]
+    version: str
+    """Short content hash of every file read, shown in /config, spans and logs."""
+    files: tuple[Path, ...]
+    """Every file the config was built from (config, policies, secrets), for reload polling."""
+
+
+@dataclass
+class _Document:
+    file: Path
+    data: Any
+    positions: Positions
+    prefix: KeyPath = ()
+
+
+@dataclass
+class _Problems:
+    lines: list[str] = field(default_factory=list)
+
+    def add(self, file: Path, line: int, path: KeyPath, message: str) -> None:
+        text = f"{file}:{line}: {format_path(path) or '(top level)'}: {message}"
+        if text not in self.lines:
+            self.lines.append(text)
+
+
+def format_path(path: Iterable[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+def _compose(file: Path, problems: _Problems) -> _Document | None:
+    """Parse YAML into plain data plus a map from key path to line number."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        problems.add(file, 1, (), f"cannot read file: {exc.strerror}")
+        return None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        positions: Positions = {}
+        data = _construct(loader, node, (), positions) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        problems.add(file, line, (), f"invalid YAML: {exc.problem or exc.context}")
+        return None
+    finally:
+        loader.dispose()
+    return _Document(file, data, positions)
+
+
+def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: KeyPath, positions: Positions) -> Any:
+    positions[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)
+        mapping: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if key in mapping:
+                raise yaml.MarkedYAMLError(problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark)
+            child = (*path, str(key))
+            mapping[key] = _construct(loader, value_node, child, positions)
+            positions[child] = key_node.start_mark.line + 1
+        return mapping
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(loader, item, (*path, i), positions) for i, item in enumerate(node.value)]
+    return loader.construct_object(node, deep=True)
+
+
+def _friendly(error_type: str, message: str) -> str:
+    if error_type == "extra_forbidden":
+        return "unknown key"
+    if error_type == "missing":
+        return "required key is missing"
+    return message.removeprefix("Value error, ")
+
+
+class _Locator:
+    """Maps a pydantic error location to the document (and line) that caused it.
+
+    Merged settings are validated as one dict; the most specific document that
+    contains the failing key (route, then policy, then defaults) gets the blame.
+    """
+
+    def __init__(self, documents: Sequence[_Document]) -> None:
+        self.documents = documents
+
+    def report(self, error: ValidationError, problems: _Problems) -> None:
+        for item in error.errors():
+            self._report_one(item["loc"], _friendly(item["type"], item["msg"]), problems)
+
+    def _report_one(self, loc: Sequence[str | int], message: str, problems: _Problems) -> None:
+        best: tuple[int, _Document, KeyPath] | None = None
+        for doc in self.documents:
+            depth, path = _walk(doc.data, loc)
+            if best is None or depth > best[0]:
+                best = (depth, doc, path)
+        assert best is not None
+        _, doc, path = best
+        full = (*doc.prefix, *path)
+        line = doc.positions.get(full) or doc.positions.get(doc.prefix, 1)
+        problems.add(doc.file, line, full, message)
+
+
+def _walk(data: Any, loc: Sequence[str | int]) -> tuple[int, KeyPath]:
+    """How far `loc` reaches into `data`; union tags that are not keys are skipped."""
+    path: list[str | int] = []
+    depth = 0
+    node = data
+    for part in loc:
+        if (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        ):
+            node = node[part]  # type: ignore[index]
+            path.append(part)
+            depth += 1
+        elif isinstance(node, dict | list):
+            if isinstance(part, str) and isinstance(node, dict):
+                path.append(part)
+            break
+    return depth, tuple(path)
+
+
+def _sub(doc: _Document, key: str | int) -> _Document:
+    data = doc.data[key] if isinstance(doc.data, dict | list) else None  # type: ignore[index]
+    return _Document(doc.file, data, doc.positions, (*doc.prefix, key))
+
+
+def deep_merge(base: Any, override: Any) -> Any:
+    """Mappings merge key by key; anything else in `override` replaces `base`."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = deep_merge(base.get(key), value)
+        return merged
+    return override
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _validate(
+    model: type[M],
+    data: Any,
+    documents: Sequence[_Document],
+    context: dict[str, Any],
+    problems: _Problems,
+) -> M | None:
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as error:
+        _Locator(documents).report(error, problems)
+        return None
+
+
+def load_config(path: str | Path) -> Config:
+    """Load and validate the main config and every policy file; raise ConfigError listing all problems."""
+    config_path = Path(path).resolve()
+    problems = _Problems()
+    root = _compose(config_path, problems)
+    if root is None:
+        raise ConfigError(problems.lines)
+    if root.data is None:
+        root.data = {}
+    if not isinstance(root.data, dict):
+        problems.add(config_path, 1, (), "the config file must be a mapping")
+        raise ConfigError(problems.lines)
+    context = {"base_dir": config_path.parent}
+    main = _validate(MainConfig, root.data, [root], context, problems)
+    defaults_doc = _sub(root, "defaults") if isinstance(root.data.get("defaults"), dict) else None
+    defaults_raw = defaults_doc.data if defaults_doc else {}
+
+    policy_docs = list(_policy_documents(config_path, root, main, problems))
+    policies = [
+        policy
+        for doc in policy_docs
+        if (policy := _build_policy(doc, defaults_raw, defaults_doc, context, problems)) is not None
+    ]
+    _check_claims(policies, policy_docs, main, problems)
+    if problems.lines or main is None:
+        raise ConfigError(problems.lines)
+    files = [
+        config_path,
+        *sorted({doc.file for doc in policy_docs}),
+        *_secret_files(main, policies, config_path),
+    ]
+    return Config(
+        path=config_path,
+        main=main,
+        policies=tuple(policies),
+        version=_content_hash(files),
+        files=tuple(files),
+    )
+
+
+def _policy_documents(
+    config_path: Path, root: _Document, main: MainConfig | None, problems: _Problems
+) -> Iterable[_Document]:
+    dirs = main.policy_dirs if main else _raw_policy_dirs(root.data)
+    for index, entry in enumerate(dirs):
+        directory = (config_path.parent / entry).resolve()
+        if not directory.is_dir():
+            line = root.positions.get(("policy_dirs", index), 1)
+            problems.add(config_path, line, ("policy_dirs", index), f"not a directory: {directory}")
+            continue
+        files = sorted(
+            f for f in directory.iterdir() if f.suffix in (".yaml", ".yml") and not f.name.startswith(".")
+        )
+        for file in files:
+            doc = _compose(file, problems)
+            if doc is None or doc.data is None:
+                continue
+            if isinstance(doc.data, dict):
+                yield doc
+            elif isinstance(doc.data, list):
+                yield from (_sub(doc, i) for i in range(len(doc.data)))
+            else:
+                problems.add(file, 1, (), "a policy file must hold a policy (mapping) or a list of them")
+
+
+def _raw_policy_dirs(data: dict[str, Any]) -> tuple[str, ...]:
+    """Policy folders even when the main config has other errors, so one run reports everything."""
+    raw = data.get("policy_dirs", MainConfig.model_fields["policy_dirs"].default)
+    is_list = isinstance(raw, list | tuple) and all(isinstance(d, str) for d in raw)
+    return tuple(raw) if is_list else ()
+
+
+def _build_policy(
+    doc: _Document,
+    defaults_raw: dict[str, Any],
+    defaults_doc: _Document | None,
+    context: dict[str, Any],
+    problems: _Problems,
+) -> Policy | None:
+    if not isinstance(doc.data, dict):
+        problems.add(doc.file, doc.positions.get(doc.prefix, 1), doc.prefix, "a policy must be a mapping")
+        return None
+    inherited = [defaults_doc] if defaults_doc else []
+    target_raw = {k: v for k, v in doc.data.items() if k in POLICY_TARGET_KEYS}
+    settings_raw = deep_merge(
+        defaults_raw, {k: v for k, v in doc.data.items() if k not in POLICY_TARGET_KEYS}
+    )
+    target = _validate(PolicyTarget, target_raw, [doc], context, problems)
+    settings = _validate(PolicySettings, settings_raw, [doc, *inherited], context, problems)
+    if target is None or settings is None:
+        return None
+    routes: list[Route] = []
+    for index, spec in enumerate(target.routes):
+        route_doc = _sub(_sub(doc, "routes"), index)
+        merged = deep_merge(settings_raw, spec.overrides())
+        route_settings = _validate(PolicySettings, merged, [route_doc, doc, *inherited], context, problems)
+        if route_settings is not None:
+            routes.append(Route(match=spec.match, settings=route_settings))
+    if len(routes) != len(target.routes):
+        return None
+    return Policy(
+        hosts=target.hosts,
+        upstream=target.upstream,
+        listen=target.listen,
+        settings=settings,
+        routes=tuple(routes),
+        source=f"{doc.file}:{doc.positions.get(doc.prefix, 1)}",
+    )
+
+
+def _check_claims(
+    policies: Sequence[Policy],
+    docs: Sequence[_Document],
+    main: MainConfig | None,
+    problems: _Problems,
+) -> None:
+    """Cross-policy rules: a host claimed once, listen ports distinct from each other and the main ports."""
+    by_source = {f"{d.file}:{d.positions.get(d.prefix, 1)}": d for d in docs}
+    claimed: dict[str, str] = {}
+    ports: dict[int, str] = {}
+    if main is not None:
+        ports[main.listen.port] = "the main listener"
+        ports[main.admin.port] = "the admin listener"
+    for policy in policies:
+        doc = by_source[policy.source]
+        for index, host in enumerate(policy.hosts):
+            path = (*doc.prefix, "hosts", index)
+            if host in claimed:
+                problems.add(
+                    doc.file,
+                    doc.positions.get(path, 1),
+                    path,
+                    f"host {host} is already claimed by {claimed[host]}",
+                )
+            else:
+                claimed[host] = policy.source
+        if policy.listen is not None:
+            path = (*doc.prefix, "listen")
+            if policy.listen in ports:
+                problems.add(
+                    doc.file,
+                    doc.positions.get(path, 1),
+                    path,
+                    f"port {policy.listen} is already used by {ports[policy.listen]}",
+                )
+            else:
+                ports[policy.listen] = policy.source
+
+
+def _secret_files(main: MainConfig, policies: Sequence[Policy], config_path: Path) -> list[Path]:
+    settings = [
+        main.defaults,
+        *(p.settings for p in policies),
+        *(r.settings for p in policies for r in p.routes),
+    ]
+    found = {
+        file
+        for s in settings
+        for template in s.headers.set.values()
+        for file in secrets.referenced_files(template, config_path.parent)
+    }
+    return sorted(found)
+
+
+def _content_hash(files: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file).encode())
+        try:
+            digest.update(file.read_bytes())
+        except OSError:
+            digest.update(b"<unreadable>")
+    return digest.hexdigest()[:12]

@@ -1,0 +1,329 @@
+"""Typed, frozen config models. Validated once at load; layers never re-check.
+
+`PolicySettings` is the mergeable body (built-in < ``defaults`` < host policy
+< route). A section that later issues add (retries, breaker, ...) goes here as
+one optional field; a missing section means its layer is not in the pipeline.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import ssl
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from yarl import URL
+
+from proxy import secrets
+from proxy.config import defaults as builtin
+from proxy.config.units import ByteSize, Duration, format_duration
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_HOSTNAME_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_METHOD_RE = re.compile(r"^[A-Z]+$")
+
+
+def _is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _check_host_pattern(pattern: object) -> str:
+    if not isinstance(pattern, str):
+        raise ValueError("a host must be a string")
+    name = pattern.strip().lower().rstrip(".")
+    if name.startswith("*."):
+        if not _HOSTNAME_RE.match(name[2:]) or "." not in name[2:]:
+            raise ValueError(
+                f"bad wildcard {pattern!r}: use '*.' followed by a domain with at least two labels,"
+                " e.g. '*.example.com'"
+            )
+        return name
+    if "*" in name:
+        raise ValueError(
+            f"bad wildcard {pattern!r}: '*' is only allowed as the whole first label ('*.example.com')"
+        )
+    if not (_HOSTNAME_RE.match(name) or _is_ip_literal(name)):
+        raise ValueError(f"invalid host name {pattern!r}")
+    return name
+
+
+HostPattern = Annotated[str, BeforeValidator(_check_host_pattern)]
+
+
+def _check_header_name(name: str) -> str:
+    if not _HEADER_NAME_RE.match(name):
+        raise ValueError(f"invalid header name {name!r}")
+    return name
+
+
+HeaderName = Annotated[str, AfterValidator(_check_header_name)]
+
+
+def _normalise_method(method: object) -> str:
+    if not isinstance(method, str) or not _METHOD_RE.match(method.upper()):
+        raise ValueError(f"invalid HTTP method {method!r}")
+    return method.upper()
+
+
+Method = Annotated[str, BeforeValidator(_normalise_method)]
+
+
+class UpstreamTarget(Frozen):
+    """Where a policy sends requests: scheme, host and port only."""
+
+    scheme: Literal["http", "https"]
+    host: str
+    port: Port
+
+    @property
+    def default_port(self) -> bool:
+        return self.port == (443 if self.scheme == "https" else 80)
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.default_port else f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.authority}"
+
+
+def _parse_upstream(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"upstream {value!r} must look like https://host[:port]")
+    if url.path not in ("", "/") or url.query_string or url.fragment or url.user:
+        raise ValueError(f"upstream {value!r} may not carry a path, query, fragment or credentials")
+    if url.port is None:
+        raise ValueError(f"upstream {value!r} has no usable port")
+    return {"scheme": url.scheme, "host": url.host.lower(), "port": url.port}
+
+
+Upstream = Annotated[
+    UpstreamTarget,
+    BeforeValidator(_parse_upstream),
+    PlainSerializer(str, return_type=str, when_used="json"),
+]
+
+
+class ListenAddress(Frozen):
+    host: str
+    port: Port
+
+    @field_validator("host")
+    @classmethod
+    def _ip_only(cls, host: str) -> str:
+        if host != "localhost" and not _is_ip_literal(host):
+            raise ValueError("listen host must be an IP address (e.g. 127.0.0.1) or localhost")
+        return host
+
+
+class TlsSettings(Frozen):
+    verify: bool = builtin.TLS_VERIFY
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    sni: str | None = None
+
+    @field_validator("ca_file", "client_cert", "client_key")
+    @classmethod
+    def _readable(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        if path is None:
+            return None
+        resolved = path if path.is_absolute() else _base_dir(info) / path
+        if not resolved.is_file():
+            raise ValueError(f"file not found: {resolved}")
+        return resolved
+
+    @field_validator("sni")
+    @classmethod
+    def _sni_hostname(cls, sni: str | None) -> str | None:
+        if sni is not None and not _HOSTNAME_RE.match(sni.lower()):
+            raise ValueError(f"invalid SNI host name {sni!r}")
+        return sni
+
+    @model_validator(mode="after")
+    def _loadable(self) -> TlsSettings:
+        if self.client_key is not None and self.client_cert is None:
+            raise ValueError("client_key is set but client_cert is not")
+        try:
+            self.ssl_context()
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"cannot load TLS files: {exc}") from None
+        return self
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client context: verification on unless turned off, optional CA and client certificate."""
+        context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        if not self.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if self.client_cert is not None:
+            key = str(self.client_key) if self.client_key else None
+            context.load_cert_chain(str(self.client_cert), key)
+        return context
+
+
+class Timeouts(Frozen):
+    connect: Duration = Field(default=builtin.CONNECT_TIMEOUT_S, gt=0)
+    per_try: Duration = Field(default=builtin.PER_TRY_TIMEOUT_S, gt=0)
+    total: Duration = Field(default=builtin.TOTAL_TIMEOUT_S, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Timeouts:
+        if self.per_try > self.total:
+            raise ValueError(
+                f"per_try ({format_duration(self.per_try)}) is longer than total"
+                f" ({format_duration(self.total)})"
+            )
+        if self.connect > self.per_try:
+            raise ValueError(
+                f"connect ({format_duration(self.connect)}) is longer than per_try"
+                f" ({format_duration(self.per_try)})"
+            )
+        return self
+
+
+class HeaderRules(Frozen):
+    """Headers set or removed on every upstream request; values may reference secrets."""
+
+    set: dict[HeaderName, str] = Field(default_factory=dict)
+    remove: tuple[HeaderName, ...] = ()
+
+    @field_validator("set")
+    @classmethod
+    def _secrets_resolve(cls, values: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        for name, template in values.items():
+            try:
+                secrets.render(template, _base_dir(info))
+            except secrets.SecretError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return values
+
+
+class PolicySettings(Frozen):
+    """The part of a policy that merges: built-in < defaults < host policy < route."""
+
+    tls: TlsSettings = TlsSettings()
+    allow_private_addresses: bool = builtin.ALLOW_PRIVATE_ADDRESSES
+    timeouts: Timeouts = Timeouts()
+    headers: HeaderRules = HeaderRules()
+
+
+ROUTE_OVERRIDABLE = ("timeouts", "headers")
+"""Sections a route may override; stateful sections stay per policy."""
+
+
+class RouteMatch(Frozen):
+    method: tuple[Method, ...] | None = None
+    path: str | None = None
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: str | None) -> str | None:
+        if path is not None and not path.startswith(("/", "*")):
+            raise ValueError("path glob must start with '/' (or '*')")
+        return path
+
+
+class RouteSpec(Frozen):
+    """A route as written: a match plus raw overrides, validated after merging."""
+
+    match: RouteMatch
+    timeouts: dict[str, Any] | None = None
+    headers: dict[str, Any] | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in ROUTE_OVERRIDABLE if getattr(self, key) is not None}
+
+
+class PolicyTarget(Frozen):
+    """The non-mergeable part of a policy as written: what it claims and where it sends."""
+
+    hosts: tuple[HostPattern, ...] = Field(min_length=1)
+    upstream: Upstream | None = None
+    listen: Port | None = None
+    routes: tuple[RouteSpec, ...] = ()
+
+
+class Route(Frozen):
+    match: RouteMatch
+    settings: PolicySettings
+
+
+class Policy(Frozen):
+    """One host policy with `defaults` merged in and every route resolved."""
+
+    hosts: tuple[str, ...]
+    upstream: UpstreamTarget | None
+    listen: Port | None
+    settings: PolicySettings
+    routes: tuple[Route, ...]
+    source: str
+    """FILE:LINE where the policy is written, for explain and error messages."""
+
+    @property
+    def name(self) -> str:
+        """Bounded label for metrics and logs: the first host pattern."""
+        return self.hosts[0]
+
+
+POLICY_TARGET_KEYS = frozenset(PolicyTarget.model_fields)
+
+
+class Limits(Frozen):
+    max_header_bytes: ByteSize = Field(default=builtin.MAX_HEADER_BYTES, ge=1024)
+    max_headers: int = Field(default=builtin.MAX_HEADERS, ge=1)
+
+
+class MainConfig(Frozen):
+    listen: ListenAddress = ListenAddress(host=builtin.MAIN_LISTEN_HOST, port=builtin.MAIN_LISTEN_PORT)
+    admin: ListenAddress = ListenAddress(host=builtin.ADMIN_LISTEN_HOST, port=builtin.ADMIN_LISTEN_PORT)
+    policy_dirs: tuple[str, ...] = builtin.POLICY_DIRS
+    unknown_hosts: Literal["deny", "allow"] = builtin.UNKNOWN_HOSTS
+    defaults: PolicySettings = PolicySettings()
+    limits: Limits = Limits()
+    drain_timeout: Duration = builtin.DRAIN_TIMEOUT_S
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> MainConfig:
+        if self.listen.port == self.admin.port:
+            raise ValueError(f"listen and admin both use port {self.listen.port}")
+        return self
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    context = info.context or {}
+    base = context.get("base_dir")
+    return base if isinstance(base, Path) else Path.cwd()

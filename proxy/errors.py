@@ -1,0 +1,97 @@
+"""Errors Outrigger answers itself (SPEC 5), as one exception family.
+
+    OutriggerError                      -> JSON body + x-outrigger-error
+    ├── BadRequest              400 bad_request
+    ├── HostNotAllowed          403 host_not_allowed
+    ├── AddressNotAllowed       403 address_not_allowed
+    ├── ConnectNotSupported     405 connect_not_supported
+    ├── HeadersTooLarge         431 headers_too_large
+    ├── UpstreamUnreachable     502 upstream_unreachable
+    │   ├── ConnectFailure          retry condition "connect-failure"
+    │   └── ConnectionReset         retry condition "reset"
+    └── Timeout                 504 timeout (the total deadline)
+        └── AttemptTimeout          retry condition "timeout" (one attempt's per_try)
+
+Layers raise these; only the server turns them into responses, so the error
+body is written in exactly one place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import ClassVar
+
+from multidict import CIMultiDict
+
+ERROR_HEADER = "x-outrigger-error"
+
+
+class OutriggerError(Exception):
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, host: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        self.host = host
+        """The requested host, when known where the error is raised."""
+
+    def body(self, host: str) -> bytes:
+        return json.dumps(
+            {"error": {"type": self.error_type, "message": self.message, "host": host}}
+        ).encode()
+
+    def headers(self) -> CIMultiDict[str]:
+        headers = CIMultiDict({"Content-Type": "application/json", ERROR_HEADER: self.error_type})
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+        return headers
+
+
+class BadRequest(OutriggerError):
+    status = 400
+    error_type = "bad_request"
+
+
+class HostNotAllowed(OutriggerError):
+    status = 403
+    error_type = "host_not_allowed"
+
+
+class AddressNotAllowed(OutriggerError):
+    status = 403
+    error_type = "address_not_allowed"
+
+
+class ConnectNotSupported(OutriggerError):
+    status = 405
+    error_type = "connect_not_supported"
+
+
+class HeadersTooLarge(OutriggerError):
+    status = 431
+    error_type = "headers_too_large"
+
+
+class UpstreamUnreachable(OutriggerError):
+    status = 502
+    error_type = "upstream_unreachable"
+
+
+class ConnectFailure(UpstreamUnreachable):
+    """No connection could be made (refused, DNS, TLS handshake, connect timeout)."""
+
+
+class ConnectionReset(UpstreamUnreachable):
+    """The connection closed before a complete response head arrived."""
+
+
+class Timeout(OutriggerError):
+    status = 504
+    error_type = "timeout"
+
+
+class AttemptTimeout(Timeout):
+    """One attempt exceeded per_try; the request deadline may still allow another."""

@@ -1,0 +1,156 @@
+"""What flows through the pipeline: a request in, a (streaming) response out.
+
+Every layer has the shape ``async def __call__(request, next) -> ProxyResponse``
+(see pipeline.py); these types are the only thing layers share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from multidict import CIMultiDict, MultiMapping
+
+from proxy.config.model import Policy, PolicySettings, UpstreamTarget
+
+CHUNK_SIZE = 64 * 1024
+"""Read/write granularity when streaming; bounds per-request buffering."""
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+
+def end_to_end_headers(
+    headers: MultiMapping[str], extra_drop: frozenset[str] = frozenset()
+) -> CIMultiDict[str]:
+    """Copy without hop-by-hop headers and those the Connection header names (RFC 9110 7.6.1)."""
+    named = {
+        token.strip().lower()
+        for value in headers.getall("Connection", [])
+        for token in value.split(",")
+        if token.strip()
+    }
+    drop = HOP_BY_HOP | named | extra_drop
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+class RequestBody:
+    """The app's request body, streamed once or, when small enough, kept for replay.
+
+    Buffering happens only when a layer asks for it (the retry layer, up to
+    ``max_replay_bytes``); otherwise bytes pass straight through.
+    """
+
+    def __init__(self, source: AsyncIterator[bytes] | None, length: int | None) -> None:
+        self._source = source
+        self.length = length
+        self._buffered: bytes | None = b"" if source is None else None
+        self._prefix: list[bytes] = []
+        self._streamed = False
+
+    @property
+    def empty(self) -> bool:
+        return self._source is None
+
+    @property
+    def replayable(self) -> bool:
+        return self._buffered is not None
+
+    async def buffer(self, limit: int) -> bool:
+        """Read the whole body if it fits in `limit` bytes; True when it is then replayable."""
+        if self._buffered is not None:
+            return len(self._buffered) <= limit
+        if self._streamed or self._source is None or (self.length is not None and self.length > limit):
+            return False
+        size = sum(len(c) for c in self._prefix)
+        async for chunk in self._source:
+            self._prefix.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                return False
+        self._buffered = b"".join(self._prefix)
+        self._prefix = []
+        return True
+
+    def for_attempt(self) -> bytes | AsyncIterator[bytes] | None:
+        """The body for one attempt: the same bytes every time, or the stream exactly once."""
+        if self._source is None:
+            return None
+        if self._buffered is not None:
+            return self._buffered
+        if self._streamed:
+            raise RuntimeError("a streamed request body cannot be sent twice")
+        self._streamed = True
+        return self._stream()
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        assert self._source is not None
+        for chunk in self._prefix:
+            yield chunk
+        self._prefix = []
+        async for chunk in self._source:
+            yield chunk
+
+
+class ResponseBody(Protocol):
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    def release(self) -> None:
+        """Give back the upstream connection (or drop it when the body was not read)."""
+
+
+class BytesBody:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        if self.data:
+            yield self.data
+
+    def release(self) -> None:
+        return None
+
+
+@dataclass
+class ProxyResponse:
+    status: int
+    headers: CIMultiDict[str]
+    body: ResponseBody
+    reason: str | None = None
+
+
+@dataclass
+class ProxyRequest:
+    method: str
+    target: UpstreamTarget
+    path_qs: str
+    """Raw (still percent-encoded) path and query as the app sent them."""
+    headers: CIMultiDict[str]
+    body: RequestBody
+    policy: Policy
+    settings: PolicySettings
+    """The settings of the matched route (policy settings when no route matched)."""
+    timeout_override: float | None = None
+    """x-outrigger-timeout-ms, in seconds: may only lower `timeouts.total`."""
+    deadline: float | None = None
+    """Loop time by which everything, including the response body, must be done."""
+    attempts: int = 0
+
+
+Handler = Callable[[ProxyRequest], Awaitable[ProxyResponse]]
+
+
+class Layer(Protocol):
+    async def __call__(self, request: ProxyRequest, next: Handler) -> ProxyResponse: ...

@@ -1,0 +1,162 @@
+"""The shared upstream client: pooled connections, TLS origination, SSRF-checked connects.
+
+One aiohttp ClientSession serves every policy (owned by the server's
+lifecycle). The upstream host is resolved here, every address is checked by
+`addresses.refusal_reason`, and the connection is made to the checked IP with
+the host name kept for SNI, certificate checks and ``Host`` — so DNS cannot
+change between the check and the connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import AsyncIterator
+
+import aiohttp
+from cachetools import TTLCache
+from yarl import URL
+
+from proxy import errors
+from proxy.addresses import refusal_reason
+from proxy.config import defaults
+from proxy.config.model import TlsSettings, UpstreamTarget
+from proxy.exchange import CHUNK_SIZE, ProxyRequest, ProxyResponse, end_to_end_headers
+
+_NO_CEILING = 1e9
+"""aiohttp rounds timeouts above ``ceil_threshold`` up to whole seconds; we want them exact."""
+
+_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+"""Headers aiohttp would invent; a proxy sends only what the app sent."""
+
+
+class UpstreamBody:
+    """The upstream response body, streamed to the app chunk by chunk."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self._response.content.iter_chunked(CHUNK_SIZE):
+            yield chunk
+
+    def release(self) -> None:
+        self._response.release()
+
+
+class UpstreamClient:
+    def __init__(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=defaults.POOL_LIMIT_TOTAL,
+            limit_per_host=defaults.POOL_LIMIT_PER_HOST,
+            keepalive_timeout=defaults.KEEPALIVE_TIMEOUT_S,
+            use_dns_cache=False,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
+            timeout=aiohttp.ClientTimeout(total=None),
+            trust_env=False,
+        )
+        self._dns: TTLCache[tuple[str, int], tuple[str, ...]] = TTLCache(
+            maxsize=4096, ttl=defaults.DNS_CACHE_TTL_S
+        )
+        self._ssl_contexts: dict[TlsSettings, ssl.SSLContext] = {}
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def send(self, request: ProxyRequest) -> ProxyResponse:
+        """One attempt: resolve, check, connect and return once the response head has arrived."""
+        target = request.target
+        address = await self._checked_address(target, request.settings.allow_private_addresses)
+        host_in_url = f"[{address}]" if ":" in address else address
+        url = URL(f"{target.scheme}://{host_in_url}:{target.port}{request.path_qs}", encoded=True)
+        headers = request.headers.copy()
+        headers["Host"] = target.authority
+        tls = request.settings.tls
+        timeouts = request.settings.timeouts
+        try:
+            response = await self._session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=request.body.for_attempt(),
+                allow_redirects=False,
+                ssl=self._ssl_context(tls) if target.scheme == "https" else False,
+                server_hostname=(tls.sni or target.host) if target.scheme == "https" else None,
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    sock_connect=timeouts.connect,
+                    sock_read=timeouts.per_try,
+                    ceil_threshold=_NO_CEILING,
+                ),
+            )
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise errors.ConnectFailure(
+                f"TLS certificate of {target.host} rejected: {exc.certificate_error}"
+            ) from exc
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise errors.ConnectFailure(f"cannot connect to {target.authority}: {_describe(exc)}") from exc
+        except aiohttp.SocketTimeoutError as exc:
+            raise errors.AttemptTimeout(f"{target.authority} sent nothing for {timeouts.per_try:g}s") from exc
+        except (
+            aiohttp.ServerDisconnectedError,
+            aiohttp.ClientOSError,
+            aiohttp.ClientPayloadError,
+        ) as exc:
+            raise errors.ConnectionReset(
+                f"connection to {target.authority} closed before a response: {_describe(exc)}"
+            ) from exc
+        except aiohttp.ClientResponseError as exc:
+            raise errors.UpstreamUnreachable(
+                f"{target.authority} sent an invalid response: {exc.message}"
+            ) from exc
+        return ProxyResponse(
+            status=response.status,
+            headers=end_to_end_headers(response.headers),
+            body=UpstreamBody(response),
+            reason=response.reason,
+        )
+
+    async def _checked_address(self, target: UpstreamTarget, allow_private: bool) -> str:
+        candidates = await self._resolve(target.host, target.port)
+        if allow_private:
+            return candidates[0]
+        allowed = [a for a in candidates if refusal_reason(a) is None]
+        if not allowed:
+            reason = refusal_reason(candidates[0])
+            raise errors.AddressNotAllowed(
+                f"{target.host} resolves to {candidates[0]} ({reason}); set allow_private_addresses: true"
+                " in its policy to permit it"
+            )
+        return allowed[0]
+
+    async def _resolve(self, host: str, port: int) -> tuple[str, ...]:
+        cached = self._dns.get((host, port))
+        if cached is not None:
+            return cached
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise errors.ConnectFailure(f"cannot resolve {host}: {exc.strerror or exc}") from exc
+        addresses = tuple(dict.fromkeys(str(info[4][0]) for info in infos))
+        if not addresses:
+            raise errors.ConnectFailure(f"{host} has no addresses")
+        self._dns[(host, port)] = addresses
+        return addresses
+
+    def _ssl_context(self, tls: TlsSettings) -> ssl.SSLContext:
+        """One context per distinct TLS section, so pooled connections are keyed by it."""
+        context = self._ssl_contexts.get(tls)
+        if context is None:
+            context = self._ssl_contexts[tls] = tls.ssl_context()
+        return context
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return text or type(exc).__name__
