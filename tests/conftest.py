@@ -1,0 +1,87 @@
+"""Shared fixtures: a real Outrigger (in-process, real sockets on 127.0.0.1) built from YAML."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+
+from proxy.admin import build_admin_app
+from proxy.config.loader import Config, load_config
+from proxy.server import ProxyServer
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def write_config(directory: Path, policies: list[dict[str, Any]], **main: Any) -> Path:
+    """config.yaml + policies/test.yaml under `directory`; returns the config path."""
+    (directory / "policies").mkdir(exist_ok=True)
+    (directory / "policies" / "test.yaml").write_text(yaml.safe_dump(policies))
+    settings: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": free_port()},
+        "admin": {"host": "127.0.0.1", "port": free_port()},
+        "policy_dirs": ["policies/"],
+        **main,
+    }
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+@dataclass
+class RunningProxy:
+    server: ProxyServer
+    config: Config
+
+    @property
+    def port(self) -> int:
+        return self.config.main.listen.port
+
+    @property
+    def admin_port(self) -> int:
+        return self.config.main.admin.port
+
+    @property
+    def url(self) -> str:
+        """Base URL of the main listener, e.g. for HTTP_PROXY."""
+        return f"http://127.0.0.1:{self.port}"
+
+
+StartProxy = Callable[..., Awaitable[RunningProxy]]
+
+
+@pytest.fixture
+async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
+    """Start Outrigger (proxy + admin listeners) from policy dicts and main-config overrides."""
+    started: list[tuple[ProxyServer, web.AppRunner]] = []
+
+    async def start(policies: list[dict[str, Any]], **main: Any) -> RunningProxy:
+        config = load_config(write_config(tmp_path, policies, **main))
+        server = ProxyServer(config)
+        admin = web.AppRunner(build_admin_app(server), access_log=None)
+        await admin.setup()
+        await web.TCPSite(admin, "127.0.0.1", config.main.admin.port).start()
+        await server.start()
+        started.append((server, admin))
+        return RunningProxy(server, config)
+
+    yield start
+    for server, admin in started:
+        await server.stop()
+        await admin.cleanup()
+
+
+def loopback_policy(upstream: str, host: str = "upstream.test", **extra: Any) -> dict[str, Any]:
+    """A policy for a loopback test upstream (the SSRF guard must be opted out of)."""
+    return {"hosts": [host], "upstream": upstream, "allow_private_addresses": True, **extra}
