@@ -5,6 +5,7 @@
     ├── HostNotAllowed          403 host_not_allowed
     ├── AddressNotAllowed       403 address_not_allowed
     ├── ConnectNotSupported     405 connect_not_supported
+    ├── IdempotencyKeyReused    422 idempotency_key_reused
     ├── HeadersTooLarge         431 headers_too_large
     ├── UpstreamUnreachable     502 upstream_unreachable
     │   ├── ConnectFailure          retry condition "connect-failure"
@@ -68,6 +69,11 @@ class AddressNotAllowed(OutriggerError):
 class ConnectNotSupported(OutriggerError):
     status = 405
     error_type = "connect_not_supported"
+
+
+class IdempotencyKeyReused(OutriggerError):
+    status = 422
+    error_type = "idempotency_key_reused"
 
 
 class HeadersTooLarge(OutriggerError):

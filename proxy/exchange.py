@@ -7,7 +7,7 @@ Every layer has the shape ``async def __call__(request, next) -> ProxyResponse``
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from multidict import CIMultiDict, MultiMapping
@@ -123,6 +123,24 @@ class BytesBody:
         return None
 
 
+class PrefixedBody:
+    """A body whose first chunks were already read (e.g. to try to store it), then the rest."""
+
+    def __init__(self, prefix: list[bytes], rest: AsyncIterator[bytes], source: ResponseBody) -> None:
+        self._prefix = prefix
+        self._rest = rest
+        self._source = source
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for chunk in self._prefix:
+            yield chunk
+        async for chunk in self._rest:
+            yield chunk
+
+    def release(self) -> None:
+        self._source.release()
+
+
 @dataclass
 class ProxyResponse:
     status: int
@@ -131,9 +149,18 @@ class ProxyResponse:
     reason: str | None = None
 
 
+@dataclass(frozen=True)
+class RetryRecord:
+    reason: str
+    """The condition that caused it: ``connect-failure``, ``reset``, ``timeout``, a status, or ``hint``."""
+    delay: float
+
+
 @dataclass
 class ProxyRequest:
     method: str
+    host: str
+    """The host the app asked for (a policy's first host on a dedicated port): for errors and logs."""
     target: UpstreamTarget
     path_qs: str
     """Raw (still percent-encoded) path and query as the app sent them."""
@@ -147,6 +174,9 @@ class ProxyRequest:
     deadline: float | None = None
     """Loop time by which everything, including the response body, must be done."""
     attempts: int = 0
+    retries: list[RetryRecord] = field(default_factory=list)
+    """Why and after what delay each retry happened, for spans, logs and tests."""
+    idempotency_key_injected: bool = False
 
 
 Handler = Callable[[ProxyRequest], Awaitable[ProxyResponse]]

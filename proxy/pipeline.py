@@ -1,26 +1,49 @@
 """The one place the layer order is written (see ARCHITECTURE.md).
 
-    deadline   total timeout over everything below (retries and backoff too)
-    attempt    header rules with rendered secrets, per_try timeout
-    upstream   SSRF-checked connect, TLS origination, pooled connection
+    deadline     total timeout over everything below, retries and backoff included
+    idempotency  key added once so every attempt shares it; optional replay cache
+    retry        conditions, backoff with jitter, Retry-After, budget, replay buffer
+    attempt      header rules with rendered secrets, per_try timeout
+    upstream     SSRF-checked connect, TLS origination, pooled connection
 
-Later layers slot in here, each as one line, in the order ARCHITECTURE.md
-draws: telemetry > concurrency > deadline > idempotency > retry > breaker >
-rate limit > attempt > upstream.
+A layer whose section is absent from the settings is not in the stack. State
+that must outlive one request (retry budget, replay cache) lives in
+`PolicyState`, one per policy, shared by the policy's routes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.config.loader import Config
 from proxy.config.model import Policy, PolicySettings
 from proxy.exchange import Handler, Layer, ProxyRequest, ProxyResponse
 from proxy.layers.attempt import AttemptLayer
+from proxy.layers.budget import RetryBudget
 from proxy.layers.deadline import DeadlineLayer
+from proxy.layers.idempotency import IdempotencyLayer, ReplayCache
+from proxy.layers.retry import RetryLayer
 from proxy.routing import Match, Router
 from proxy.upstream import UpstreamClient
+
+
+@dataclass
+class PolicyState:
+    """Per-policy state built from the policy's own settings (routes cannot change these)."""
+
+    budget: RetryBudget | None
+    replay: ReplayCache | None
+
+    @classmethod
+    def build(cls, settings: PolicySettings, clock: Clock) -> PolicyState:
+        retries, idempotency = settings.retries, settings.idempotency
+        return cls(
+            budget=RetryBudget(retries.budget, clock) if retries and retries.budget else None,
+            replay=ReplayCache(idempotency.replay, clock) if idempotency and idempotency.replay else None,
+        )
 
 
 def _bind(layer: Layer, next: Handler) -> Handler:
@@ -37,27 +60,34 @@ def compose(layers: Sequence[Layer], terminal: Handler) -> Handler:
     return handler
 
 
-def build_pipeline(settings: PolicySettings, upstream: UpstreamClient, base_dir: Path) -> Handler:
-    layers: list[Layer] = [
-        DeadlineLayer(settings.timeouts.total),
-        AttemptLayer(settings.timeouts.per_try, settings.headers, base_dir),
-    ]
-    return compose(layers, upstream.send)
+def build_layers(settings: PolicySettings, state: PolicyState, base_dir: Path, clock: Clock) -> list[Layer]:
+    layers: list[Layer] = [DeadlineLayer(settings.timeouts.total)]
+    if settings.idempotency is not None:
+        layers.append(IdempotencyLayer(settings.idempotency, state.replay))
+    if settings.retries is not None:
+        layers.append(RetryLayer(settings.retries, settings.idempotency_header, state.budget, clock))
+    layers.append(AttemptLayer(settings.timeouts.per_try, settings.headers, base_dir))
+    return layers
 
 
 class Pipelines:
     """Every pipeline of one config, built up front so a request only does a dict lookup."""
 
-    def __init__(self, config: Config, router: Router, upstream: UpstreamClient) -> None:
+    def __init__(
+        self, config: Config, router: Router, upstream: UpstreamClient, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         base_dir = config.path.parent
         self._handlers: dict[tuple[str, int | None], Handler] = {}
+        self.states: dict[str, PolicyState] = {}
         policies: list[Policy] = [*config.policies]
         if router.fallback is not None:
             policies.append(router.fallback)
         for policy in policies:
-            self._handlers[(policy.source, None)] = build_pipeline(policy.settings, upstream, base_dir)
-            for index, route in enumerate(policy.routes):
-                self._handlers[(policy.source, index)] = build_pipeline(route.settings, upstream, base_dir)
+            state = self.states[policy.name] = PolicyState.build(policy.settings, clock)
+            variants = [(None, policy.settings), *enumerate(r.settings for r in policy.routes)]
+            for route, settings in variants:
+                layers = build_layers(settings, state, base_dir, clock)
+                self._handlers[(policy.source, route)] = compose(layers, upstream.send)
 
     def handler(self, match: Match) -> Handler:
         return self._handlers[(match.policy.source, match.route)]

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import ClientPayloadError, web
+from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from yarl import URL
@@ -165,7 +165,7 @@ class ProxyServer:
                     " (HTTP_PROXY=http://127.0.0.1:15001) and it will originate TLS itself"
                 )
             proxy_request = self._build_request(request, runtime)
-            host_label = proxy_request.target.host
+            host_label = proxy_request.host
             match = runtime.router.resolve_route(
                 proxy_request.policy, request.method, proxy_request.path_qs.partition("?")[0]
             )
@@ -183,7 +183,7 @@ class ProxyServer:
             raise errors.HeadersTooLarge(f"request line and headers are {size} bytes; the limit is {limit}")
 
     def _build_request(self, request: web.BaseRequest, runtime: Runtime) -> ProxyRequest:
-        policy, target, path_qs = self._target(request, runtime)
+        policy, host, target, path_qs = self._target(request, runtime)
         headers = end_to_end_headers(request.headers, frozenset({"host", "expect"}))
         timeout_override = None
         for name in [k for k in headers if k.lower().startswith(_CONTROL_PREFIX)]:
@@ -193,6 +193,7 @@ class ProxyServer:
         source = request.content.iter_chunked(CHUNK_SIZE) if request.body_exists else None
         return ProxyRequest(
             method=request.method,
+            host=host,
             target=target,
             path_qs=path_qs,
             headers=headers,
@@ -202,7 +203,7 @@ class ProxyServer:
             timeout_override=timeout_override,
         )
 
-    def _target(self, request: web.BaseRequest, runtime: Runtime) -> tuple[Policy, UpstreamTarget, str]:
+    def _target(self, request: web.BaseRequest, runtime: Runtime) -> tuple[Policy, str, UpstreamTarget, str]:
         """Which policy, which upstream and which path: by local port, absolute URL or Host header."""
         raw_target = request.raw_path
         sockname: Any = request.transport.get_extra_info("sockname") if request.transport else None
@@ -223,13 +224,14 @@ class ProxyServer:
         else:
             raise errors.BadRequest(f"unsupported request target {raw_target[:100]!r}")
         if dedicated is not None:
-            return dedicated, upstream_for(dedicated, dedicated.hosts[0], None), path_qs
+            return dedicated, dedicated.name, upstream_for(dedicated, dedicated.name, None), path_qs
         policy = runtime.router.policy_for_host(host)
         if policy is None:
             raise errors.HostNotAllowed(
-                f"no policy allows {host}; add it to a policy's hosts (or set unknown_hosts: allow)", host=host
+                f"no policy allows {host}; add it to a policy's hosts (or set unknown_hosts: allow)",
+                host=host,
             )
-        return policy, upstream_for(policy, host, port), path_qs
+        return policy, host, upstream_for(policy, host, port), path_qs
 
     async def _stream(
         self, request: web.BaseRequest, proxy_request: ProxyRequest, response: ProxyResponse
@@ -245,7 +247,7 @@ class ProxyServer:
                     async for chunk in response.body.chunks():
                         await out.write(chunk)
             await out.write_eof()
-        except (ClientPayloadError, TimeoutError, ConnectionError) as exc:
+        except (errors.OutriggerError, TimeoutError, ConnectionError) as exc:
             log.warning("response to %s %s cut short: %s", request.method, proxy_request.target.host, exc)
             if request.transport is not None:
                 request.transport.abort()

@@ -38,8 +38,15 @@ class UpstreamBody:
         self._response = response
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self._response.content.iter_chunked(CHUNK_SIZE):
-            yield chunk
+        try:
+            async for chunk in self._response.content.iter_chunked(CHUNK_SIZE):
+                yield chunk
+        except aiohttp.SocketTimeoutError as exc:
+            raise errors.AttemptTimeout("the upstream stopped sending the response body") from exc
+        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+            raise errors.ConnectionReset(
+                f"the upstream broke off the response body: {_describe(exc)}"
+            ) from exc
 
     def release(self) -> None:
         self._response.release()

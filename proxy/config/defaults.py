@@ -32,3 +32,26 @@ POOL_LIMIT_PER_HOST = 0
 """Upstream connections per host; 0 = unlimited (the concurrency layer bounds work)."""
 POOL_LIMIT_TOTAL = 1000
 KEEPALIVE_TIMEOUT_S = 30.0
+
+RETRY_MAX_ATTEMPTS = 3
+"""Attempts including the first."""
+RETRY_MAX_ATTEMPTS_LIMIT = 10
+RETRY_ON = ("connect-failure", "reset", "timeout", "502", "503", "504", "429")
+RETRY_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
+"""Idempotent by RFC 9110; POST/PATCH are retried only with an idempotency key."""
+KEYED_METHODS = frozenset({"POST", "PATCH"})
+BACKOFF_BASE_S = 0.1
+BACKOFF_MAX_S = 10.0
+RETRY_AFTER_HONOUR = True
+RETRY_AFTER_MAX_S = 60.0
+BUDGET_RATIO = 0.2
+"""Linkerd's default: retries may add at most 20% load."""
+BUDGET_MIN_PER_SECOND = 10.0
+BUDGET_WINDOW_S = 10.0
+MAX_REPLAY_BYTES = 1024 * 1024
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_METHODS = ("POST", "PATCH")
+REPLAY_TTL_S = 24 * 3600.0
+REPLAY_MAX_ENTRIES = 10_000
+REPLAY_MAX_BODY_BYTES = 1024 * 1024

@@ -104,7 +104,11 @@ def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: KeyPath, position
         loader.flatten_mapping(node)
         mapping: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
+            # Keys are names, never YAML 1.1 booleans: `on:` (retries.on) must stay "on".
+            if isinstance(key_node, yaml.ScalarNode):
+                key = key_node.value
+            else:
+                key = loader.construct_object(key_node, deep=True)
             if key in mapping:
                 raise yaml.MarkedYAMLError(problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark)
             child = (*path, str(key))

@@ -227,6 +227,94 @@ class HeaderRules(Frozen):
         return values
 
 
+RETRY_ERROR_CONDITIONS = ("connect-failure", "reset", "timeout")
+_STATUS_RANGE_RE = re.compile(r"^([1-5]\d\d)-([1-5]\d\d)$")
+_STATUS_CLASS_RE = re.compile(r"^([1-5])xx$")
+
+
+def _statuses_of(condition: str) -> range:
+    """The status codes one `on` entry names: ``503``, ``500-504`` or ``5xx``."""
+    if condition.isdigit():
+        return range(int(condition), int(condition) + 1)
+    if match := _STATUS_RANGE_RE.match(condition):
+        return range(int(match.group(1)), int(match.group(2)) + 1)
+    if match := _STATUS_CLASS_RE.match(condition):
+        return range(int(match.group(1)) * 100, int(match.group(1)) * 100 + 100)
+    raise ValueError(
+        f"unknown retry condition {condition!r}: use connect-failure, reset, timeout,"
+        " a status (503), a range (500-504) or a class (5xx)"
+    )
+
+
+def _check_condition(value: object) -> str:
+    condition = str(value).strip().lower() if isinstance(value, int | str) else None
+    if condition is None or isinstance(value, bool):
+        raise ValueError(f"invalid retry condition {value!r}")
+    if condition in RETRY_ERROR_CONDITIONS:
+        return condition
+    statuses = _statuses_of(condition)
+    if not statuses or statuses.start < 100 or statuses.stop > 600:
+        raise ValueError(f"invalid status range {value!r}")
+    return condition
+
+
+RetryCondition = Annotated[str, BeforeValidator(_check_condition)]
+
+
+class Backoff(Frozen):
+    base: Duration = Field(default=builtin.BACKOFF_BASE_S, gt=0)
+    max: Duration = Field(default=builtin.BACKOFF_MAX_S, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Backoff:
+        if self.base > self.max:
+            raise ValueError(
+                f"base ({format_duration(self.base)}) is larger than max ({format_duration(self.max)})"
+            )
+        return self
+
+
+class RetryAfter(Frozen):
+    honour: bool = builtin.RETRY_AFTER_HONOUR
+    max: Duration = builtin.RETRY_AFTER_MAX_S
+
+
+class RetryBudgetSettings(Frozen):
+    ratio: float = Field(default=builtin.BUDGET_RATIO, ge=0, le=1000)
+    min_per_second: float = Field(default=builtin.BUDGET_MIN_PER_SECOND, ge=0)
+    window: Duration = Field(default=builtin.BUDGET_WINDOW_S, gt=0)
+
+
+class Retries(Frozen):
+    max_attempts: int = Field(default=builtin.RETRY_MAX_ATTEMPTS, ge=1, le=builtin.RETRY_MAX_ATTEMPTS_LIMIT)
+    on: tuple[RetryCondition, ...] = builtin.RETRY_ON
+    methods: tuple[Method, ...] = builtin.RETRY_METHODS
+    backoff: Backoff = Backoff()
+    retry_after: RetryAfter = RetryAfter()
+    hint_header: HeaderName | None = None
+    budget: RetryBudgetSettings | None = RetryBudgetSettings()
+    """Per policy (routes cannot change it); ``null`` turns the budget off (lint warns)."""
+    max_replay_bytes: ByteSize = builtin.MAX_REPLAY_BYTES
+
+    def statuses(self) -> frozenset[int]:
+        return frozenset(code for c in self.on if c not in RETRY_ERROR_CONDITIONS for code in _statuses_of(c))
+
+    def errors(self) -> frozenset[str]:
+        return frozenset(c for c in self.on if c in RETRY_ERROR_CONDITIONS)
+
+
+class Replay(Frozen):
+    ttl: Duration = Field(default=builtin.REPLAY_TTL_S, gt=0)
+    max_entries: int = Field(default=builtin.REPLAY_MAX_ENTRIES, ge=1)
+    max_body_bytes: ByteSize = builtin.REPLAY_MAX_BODY_BYTES
+
+
+class Idempotency(Frozen):
+    header: HeaderName = builtin.IDEMPOTENCY_HEADER
+    methods: tuple[Method, ...] = builtin.IDEMPOTENCY_METHODS
+    replay: Replay | None = None
+
+
 class PolicySettings(Frozen):
     """The part of a policy that merges: built-in < defaults < host policy < route."""
 
@@ -234,10 +322,17 @@ class PolicySettings(Frozen):
     allow_private_addresses: bool = builtin.ALLOW_PRIVATE_ADDRESSES
     timeouts: Timeouts = Timeouts()
     headers: HeaderRules = HeaderRules()
+    retries: Retries | None = None
+    idempotency: Idempotency | None = None
+
+    @property
+    def idempotency_header(self) -> str:
+        """The header that marks a request as safe to retry, whether or not Outrigger injects it."""
+        return self.idempotency.header if self.idempotency else builtin.IDEMPOTENCY_HEADER
 
 
-ROUTE_OVERRIDABLE = ("timeouts", "headers")
-"""Sections a route may override; stateful sections stay per policy."""
+ROUTE_OVERRIDABLE = ("timeouts", "headers", "retries")
+"""Sections a route may override; stateful ones (budget, replay cache, breaker, limits) stay per policy."""
 
 
 class RouteMatch(Frozen):
@@ -263,6 +358,14 @@ class RouteSpec(Frozen):
     match: RouteMatch
     timeouts: dict[str, Any] | None = None
     headers: dict[str, Any] | None = None
+    retries: dict[str, Any] | None = None
+
+    @field_validator("retries")
+    @classmethod
+    def _budget_is_per_policy(cls, retries: dict[str, Any] | None) -> dict[str, Any] | None:
+        if retries is not None and "budget" in retries:
+            raise ValueError("budget is shared by the whole policy; set it on the policy, not a route")
+        return retries
 
     def overrides(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in ROUTE_OVERRIDABLE if getattr(self, key) is not None}

@@ -1,0 +1,148 @@
+"""Idempotency keys: one key per request, shared by all its attempts; optional replay.
+
+The key is added before the retry layer runs, so every attempt carries the
+same one and the provider can de-duplicate. With `replay`, a completed
+response is kept (cachetools TTLCache, bounded by entries, TTL and body size)
+and a repeat of the same request — same key, method, path and body — gets it
+back without an upstream call; a concurrent repeat waits for the first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from dataclasses import dataclass
+
+from cachetools import TTLCache
+from multidict import CIMultiDict
+
+from proxy import errors
+from proxy.clock import Clock
+from proxy.config.model import Idempotency, Replay
+from proxy.exchange import BytesBody, Handler, PrefixedBody, ProxyRequest, ProxyResponse
+
+REPLAYED_HEADER = "x-outrigger-replayed"
+_NOT_STORED_4XX = frozenset({409, 429})
+"""Conflict and rate-limit answers say "try again", so a repeat must reach the provider."""
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    fingerprint: str
+    status: int
+    reason: str | None
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+    def replay(self) -> ProxyResponse:
+        headers = CIMultiDict(self.headers)
+        headers[REPLAYED_HEADER] = "true"
+        return ProxyResponse(self.status, headers, BytesBody(self.body), self.reason)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    fingerprint: str
+    done: asyncio.Future[StoredResponse | None]
+
+
+def _storable(status: int) -> bool:
+    return 200 <= status < 300 or (400 <= status < 500 and status not in _NOT_STORED_4XX)
+
+
+class ReplayCache:
+    """Per-policy store of completed responses by idempotency key (state that survives reload)."""
+
+    def __init__(self, settings: Replay, clock: Clock) -> None:
+        self.settings = settings
+        self._entries: TTLCache[str, StoredResponse | _Pending] = TTLCache(
+            maxsize=settings.max_entries, ttl=settings.ttl, timer=clock.now
+        )
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def serve(self, key: str, request: ProxyRequest, next: Handler) -> ProxyResponse:
+        if not await request.body.buffer(self.settings.max_body_bytes):
+            return await next(request)
+        fingerprint = _fingerprint(request)
+        while True:
+            entry = self._entries.get(key)
+            if entry is None:
+                return await self._lead(key, fingerprint, request, next)
+            if entry.fingerprint != fingerprint:
+                raise errors.IdempotencyKeyReused(
+                    "this idempotency key was already used for a different request (method, path or body)"
+                )
+            if isinstance(entry, StoredResponse):
+                return entry.replay()
+            stored = await asyncio.shield(entry.done)
+            if stored is not None:
+                return stored.replay()
+
+    async def _lead(self, key: str, fingerprint: str, request: ProxyRequest, next: Handler) -> ProxyResponse:
+        pending = _Pending(fingerprint, asyncio.get_running_loop().create_future())
+        self._entries[key] = pending
+        stored: StoredResponse | None = None
+        try:
+            response = await next(request)
+            response, stored = await self._capture(response, fingerprint)
+            return response
+        finally:
+            if stored is not None:
+                self._entries[key] = stored
+            elif self._entries.get(key) is pending:
+                del self._entries[key]
+            pending.done.set_result(stored)
+
+    async def _capture(
+        self, response: ProxyResponse, fingerprint: str
+    ) -> tuple[ProxyResponse, StoredResponse | None]:
+        """Read the body to keep it when it is storable and small enough; else pass it on unread."""
+        limit = self.settings.max_body_bytes
+        length = response.headers.get("Content-Length", "")
+        if not _storable(response.status) or (length.isdigit() and int(length) > limit):
+            return response, None
+        chunks: list[bytes] = []
+        size = 0
+        source = response.body.chunks()
+        async for chunk in source:
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                body = PrefixedBody(chunks, source, response.body)
+                return ProxyResponse(response.status, response.headers, body, response.reason), None
+        response.body.release()
+        data = b"".join(chunks)
+        stored = StoredResponse(
+            fingerprint, response.status, response.reason, tuple(response.headers.items()), data
+        )
+        return ProxyResponse(response.status, response.headers, BytesBody(data), response.reason), stored
+
+
+def _fingerprint(request: ProxyRequest) -> str:
+    body = request.body.for_attempt()
+    assert body is None or isinstance(body, bytes), "fingerprinting needs a buffered body"
+    digest = hashlib.sha256(f"{request.method}\0{request.path_qs}\0".encode())
+    digest.update(body or b"")
+    return digest.hexdigest()
+
+
+class IdempotencyLayer:
+    def __init__(self, settings: Idempotency, cache: ReplayCache | None) -> None:
+        self.header = settings.header
+        self.methods = frozenset(settings.methods)
+        self.cache = cache
+
+    async def __call__(self, request: ProxyRequest, next: Handler) -> ProxyResponse:
+        if request.method not in self.methods:
+            return await next(request)
+        key = request.headers.get(self.header)
+        if key is None:
+            request.headers[self.header] = str(uuid.uuid4())
+            request.idempotency_key_injected = True
+            return await next(request)
+        if self.cache is None:
+            return await next(request)
+        return await self.cache.serve(key, request, next)

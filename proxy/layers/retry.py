@@ -1,0 +1,131 @@
+"""Retries: may this be retried (policy), can we afford it (budget), and when (backoff).
+
+A request is retried only when all hold: the outcome is a condition in `on`
+(or the provider's hint header says so), the method is safe (or carries an
+idempotency key), the body was small enough to keep, attempts remain, the
+backoff ends before the deadline, and the budget has room. Otherwise the last
+upstream response, or the last error, goes back as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from proxy import errors
+from proxy.clock import Clock
+from proxy.config.defaults import KEYED_METHODS
+from proxy.config.model import Retries
+from proxy.exchange import Handler, ProxyRequest, ProxyResponse, RetryRecord
+from proxy.layers.backoff import DEFAULT_UNIFORM, full_jitter
+from proxy.layers.budget import RetryBudget
+from proxy.provider_headers import retry_after_seconds
+
+log = logging.getLogger("outrigger.retry")
+
+_FAILURE_CONDITIONS: tuple[tuple[type[errors.OutriggerError], str], ...] = (
+    (errors.ConnectFailure, "connect-failure"),
+    (errors.ConnectionReset, "reset"),
+    (errors.AttemptTimeout, "timeout"),
+)
+RetryableFailure = errors.ConnectFailure | errors.ConnectionReset | errors.AttemptTimeout
+
+
+class RetryLayer:
+    def __init__(
+        self,
+        retries: Retries,
+        idempotency_header: str,
+        budget: RetryBudget | None,
+        clock: Clock,
+        uniform: Callable[[float, float], float] = DEFAULT_UNIFORM,
+    ) -> None:
+        self.settings = retries
+        self.statuses = retries.statuses()
+        self.failures = retries.errors()
+        self.methods = frozenset(retries.methods)
+        self.idempotency_header = idempotency_header
+        self.budget = budget
+        self.clock = clock
+        self.uniform = uniform
+
+    def _method_safe(self, request: ProxyRequest) -> bool:
+        if request.method in self.methods:
+            return True
+        return request.method in KEYED_METHODS and self.idempotency_header in request.headers
+
+    def _reason(self, response: ProxyResponse | None, failure: RetryableFailure | None) -> str | None:
+        """The retry condition this outcome meets, or None."""
+        if failure is not None:
+            name = next(name for kind, name in _FAILURE_CONDITIONS if isinstance(failure, kind))
+            return name if name in self.failures else None
+        assert response is not None
+        hint = self.settings.hint_header
+        verdict = response.headers.get(hint, "").strip().lower() if hint else ""
+        if verdict == "false":
+            return None
+        if response.status in self.statuses:
+            return str(response.status)
+        return "hint" if verdict == "true" else None
+
+    def _delay(self, retry: int, response: ProxyResponse | None) -> float | None:
+        """Backoff before retry number `retry`; None when Retry-After asks for longer than allowed."""
+        retry_after = self.settings.retry_after
+        if response is not None and retry_after.honour:
+            asked = retry_after_seconds(response.headers.get("Retry-After"), self.clock.wall())
+            if asked is not None:
+                return asked if asked <= retry_after.max else None
+        backoff = self.settings.backoff
+        return full_jitter(retry, backoff.base, backoff.max, self.uniform)
+
+    async def __call__(self, request: ProxyRequest, next: Handler) -> ProxyResponse:
+        if self.budget is not None:
+            self.budget.record_request()
+        replayable = (
+            self.settings.max_attempts > 1
+            and self._method_safe(request)
+            and await request.body.buffer(self.settings.max_replay_bytes)
+        )
+        attempt = 0
+        while True:
+            attempt += 1
+            response: ProxyResponse | None = None
+            failure: RetryableFailure | None = None
+            try:
+                response = await next(request)
+            except (errors.ConnectFailure, errors.ConnectionReset, errors.AttemptTimeout) as exc:
+                failure = exc
+            retry = self._plan_retry(request, attempt, replayable, response, failure)
+            if retry is None:
+                if failure is not None:
+                    raise failure
+                assert response is not None
+                return response
+            if response is not None:
+                response.body.release()
+            request.retries.append(retry)
+            await self.clock.sleep(retry.delay)
+
+    def _plan_retry(
+        self,
+        request: ProxyRequest,
+        attempt: int,
+        replayable: bool,
+        response: ProxyResponse | None,
+        failure: RetryableFailure | None,
+    ) -> RetryRecord | None:
+        """Why and how long to wait before the next attempt, or None when this outcome is final."""
+        reason = self._reason(response, failure)
+        if reason is None or not replayable or attempt >= self.settings.max_attempts:
+            return None
+        delay = self._delay(attempt, response)
+        if delay is None:
+            log.debug("not retrying %s: Retry-After exceeds retry_after.max", request.target.host)
+            return None
+        if request.deadline is not None and self.clock.now() + delay >= request.deadline:
+            log.debug("not retrying %s: backoff %.3fs would cross the deadline", request.target.host, delay)
+            return None
+        if self.budget is not None and not self.budget.try_withdraw():
+            log.info("retry budget exhausted for %s; returning the last outcome", request.target.host)
+            return None
+        return RetryRecord(reason, delay)
