@@ -7,6 +7,10 @@
     ├── ConnectNotSupported     405 connect_not_supported
     ├── IdempotencyKeyReused    422 idempotency_key_reused
     ├── HeadersTooLarge         431 headers_too_large
+    ├── Rejected                    refused locally to protect the upstream or the app
+    │   ├── RateLimited         429 rate_limited (Retry-After)
+    │   ├── CircuitOpen         503 circuit_open (Retry-After)
+    │   └── Overloaded          503 overloaded (Retry-After)
     ├── UpstreamUnreachable     502 upstream_unreachable
     │   ├── ConnectFailure          retry condition "connect-failure"
     │   └── ConnectionReset         retry condition "reset"
@@ -79,6 +83,25 @@ class IdempotencyKeyReused(OutriggerError):
 class HeadersTooLarge(OutriggerError):
     status = 431
     error_type = "headers_too_large"
+
+
+class Rejected(OutriggerError):
+    """Refused before reaching the upstream. On a retry, the previous upstream outcome is returned instead."""
+
+
+class RateLimited(Rejected):
+    status = 429
+    error_type = "rate_limited"
+
+
+class CircuitOpen(Rejected):
+    status = 503
+    error_type = "circuit_open"
+
+
+class Overloaded(Rejected):
+    status = 503
+    error_type = "overloaded"
 
 
 class UpstreamUnreachable(OutriggerError):

@@ -141,6 +141,23 @@ class PrefixedBody:
         self._source.release()
 
 
+class ReleasingBody:
+    """Runs `on_release` exactly once when the body is released (a layer's hold ends with the body)."""
+
+    def __init__(self, inner: ResponseBody, on_release: Callable[[], None]) -> None:
+        self._inner = inner
+        self._on_release: Callable[[], None] | None = on_release
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._inner.chunks()
+
+    def release(self) -> None:
+        self._inner.release()
+        if self._on_release is not None:
+            on_release, self._on_release = self._on_release, None
+            on_release()
+
+
 @dataclass
 class ProxyResponse:
     status: int
@@ -177,6 +194,8 @@ class ProxyRequest:
     retries: list[RetryRecord] = field(default_factory=list)
     """Why and after what delay each retry happened, for spans, logs and tests."""
     idempotency_key_injected: bool = False
+    ratelimit_wait: float = 0.0
+    """Seconds spent waiting for rate-limit tokens, over all attempts."""
 
 
 Handler = Callable[[ProxyRequest], Awaitable[ProxyResponse]]

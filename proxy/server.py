@@ -157,6 +157,7 @@ class ProxyServer:
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         runtime = self.runtime
         host_label = ""
+        proxy_request: ProxyRequest | None = None
         try:
             self._check_header_size(request, runtime)
             if request.method == "CONNECT":
@@ -172,7 +173,10 @@ class ProxyServer:
             proxy_request.settings = match.settings
             response = await runtime.pipelines.handler(match)(proxy_request)
         except errors.OutriggerError as error:
-            return error_response(error, error.host or host_label)
+            reply = error_response(error, error.host or host_label)
+            if proxy_request is not None:
+                reply.headers[ATTEMPTS_HEADER] = str(proxy_request.attempts)
+            return reply
         return await self._stream(request, proxy_request, response)
 
     def _check_header_size(self, request: web.BaseRequest, runtime: Runtime) -> None:

@@ -227,13 +227,13 @@ class HeaderRules(Frozen):
         return values
 
 
-RETRY_ERROR_CONDITIONS = ("connect-failure", "reset", "timeout")
+ERROR_CONDITIONS = ("connect-failure", "reset", "timeout")
 _STATUS_RANGE_RE = re.compile(r"^([1-5]\d\d)-([1-5]\d\d)$")
 _STATUS_CLASS_RE = re.compile(r"^([1-5])xx$")
 
 
 def _statuses_of(condition: str) -> range:
-    """The status codes one `on` entry names: ``503``, ``500-504`` or ``5xx``."""
+    """The status codes one condition names: ``503``, ``500-504`` or ``5xx``."""
     if condition.isdigit():
         return range(int(condition), int(condition) + 1)
     if match := _STATUS_RANGE_RE.match(condition):
@@ -241,7 +241,7 @@ def _statuses_of(condition: str) -> range:
     if match := _STATUS_CLASS_RE.match(condition):
         return range(int(match.group(1)) * 100, int(match.group(1)) * 100 + 100)
     raise ValueError(
-        f"unknown retry condition {condition!r}: use connect-failure, reset, timeout,"
+        f"unknown condition {condition!r}: use connect-failure, reset, timeout,"
         " a status (503), a range (500-504) or a class (5xx)"
     )
 
@@ -249,8 +249,8 @@ def _statuses_of(condition: str) -> range:
 def _check_condition(value: object) -> str:
     condition = str(value).strip().lower() if isinstance(value, int | str) else None
     if condition is None or isinstance(value, bool):
-        raise ValueError(f"invalid retry condition {value!r}")
-    if condition in RETRY_ERROR_CONDITIONS:
+        raise ValueError(f"invalid condition {value!r}")
+    if condition in ERROR_CONDITIONS:
         return condition
     statuses = _statuses_of(condition)
     if not statuses or statuses.start < 100 or statuses.stop > 600:
@@ -258,7 +258,18 @@ def _check_condition(value: object) -> str:
     return condition
 
 
-RetryCondition = Annotated[str, BeforeValidator(_check_condition)]
+OutcomeCondition = Annotated[str, BeforeValidator(_check_condition)]
+"""An attempt outcome: ``connect-failure``, ``reset``, ``timeout``, a status, a range or a class."""
+
+
+class OutcomeSet:
+    """Conditions compiled for the hot path: a status set and the error kinds."""
+
+    def __init__(self, conditions: tuple[str, ...]) -> None:
+        self.errors = frozenset(c for c in conditions if c in ERROR_CONDITIONS)
+        self.statuses = frozenset(
+            code for c in conditions if c not in ERROR_CONDITIONS for code in _statuses_of(c)
+        )
 
 
 class Backoff(Frozen):
@@ -287,7 +298,7 @@ class RetryBudgetSettings(Frozen):
 
 class Retries(Frozen):
     max_attempts: int = Field(default=builtin.RETRY_MAX_ATTEMPTS, ge=1, le=builtin.RETRY_MAX_ATTEMPTS_LIMIT)
-    on: tuple[RetryCondition, ...] = builtin.RETRY_ON
+    on: tuple[OutcomeCondition, ...] = builtin.RETRY_ON
     methods: tuple[Method, ...] = builtin.RETRY_METHODS
     backoff: Backoff = Backoff()
     retry_after: RetryAfter = RetryAfter()
@@ -297,10 +308,10 @@ class Retries(Frozen):
     max_replay_bytes: ByteSize = builtin.MAX_REPLAY_BYTES
 
     def statuses(self) -> frozenset[int]:
-        return frozenset(code for c in self.on if c not in RETRY_ERROR_CONDITIONS for code in _statuses_of(c))
+        return frozenset(code for c in self.on if c not in ERROR_CONDITIONS for code in _statuses_of(c))
 
     def errors(self) -> frozenset[str]:
-        return frozenset(c for c in self.on if c in RETRY_ERROR_CONDITIONS)
+        return frozenset(c for c in self.on if c in ERROR_CONDITIONS)
 
 
 class Replay(Frozen):
@@ -315,6 +326,31 @@ class Idempotency(Frozen):
     replay: Replay | None = None
 
 
+class CircuitBreakerSettings(Frozen):
+    failure_threshold: int = Field(default=builtin.BREAKER_FAILURE_THRESHOLD, ge=1)
+    reset_timeout: Duration = Field(default=builtin.BREAKER_RESET_TIMEOUT_S, gt=0)
+    half_open_max: int = Field(default=builtin.BREAKER_HALF_OPEN_MAX, ge=1)
+    failure_on: tuple[OutcomeCondition, ...] = builtin.BREAKER_FAILURE_ON
+
+
+class Concurrency(Frozen):
+    max_in_flight: int = Field(default=builtin.MAX_IN_FLIGHT, ge=1)
+    max_queued: int = Field(default=builtin.MAX_QUEUED, ge=0)
+    queue_timeout: Duration = builtin.QUEUE_TIMEOUT_S
+
+
+class RateLimit(Frozen):
+    rate: float = Field(default=builtin.RATE_LIMIT_RATE, gt=0)
+    per: Duration = Field(default=builtin.RATE_LIMIT_PER_S, gt=0)
+    burst: int = Field(default=builtin.RATE_LIMIT_BURST, ge=1)
+    max_wait: Duration = builtin.RATE_LIMIT_MAX_WAIT_S
+    adaptive: bool = builtin.RATE_LIMIT_ADAPTIVE
+
+    @property
+    def per_second(self) -> float:
+        return self.rate / self.per
+
+
 class PolicySettings(Frozen):
     """The part of a policy that merges: built-in < defaults < host policy < route."""
 
@@ -324,6 +360,9 @@ class PolicySettings(Frozen):
     headers: HeaderRules = HeaderRules()
     retries: Retries | None = None
     idempotency: Idempotency | None = None
+    circuit_breaker: CircuitBreakerSettings | None = None
+    concurrency: Concurrency | None = None
+    rate_limit: RateLimit | None = None
 
     @property
     def idempotency_header(self) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from proxy import errors
 from proxy.clock import Clock
 from proxy.config.defaults import KEYED_METHODS
-from proxy.config.model import Retries
+from proxy.config.model import OutcomeSet, Retries
 from proxy.exchange import Handler, ProxyRequest, ProxyResponse, RetryRecord
 from proxy.layers.backoff import DEFAULT_UNIFORM, full_jitter
 from proxy.layers.budget import RetryBudget
@@ -38,15 +38,19 @@ class RetryLayer:
         idempotency_header: str,
         budget: RetryBudget | None,
         clock: Clock,
+        circuit_open: Callable[[], bool] | None = None,
         uniform: Callable[[float, float], float] = DEFAULT_UNIFORM,
     ) -> None:
         self.settings = retries
-        self.statuses = retries.statuses()
-        self.failures = retries.errors()
+        outcomes = OutcomeSet(retries.on)
+        self.statuses = outcomes.statuses
+        self.failures = outcomes.errors
         self.methods = frozenset(retries.methods)
         self.idempotency_header = idempotency_header
         self.budget = budget
         self.clock = clock
+        self.circuit_open = circuit_open
+        """Retries stop as soon as the policy's breaker opens (the tripping response is returned)."""
         self.uniform = uniform
 
     def _method_safe(self, request: ProxyRequest) -> bool:
@@ -87,24 +91,33 @@ class RetryLayer:
             and await request.body.buffer(self.settings.max_replay_bytes)
         )
         attempt = 0
-        while True:
-            attempt += 1
-            response: ProxyResponse | None = None
-            failure: RetryableFailure | None = None
-            try:
-                response = await next(request)
-            except (errors.ConnectFailure, errors.ConnectionReset, errors.AttemptTimeout) as exc:
-                failure = exc
-            retry = self._plan_retry(request, attempt, replayable, response, failure)
-            if retry is None:
-                if failure is not None:
-                    raise failure
-                assert response is not None
-                return response
-            if response is not None:
-                response.body.release()
-            request.retries.append(retry)
-            await self.clock.sleep(retry.delay)
+        previous: ProxyResponse | RetryableFailure | None = None
+        try:
+            while True:
+                attempt += 1
+                response: ProxyResponse | None = None
+                failure: RetryableFailure | None = None
+                try:
+                    response = await next(request)
+                except (errors.ConnectFailure, errors.ConnectionReset, errors.AttemptTimeout) as exc:
+                    failure = exc
+                except errors.Rejected:
+                    # A retry refused locally (breaker, rate limit): the previous upstream outcome stands.
+                    if previous is None:
+                        raise
+                    return _final(previous)
+                if isinstance(previous, ProxyResponse):
+                    previous.body.release()
+                previous = response or failure
+                retry = self._plan_retry(request, attempt, replayable, response, failure)
+                if retry is None:
+                    return _final(previous)
+                request.retries.append(retry)
+                await self.clock.sleep(retry.delay)
+        except BaseException:
+            if isinstance(previous, ProxyResponse):
+                previous.body.release()
+            raise
 
     def _plan_retry(
         self,
@@ -118,6 +131,9 @@ class RetryLayer:
         reason = self._reason(response, failure)
         if reason is None or not replayable or attempt >= self.settings.max_attempts:
             return None
+        if self.circuit_open is not None and self.circuit_open():
+            log.debug("not retrying %s: the circuit breaker is open", request.target.host)
+            return None
         delay = self._delay(attempt, response)
         if delay is None:
             log.debug("not retrying %s: Retry-After exceeds retry_after.max", request.target.host)
@@ -129,3 +145,10 @@ class RetryLayer:
             log.info("retry budget exhausted for %s; returning the last outcome", request.target.host)
             return None
         return RetryRecord(reason, delay)
+
+
+def _final(outcome: ProxyResponse | RetryableFailure | None) -> ProxyResponse:
+    if isinstance(outcome, ProxyResponse):
+        return outcome
+    assert outcome is not None
+    raise outcome

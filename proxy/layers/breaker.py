@@ -1,0 +1,157 @@
+"""Circuit breaker per policy, counting attempts: pybreaker's state machine, driven for asyncio.
+
+pybreaker keeps the counts and the closed/open/half-open transitions; this
+wrapper adds what it lacks for a proxy (ARCHITECTURE.md): admission is
+decided here with an injected clock (open -> half-open after
+`reset_timeout`), half-open admits at most `half_open_max` concurrent trials,
+and an outcome is reported to pybreaker only after the attempt completes, so a
+cancelled attempt (client gone, deadline hit) is neither success nor failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import pybreaker
+
+from proxy import errors
+from proxy.clock import Clock
+from proxy.config.model import CircuitBreakerSettings, OutcomeSet
+from proxy.exchange import Handler, ProxyRequest, ProxyResponse
+
+log = logging.getLogger("outrigger.breaker")
+
+CLOSED, HALF_OPEN, OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_HALF_OPEN, pybreaker.STATE_OPEN
+STATE_VALUES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+"""`outrigger_circuit_state` gauge values (SPEC 8)."""
+
+_FAILURE_KINDS: tuple[tuple[type[errors.OutriggerError], str], ...] = (
+    (errors.ConnectFailure, "connect-failure"),
+    (errors.ConnectionReset, "reset"),
+    (errors.AttemptTimeout, "timeout"),
+)
+
+
+class _AttemptFailed(Exception):
+    """Carries a failed outcome into pybreaker so it counts it."""
+
+
+def _report_success() -> None:
+    return None
+
+
+def _report_failure() -> None:
+    raise _AttemptFailed
+
+
+class _Transitions(pybreaker.CircuitBreakerListener):
+    def __init__(self, owner: CircuitBreaker) -> None:
+        self.owner = owner
+
+    def state_change(self, breaker: Any, old: Any, new: Any) -> None:
+        self.owner.on_state_change(old.name if old else None, new.name)
+
+
+class CircuitBreaker:
+    """One per policy; its state carries over a reload when the section is unchanged."""
+
+    def __init__(self, name: str, settings: CircuitBreakerSettings, clock: Clock) -> None:
+        self.name = name
+        self.settings = settings
+        self._clock = clock
+        outcomes = OutcomeSet(settings.failure_on)
+        self._failure_statuses = outcomes.statuses
+        self._failure_errors = outcomes.errors
+        self._breaker = pybreaker.CircuitBreaker(
+            fail_max=settings.failure_threshold,
+            reset_timeout=settings.reset_timeout,
+            throw_new_error_on_trip=False,
+            listeners=[_Transitions(self)],
+            name=name,
+        )
+        self._opened_at = 0.0
+        self._trials = 0
+        self.transitions = 0
+        """How many state changes so far (for /state and tests)."""
+
+    @property
+    def state(self) -> str:
+        return str(self._breaker.current_state)
+
+    @property
+    def consecutive_failures(self) -> int:
+        return int(self._breaker.fail_counter)
+
+    def is_open(self) -> bool:
+        return self.state == OPEN
+
+    def seconds_until_half_open(self) -> float:
+        return max(0.0, self._opened_at + self.settings.reset_timeout - self._clock.now())
+
+    def on_state_change(self, old: str | None, new: str) -> None:
+        self.transitions += 1
+        if new == OPEN:
+            self._opened_at = self._clock.now()
+        log.warning("circuit breaker %s: %s -> %s", self.name, old, new)
+
+    def admit(self) -> None:
+        """Let an attempt through or raise CircuitOpen; the caller must then call `finish`."""
+        if self.state == OPEN:
+            wait = self.seconds_until_half_open()
+            if wait > 0:
+                raise errors.CircuitOpen(
+                    f"circuit breaker for {self.name} is open after {self.settings.failure_threshold}"
+                    " consecutive failures",
+                    retry_after=wait,
+                )
+            self._breaker.half_open()
+        if self.state == HALF_OPEN:
+            if self._trials >= self.settings.half_open_max:
+                raise errors.CircuitOpen(
+                    f"circuit breaker for {self.name} is half-open and its trial requests are in flight",
+                    retry_after=1.0,
+                )
+            self._trials += 1
+
+    def finish(self, admitted_state: str, failed: bool | None) -> None:
+        """Report one admitted attempt: failed True/False, or None for neutral (cancelled)."""
+        if admitted_state == HALF_OPEN:
+            self._trials -= 1
+        if failed is None or self.state == OPEN:
+            return  # neutral, or a late result while another attempt already opened it
+        with contextlib.suppress(_AttemptFailed):
+            self._breaker.call(_report_failure if failed else _report_success)
+
+    def is_failure(self, response: ProxyResponse | None, error: BaseException | None) -> bool | None:
+        if response is not None:
+            return response.status in self._failure_statuses
+        kind = next((name for cls, name in _FAILURE_KINDS if isinstance(error, cls)), None)
+        return True if kind in self._failure_errors else None
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "state": self.state,
+            "consecutive_failures": self.consecutive_failures,
+            "seconds_until_half_open": round(self.seconds_until_half_open(), 3) if self.is_open() else 0,
+        }
+
+
+class BreakerLayer:
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self.breaker = breaker
+
+    async def __call__(self, request: ProxyRequest, next: Handler) -> ProxyResponse:
+        self.breaker.admit()
+        admitted_state = self.breaker.state
+        failed: bool | None = None
+        try:
+            response = await next(request)
+            failed = self.breaker.is_failure(response, None)
+            return response
+        except errors.OutriggerError as error:
+            failed = self.breaker.is_failure(None, error)
+            raise
+        finally:
+            self.breaker.finish(admitted_state, failed)
