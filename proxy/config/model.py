@@ -449,6 +449,25 @@ class Limits(Frozen):
     max_headers: int = Field(default=builtin.MAX_HEADERS, ge=1)
 
 
+class TracesSettings(Frozen):
+    endpoint: str | None = None
+    """OTLP/HTTP traces URL (http://collector:4318/v1/traces); unset: OTEL_EXPORTER_OTLP_* or off."""
+    sample_ratio: float = Field(default=builtin.TRACE_SAMPLE_RATIO, ge=0, le=1)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_url(cls, endpoint: str | None) -> str | None:
+        if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+            raise ValueError("endpoint must be an http:// or https:// URL (OTLP/HTTP)")
+        return endpoint
+
+
+class Telemetry(Frozen):
+    service_name: str = builtin.SERVICE_NAME
+    traces: TracesSettings = TracesSettings()
+    access_log: bool = builtin.ACCESS_LOG
+
+
 class MainConfig(Frozen):
     listen: ListenAddress = ListenAddress(host=builtin.MAIN_LISTEN_HOST, port=builtin.MAIN_LISTEN_PORT)
     admin: ListenAddress = ListenAddress(host=builtin.ADMIN_LISTEN_HOST, port=builtin.ADMIN_LISTEN_PORT)
@@ -457,6 +476,9 @@ class MainConfig(Frozen):
     defaults: PolicySettings = PolicySettings()
     limits: Limits = Limits()
     drain_timeout: Duration = builtin.DRAIN_TIMEOUT_S
+    telemetry: Telemetry = Telemetry()
+    reload_poll_interval: Duration = Field(default=builtin.RELOAD_POLL_INTERVAL_S, gt=0)
+    """How often config, policy and secret files are checked for changes (by content hash)."""
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> MainConfig:
