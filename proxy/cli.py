@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from proxy.admin import build_admin_app
+from proxy.config.lint import lint
 from proxy.config.loader import Config, ConfigError, load_config
 from proxy.config.model import PolicySettings, PolicyTarget
 from proxy.explain import explain
@@ -30,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="INFO")
     check = verbs.add_parser("check", help="validate config and policies")
     check.add_argument("-c", "--config", required=True)
+    check.add_argument("--strict", action="store_true", help="exit 1 on lint warnings too (for CI)")
     exp = verbs.add_parser("explain", help="show the policy and merged settings for a request")
     exp.add_argument("-c", "--config", required=True)
     exp.add_argument("method")
@@ -52,7 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.verb == "check":
         print(f"{config.path}: OK ({len(config.policies)} policies, version {config.version})")
-        return 0
+        warnings = lint(config)
+        for warning in warnings:
+            print(warning)
+        if warnings:
+            print(f"{len(warnings)} warning(s)")
+        return 1 if warnings and args.strict else 0
     if args.verb == "explain":
         try:
             print(explain(config, args.method, args.url), end="")

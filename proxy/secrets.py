@@ -60,10 +60,15 @@ _SENSITIVE_NAME = re.compile(r"authorization|cookie|token|secret|key|password|si
 _AUTH_SCHEME = re.compile(r"(?:[A-Za-z-]+\s+)?")
 
 
+def looks_sensitive(name: str) -> bool:
+    """Whether a header name looks like it carries a credential (Authorization, X-Api-Key, ...)."""
+    return _SENSITIVE_NAME.search(name) is not None
+
+
 def redact(name: str, template: str) -> str:
     """What may be shown of a header value: references stay (they hold no secret); in
     credential-looking headers, literal text other than an auth scheme ("Bearer ") does not."""
-    if not _SENSITIVE_NAME.search(name):
+    if not looks_sensitive(name):
         return template
     shown = []
     for index, part in enumerate(_REFERENCE.split(template)):

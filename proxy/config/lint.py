@@ -1,0 +1,195 @@
+"""Warnings for configs that load fine but probably do not do what their author meant.
+
+`outrigger check` prints them as ``FILE:LINE: key.path: warning: message``. The
+line is where the policy starts (or the main config's ``defaults:`` key); key
+paths are relative to the policy (``retries``, ``routes[0].retries``), or start
+with ``defaults.``. Each rule is one small function over one policy body.
+
+``defaults`` and a policy's own settings are merged before they get here, so
+a problem written once in ``defaults`` would show up in every policy and every
+route. A finding is therefore reported only where it first appears: a policy
+does not repeat one of ``defaults``, a route does not repeat one of its policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from proxy import secrets
+from proxy.config.defaults import KEYED_METHODS
+from proxy.config.loader import Config
+from proxy.config.model import Backoff, Policy, PolicySettings, Retries
+from proxy.config.units import format_duration
+
+
+@dataclass(frozen=True)
+class _Finding:
+    path: str
+    """Key path relative to the policy body, e.g. ``retries.methods``."""
+    message: str
+    subject: object = field(default=None, repr=False)
+    """What the finding is about, to tell repeats apart; compared, never printed (it may be a secret)."""
+
+
+def _retrying(settings: PolicySettings) -> Retries | None:
+    """The retries section if it can retry at all (``max_attempts: 1`` never retries)."""
+    retries = settings.retries
+    return retries if retries is not None and retries.max_attempts > 1 else None
+
+
+def _worst_backoff(backoff: Backoff, retries: int) -> float:
+    """Longest total wait before `retries` retries: full jitter never exceeds min(max, base * 2**(n-1))."""
+    return sum(min(backoff.max, backoff.base * 2.0 ** (n - 1)) for n in range(1, retries + 1))
+
+
+def _deadline(settings: PolicySettings) -> Iterator[_Finding]:
+    """`total` bounds every attempt and backoff wait: attempts that do not fit are cut short or never run."""
+    retries = _retrying(settings)
+    if retries is None:
+        return
+    per_try, total, attempts = settings.timeouts.per_try, settings.timeouts.total, retries.max_attempts
+    backoff = _worst_backoff(retries.backoff, attempts - 1)
+    needed = per_try * attempts + backoff
+    if needed <= total + 1e-9:
+        return
+    fitting = max(
+        k for k in range(1, attempts + 1) if per_try * k + _worst_backoff(retries.backoff, k - 1) <= total
+    )
+    late = (
+        f"attempt {attempts} is cut short or never starts"
+        if fitting + 1 == attempts
+        else f"attempts {fitting + 1}-{attempts} are cut short or never start"
+    )
+    yield _Finding(
+        "retries",
+        f"{attempts} attempts x per_try {format_duration(per_try)} + backoff up to"
+        f" {format_duration(backoff)} = {format_duration(needed)}, more than timeouts.total"
+        f" ({format_duration(total)}): when attempts time out, {late};"
+        " lower per_try or max_attempts, or raise total",
+        (per_try, total, attempts, retries.backoff.base, retries.backoff.max),
+    )
+
+
+def _unsafe_methods(settings: PolicySettings) -> Iterator[_Finding]:
+    """POST/PATCH are not idempotent: retried without an idempotency key, a payment can be charged twice."""
+    retries = _retrying(settings)
+    if retries is None:
+        return
+    idempotency = settings.idempotency
+    keyed = idempotency.methods if idempotency is not None else ()
+    unsafe = [m for m in retries.methods if m in KEYED_METHODS and m not in keyed]
+    if not unsafe:
+        return
+    if idempotency is None:
+        why, fix = "no idempotency section", "add an idempotency section (one key shared by all attempts)"
+    else:
+        why, fix = "not in idempotency.methods", "add them to idempotency.methods"
+    yield _Finding(
+        "retries.methods",
+        f"{', '.join(unsafe)} would be retried without an idempotency key ({why}), so a retry can"
+        f" repeat a side effect such as a duplicate charge; {fix}",
+        (tuple(unsafe), idempotency is None),
+    )
+
+
+def _no_budget(settings: PolicySettings) -> Iterator[_Finding]:
+    """Without a budget, an upstream outage multiplies its own load by max_attempts (a retry storm)."""
+    retries = _retrying(settings)
+    if retries is None or retries.budget is not None:
+        return
+    yield _Finding(
+        "retries.budget",
+        f"retries have no budget (budget: null): when the upstream fails, every request is tried"
+        f" up to {retries.max_attempts} times, multiplying the load on it (retry storm); set a budget,"
+        " e.g. {ratio: 0.2, min_per_second: 10, window: 10s}",
+    )
+
+
+def _inline_secrets(settings: PolicySettings) -> Iterator[_Finding]:
+    """A credential typed into a config file ends up in git, ConfigMaps and backups; reference it instead."""
+    for name, template in settings.headers.set.items():
+        if secrets.looks_sensitive(name) and not secrets.has_reference(template):
+            yield _Finding(
+                f"headers.set.{name}",
+                "credential-looking header value written inline; write it as ${file:PATH} or"
+                " ${env:NAME} so the secret stays out of config files",
+                template,
+            )
+
+
+SETTINGS_RULES: Sequence[Callable[[PolicySettings], Iterator[_Finding]]] = (
+    _deadline,
+    _unsafe_methods,
+    _no_budget,
+    _inline_secrets,
+)
+
+
+def _settings_findings(settings: PolicySettings) -> list[_Finding]:
+    return [finding for rule in SETTINGS_RULES for finding in rule(settings)]
+
+
+def _covers(wildcard: str, pattern: str) -> bool:
+    """Whether requests for `pattern` (an exact host or a longer wildcard) would match `wildcard`."""
+    suffix = wildcard[1:]  # ".example.com"
+    name = pattern[2:] if pattern.startswith("*.") else pattern
+    return name.endswith(suffix) and len(name) > len(suffix)
+
+
+def _shadowed_wildcards(policy: Policy, policies: Sequence[Policy]) -> Iterator[_Finding]:
+    """Exact host beats wildcard and the longest suffix wins, so hosts another policy claims under a
+    wildcard never get this policy's settings, which its author may not expect."""
+    for index, wildcard in enumerate(policy.hosts):
+        if not wildcard.startswith("*."):
+            continue
+        for other in policies:
+            if other is policy:
+                continue
+            taken = [host for host in other.hosts if _covers(wildcard, host)]
+            if taken:
+                yield _Finding(
+                    f"hosts[{index}]",
+                    f"{wildcard} does not apply to {', '.join(taken)}: requests for them go to the"
+                    f" policy at {other.source} (exact host beats wildcard, longest suffix wins)",
+                )
+
+
+def _defaults_line(config_path: Path) -> int:
+    """Line of the ``defaults:`` key in the main config (1 if it cannot be found)."""
+    try:
+        node = yaml.compose(config_path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, yaml.YAMLError):
+        return 1
+    if isinstance(node, yaml.MappingNode):
+        for key, _value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == "defaults":
+                return int(key.start_mark.line) + 1
+    return 1
+
+
+def _format(where: str, path: str, message: str) -> str:
+    return f"{where}: {path}: warning: {message}"
+
+
+def lint(config: Config) -> list[str]:
+    """Every warning for a loaded config, defaults first, then policies in load order."""
+    warnings: list[str] = []
+    inherited = _settings_findings(config.main.defaults)
+    where = f"{config.path}:{_defaults_line(config.path)}"
+    warnings += [_format(where, f"defaults.{f.path}", f.message) for f in inherited]
+    for policy in config.policies:
+        own = _settings_findings(policy.settings)
+        findings = [f for f in own if f not in inherited]
+        findings += _shadowed_wildcards(policy, config.policies)
+        for index, route in enumerate(policy.routes):
+            findings += [
+                _Finding(f"routes[{index}].{f.path}", f.message)
+                for f in _settings_findings(route.settings)
+                if f not in own
+            ]
+        warnings += [_format(policy.source, f.path, f.message) for f in findings]
+    return warnings
