@@ -1,12 +1,18 @@
-"""The admin listener (its own loopback port): liveness and readiness."""
+"""The admin listener (its own loopback port): health, metrics, config, state, reload."""
 
 from __future__ import annotations
 
-from aiohttp import web
+from typing import Any
 
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from proxy.explain import redacted_settings
+from proxy.reload import Reloader
 from proxy.server import ProxyServer
 
 PROXY_KEY = web.AppKey("proxy", ProxyServer)
+RELOADER_KEY = web.AppKey("reloader", Reloader)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -22,9 +28,76 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready", "config_version": proxy.runtime.config.version})
 
 
-def build_admin_app(proxy: ProxyServer) -> web.Application:
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[PROXY_KEY].telemetry.metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def config(request: web.Request) -> web.Response:
+    """The effective, merged config (secrets redacted), its version and the last reload outcome."""
+    runtime = request.app[PROXY_KEY].runtime
+    last = request.app[RELOADER_KEY].last
+    main = runtime.config.main
+    policies: list[dict[str, Any]] = [
+        {
+            "hosts": list(policy.hosts),
+            "source": policy.source,
+            "upstream": str(policy.upstream) if policy.upstream else None,
+            "listen": policy.listen,
+            "settings": redacted_settings(policy.settings),
+            "routes": [
+                {
+                    "match": route.match.model_dump(exclude_none=True),
+                    "settings": redacted_settings(route.settings),
+                }
+                for route in policy.routes
+            ],
+        }
+        for policy in runtime.config.policies
+    ]
+    body = {
+        "version": runtime.config.version,
+        "path": str(runtime.config.path),
+        "last_reload": last.as_dict() if last else None,
+        "last_reload_error": last.error if last and not last.ok else None,
+        "main": {
+            **main.model_dump(mode="json", exclude={"defaults"}),
+            "defaults": redacted_settings(main.defaults),
+        },
+        "policies": policies,
+    }
+    return web.json_response(body)
+
+
+async def state(request: web.Request) -> web.Response:
+    """Per policy: breaker, retry budget, limiter (and any provider pause), bulkhead, replay cache."""
+    states = request.app[PROXY_KEY].runtime.pipelines.states
+    body = {
+        name: {
+            "circuit_breaker": s.breaker.snapshot() if s.breaker else None,
+            "retry_budget": s.budget.snapshot() if s.budget else None,
+            "rate_limit": s.limiter.snapshot() if s.limiter else None,
+            "concurrency": s.bulkhead.snapshot() if s.bulkhead else None,
+            "replay_cache": {"entries": len(s.replay)} if s.replay else None,
+        }
+        for name, s in states.items()
+    }
+    return web.json_response(body)
+
+
+async def reload(request: web.Request) -> web.Response:
+    result = await request.app[RELOADER_KEY].reload("admin")
+    return web.json_response(result.as_dict(), status=200 if result.ok else 422)
+
+
+def build_admin_app(proxy: ProxyServer, reloader: Reloader) -> web.Application:
     app = web.Application()
     app[PROXY_KEY] = proxy
+    app[RELOADER_KEY] = reloader
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/config", config)
+    app.router.add_get("/state", state)
+    app.router.add_post("/reload", reload)
     return app

@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import queue
 import signal
 import sys
 from collections.abc import Sequence
+from logging.handlers import QueueHandler, QueueListener
 
 from aiohttp import web
 
@@ -18,7 +20,9 @@ from proxy.config.lint import lint
 from proxy.config.loader import Config, ConfigError, load_config
 from proxy.config.model import PolicySettings, PolicyTarget
 from proxy.explain import explain
+from proxy.reload import Reloader
 from proxy.server import ProxyServer
+from proxy.telemetry import access_log
 
 log = logging.getLogger("outrigger")
 
@@ -67,31 +71,62 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         return 0
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    asyncio.run(serve(config))
+    listener = _setup_logging(args.log_level.upper())
+    try:
+        asyncio.run(serve(config))
+    finally:
+        listener.stop()
     return 0
 
 
+def _setup_logging(level: str) -> QueueListener:
+    """Diagnostics to stderr; the JSON access log to stdout, written by a thread so a slow
+    stdout pipe never blocks the event loop."""
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    stdout = logging.StreamHandler(sys.stdout)
+    stdout.setFormatter(logging.Formatter("%(message)s"))
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    access_log.addHandler(QueueHandler(records))
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False
+    listener = QueueListener(records, stdout)
+    listener.start()
+    return listener
+
+
 async def serve(config: Config) -> None:
-    """Run the proxy and admin listeners until SIGTERM/SIGINT, then drain in-flight requests."""
+    """Run the proxy and admin listeners until SIGTERM/SIGINT, then drain in-flight requests.
+
+    SIGHUP reloads the config; files are also polled for changes."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     proxy = ProxyServer(config)
-    admin = web.AppRunner(build_admin_app(proxy), handle_signals=False, access_log=None)
+    reloader = Reloader(proxy)
+    admin = web.AppRunner(build_admin_app(proxy, reloader), handle_signals=False, access_log=None)
     await admin.setup()
+    background: set[asyncio.Task[object]] = set()
+
+    def reload_on_signal() -> None:
+        task: asyncio.Task[object] = asyncio.ensure_future(reloader.reload("SIGHUP"))
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    watcher: asyncio.Task[None] | None = None
     try:
         await web.TCPSite(admin, config.main.admin.host, config.main.admin.port, reuse_address=True).start()
         await proxy.start()
+        loop.add_signal_handler(signal.SIGHUP, reload_on_signal)
+        watcher = asyncio.create_task(reloader.watch(config.main.reload_poll_interval))
         log.info("outrigger ready (config version %s, %d policies)", config.version, len(config.policies))
         await stop.wait()
         log.info("stopping: draining in-flight requests for up to %.0fs", config.main.drain_timeout)
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await proxy.stop()
         with contextlib.suppress(Exception):
             await admin.cleanup()

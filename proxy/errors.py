@@ -35,6 +35,8 @@ ERROR_HEADER = "x-outrigger-error"
 class OutriggerError(Exception):
     status: ClassVar[int] = 500
     error_type: ClassVar[str] = "internal_error"
+    condition: ClassVar[str | None] = None
+    """The attempt outcome this error is, in `retries.on` / `failure_on` terms, if any."""
 
     def __init__(self, message: str, *, retry_after: float | None = None, host: str = "") -> None:
         super().__init__(message)
@@ -112,9 +114,13 @@ class UpstreamUnreachable(OutriggerError):
 class ConnectFailure(UpstreamUnreachable):
     """No connection could be made (refused, DNS, TLS handshake, connect timeout)."""
 
+    condition = "connect-failure"
+
 
 class ConnectionReset(UpstreamUnreachable):
     """The connection closed before a complete response head arrived."""
+
+    condition = "reset"
 
 
 class Timeout(OutriggerError):
@@ -124,3 +130,5 @@ class Timeout(OutriggerError):
 
 class AttemptTimeout(Timeout):
     """One attempt exceeded per_try; the request deadline may still allow another."""
+
+    condition = "timeout"

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from multidict import CIMultiDict, MultiMapping
+from opentelemetry.context import Context
 
 from proxy.config.model import Policy, PolicySettings, UpstreamTarget
 
@@ -190,10 +191,19 @@ class ProxyRequest:
     """x-outrigger-timeout-ms, in seconds: may only lower `timeouts.total`."""
     deadline: float | None = None
     """Loop time by which everything, including the response body, must be done."""
+    request_id: str = ""
+    trace_context: Context | None = None
+    """The SERVER span's context: each attempt's CLIENT span is its child."""
     attempts: int = 0
+    attempt_outcomes: list[str] = field(default_factory=list)
+    """Per attempt: a status class (``5xx``) or a failure kind (``connect-failure``), for metrics."""
+    events: list[str] = field(default_factory=list)
+    """Local refusals that did not end the request (e.g. a retry refused by the budget)."""
     retries: list[RetryRecord] = field(default_factory=list)
     """Why and after what delay each retry happened, for spans, logs and tests."""
+    idempotency_key: str | None = None
     idempotency_key_injected: bool = False
+    replayed: bool = False
     ratelimit_wait: float = 0.0
     """Seconds spent waiting for rate-limit tokens, over all attempts."""
 

@@ -16,9 +16,12 @@ limiter) lives in `PolicyState`, one per policy, shared by its routes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from opentelemetry import trace
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.config.loader import Config
@@ -47,14 +50,36 @@ class PolicyState:
     limiter: RateLimiter | None
 
     @classmethod
-    def build(cls, name: str, settings: PolicySettings, clock: Clock) -> PolicyState:
-        retries, idempotency, breaker = settings.retries, settings.idempotency, settings.circuit_breaker
+    def build(
+        cls,
+        name: str,
+        settings: PolicySettings,
+        clock: Clock,
+        previous: tuple[PolicySettings, PolicyState] | None = None,
+    ) -> PolicyState:
+        """Fresh state, except that each piece whose section is unchanged since `previous` carries over
+        (a reload must not reset an open breaker, a spent budget or a provider-imposed pause)."""
+
+        def carry(
+            section: Callable[[PolicySettings], Any], attribute: str, make: Callable[[Any], Any]
+        ) -> Any:
+            current = section(settings)
+            if previous is not None and section(previous[0]) == current:
+                return getattr(previous[1], attribute)
+            return make(current) if current is not None else None
+
         return cls(
-            budget=RetryBudget(retries.budget, clock) if retries and retries.budget else None,
-            replay=ReplayCache(idempotency.replay, clock) if idempotency and idempotency.replay else None,
-            breaker=CircuitBreaker(name, breaker, clock) if breaker else None,
-            bulkhead=Bulkhead(name, settings.concurrency) if settings.concurrency else None,
-            limiter=RateLimiter(name, settings.rate_limit, clock) if settings.rate_limit else None,
+            budget=carry(
+                lambda s: s.retries.budget if s.retries else None, "budget", lambda b: RetryBudget(b, clock)
+            ),
+            replay=carry(
+                lambda s: s.idempotency.replay if s.idempotency else None,
+                "replay",
+                lambda r: ReplayCache(r, clock),
+            ),
+            breaker=carry(lambda s: s.circuit_breaker, "breaker", lambda b: CircuitBreaker(name, b, clock)),
+            bulkhead=carry(lambda s: s.concurrency, "bulkhead", lambda c: Bulkhead(name, c)),
+            limiter=carry(lambda s: s.rate_limit, "limiter", lambda r: RateLimiter(name, r, clock)),
         )
 
 
@@ -72,7 +97,9 @@ def compose(layers: Sequence[Layer], terminal: Handler) -> Handler:
     return handler
 
 
-def build_layers(settings: PolicySettings, state: PolicyState, base_dir: Path, clock: Clock) -> list[Layer]:
+def build_layers(
+    settings: PolicySettings, state: PolicyState, base_dir: Path, clock: Clock, tracer: trace.Tracer
+) -> list[Layer]:
     layers: list[Layer] = []
     if state.bulkhead is not None:
         layers.append(ConcurrencyLayer(state.bulkhead))
@@ -87,7 +114,7 @@ def build_layers(settings: PolicySettings, state: PolicyState, base_dir: Path, c
         layers.append(BreakerLayer(state.breaker))
     if state.limiter is not None:
         layers.append(RateLimitLayer(state.limiter))
-    layers.append(AttemptLayer(settings.timeouts.per_try, settings.headers, base_dir))
+    layers.append(AttemptLayer(settings.timeouts.per_try, settings.headers, base_dir, tracer))
     return layers
 
 
@@ -95,20 +122,35 @@ class Pipelines:
     """Every pipeline of one config, built up front so a request only does a dict lookup."""
 
     def __init__(
-        self, config: Config, router: Router, upstream: UpstreamClient, clock: Clock = SYSTEM_CLOCK
+        self,
+        config: Config,
+        router: Router,
+        upstream: UpstreamClient,
+        tracer: trace.Tracer,
+        previous: Pipelines | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         base_dir = config.path.parent
         self._handlers: dict[tuple[str, int | None], Handler] = {}
         self.states: dict[str, PolicyState] = {}
+        self.settings: dict[str, PolicySettings] = {}
         policies: list[Policy] = [*config.policies]
         if router.fallback is not None:
             policies.append(router.fallback)
         for policy in policies:
-            state = self.states[policy.name] = PolicyState.build(policy.name, policy.settings, clock)
+            before = previous.state_of(policy.name) if previous is not None else None
+            state = PolicyState.build(policy.name, policy.settings, clock, before)
+            self.states[policy.name] = state
+            self.settings[policy.name] = policy.settings
             variants = [(None, policy.settings), *enumerate(r.settings for r in policy.routes)]
             for route, settings in variants:
-                layers = build_layers(settings, state, base_dir, clock)
+                layers = build_layers(settings, state, base_dir, clock, tracer)
                 self._handlers[(policy.source, route)] = compose(layers, upstream.send)
+
+    def state_of(self, name: str) -> tuple[PolicySettings, PolicyState] | None:
+        if name not in self.states:
+            return None
+        return self.settings[name], self.states[name]
 
     def handler(self, match: Match) -> Handler:
         return self._handlers[(match.policy.source, match.route)]

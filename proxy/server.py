@@ -15,14 +15,16 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
+from opentelemetry import trace
 from yarl import URL
 
 from proxy import errors
 from proxy.config.loader import Config
 from proxy.config.model import Policy, UpstreamTarget
 from proxy.exchange import CHUNK_SIZE, ProxyRequest, ProxyResponse, RequestBody, end_to_end_headers
-from proxy.pipeline import Pipelines
+from proxy.pipeline import Pipelines, PolicyState
 from proxy.routing import Router, upstream_for
+from proxy.telemetry import REQUEST_ID_HEADER, RequestObservation, Telemetry
 from proxy.upstream import UpstreamClient
 
 log = logging.getLogger("outrigger.server")
@@ -42,9 +44,12 @@ class Runtime:
     pipelines: Pipelines
 
     @classmethod
-    def build(cls, config: Config, upstream: UpstreamClient) -> Runtime:
+    def build(
+        cls, config: Config, upstream: UpstreamClient, tracer: trace.Tracer, previous: Runtime | None = None
+    ) -> Runtime:
         router = Router(config)
-        return cls(config, router, Pipelines(config, router, upstream))
+        pipelines = Pipelines(config, router, upstream, tracer, previous.pipelines if previous else None)
+        return cls(config, router, pipelines)
 
 
 def error_response(error: errors.OutriggerError, host: str) -> web.Response:
@@ -96,6 +101,8 @@ def _split_host(authority: str) -> tuple[str, int | None]:
 
 
 class ProxyServer:
+    """The proxy listeners (main and per-policy ports) and the current `Runtime`."""
+
     def __init__(self, config: Config) -> None:
         self._upstream: UpstreamClient | None = None
         self._runtime: Runtime | None = None
@@ -103,6 +110,10 @@ class ProxyServer:
         self._runner: web.BaseRunner | None = None
         self._sites: dict[int, web.TCPSite] = {}
         self.draining = False
+        self.telemetry = Telemetry(config.main.telemetry, self._states)
+
+    def _states(self) -> dict[str, PolicyState]:
+        return self._runtime.pipelines.states if self._runtime is not None else {}
 
     @property
     def runtime(self) -> Runtime:
@@ -116,7 +127,7 @@ class ProxyServer:
     async def start(self) -> None:
         config = self._initial
         self._upstream = UpstreamClient()
-        self._runtime = Runtime.build(config, self._upstream)
+        self._runtime = Runtime.build(config, self._upstream, self.telemetry.tracer)
         limits = config.main.limits
         server = _ProxyServer(
             self._handle,
@@ -130,16 +141,48 @@ class ProxyServer:
             server, handle_signals=False, shutdown_timeout=config.main.drain_timeout
         )
         await self._runner.setup()
-        await self._open(config.main.listen.host, config.main.listen.port)
+        await self._open(config.main.listen.port)
         for port in self.runtime.router.ports:
-            await self._open(config.main.listen.host, port)
+            await self._open(port)
 
-    async def _open(self, host: str, port: int) -> None:
+    async def apply(self, config: Config) -> None:
+        """Swap in a validated config: open new policy ports, swap atomically, then close stale ports.
+
+        Requests already running keep the runtime they started with; state of unchanged policy
+        sections carries over. Raises OSError (old config still serving) when a new port can't bind.
+        """
+        runtime = Runtime.build(config, self.upstream, self.telemetry.tracer, previous=self.runtime)
+        wanted = {config.main.listen.port, *runtime.router.ports}
+        opened: list[int] = []
+        try:
+            for port in sorted(wanted - set(self._sites)):
+                await self._open(port)
+                opened.append(port)
+        except OSError:
+            for port in opened:
+                await self._close(port)
+            raise
+        self._runtime = runtime
+        for port in sorted(set(self._sites) - wanted):
+            await self._close(port)
+
+    @property
+    def upstream(self) -> UpstreamClient:
+        assert self._upstream is not None, "server not started"
+        return self._upstream
+
+    async def _open(self, port: int) -> None:
         assert self._runner is not None
+        host = self._initial.main.listen.host
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
         self._sites[port] = site
         log.info("listening on %s:%d", host, port)
+
+    async def _close(self, port: int) -> None:
+        """Stop accepting on a port; connections already open there finish their requests."""
+        await self._sites.pop(port).stop()
+        log.info("closed port %d", port)
 
     @property
     def bound_ports(self) -> list[int]:
@@ -153,31 +196,44 @@ class ProxyServer:
         self._sites.clear()
         if self._upstream is not None:
             await self._upstream.close()
+        await asyncio.to_thread(self.telemetry.tracing.shutdown)
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         runtime = self.runtime
-        host_label = ""
+        observation = self.telemetry.start(request.method, request.headers, request.host, request.raw_path)
         proxy_request: ProxyRequest | None = None
+        status: int = 499  # until the request gets further (client gone, or cancelled by drain)
+        error_type: str | None = "cancelled"
         try:
-            self._check_header_size(request, runtime)
-            if request.method == "CONNECT":
-                raise errors.ConnectNotSupported(
-                    "CONNECT tunnels bypass every policy: send plain http:// URLs to Outrigger"
-                    " (HTTP_PROXY=http://127.0.0.1:15001) and it will originate TLS itself"
+            try:
+                proxy_request = self._build_request(request, runtime, observation)
+                match = runtime.router.resolve_route(
+                    proxy_request.policy, request.method, proxy_request.path_qs.partition("?")[0]
                 )
-            proxy_request = self._build_request(request, runtime)
-            host_label = proxy_request.host
-            match = runtime.router.resolve_route(
-                proxy_request.policy, request.method, proxy_request.path_qs.partition("?")[0]
+                proxy_request.settings = match.settings
+                response = await runtime.pipelines.handler(match)(proxy_request)
+            except errors.OutriggerError as error:
+                status, error_type = error.status, error.error_type
+                reply = error_response(error, error.host or (proxy_request.host if proxy_request else ""))
+                reply.headers[REQUEST_ID_HEADER] = observation.request_id
+                if proxy_request is not None:
+                    reply.headers[ATTEMPTS_HEADER] = str(proxy_request.attempts)
+                return reply
+            status = response.status
+            out, completed = await self._stream(request, proxy_request, response, observation.request_id)
+            error_type = None if completed else "response_aborted"
+            return out
+        finally:
+            policy = proxy_request.policy.name if proxy_request is not None else None
+            self.telemetry.finish(
+                observation,
+                status=status,
+                error_type=error_type,
+                policy=policy,
+                request=proxy_request,
+                state=runtime.pipelines.states.get(policy) if policy is not None else None,
+                config_version=runtime.config.version,
             )
-            proxy_request.settings = match.settings
-            response = await runtime.pipelines.handler(match)(proxy_request)
-        except errors.OutriggerError as error:
-            reply = error_response(error, error.host or host_label)
-            if proxy_request is not None:
-                reply.headers[ATTEMPTS_HEADER] = str(proxy_request.attempts)
-            return reply
-        return await self._stream(request, proxy_request, response)
 
     def _check_header_size(self, request: web.BaseRequest, runtime: Runtime) -> None:
         limit = runtime.config.main.limits.max_header_bytes
@@ -186,7 +242,15 @@ class ProxyServer:
         if size > limit:
             raise errors.HeadersTooLarge(f"request line and headers are {size} bytes; the limit is {limit}")
 
-    def _build_request(self, request: web.BaseRequest, runtime: Runtime) -> ProxyRequest:
+    def _build_request(
+        self, request: web.BaseRequest, runtime: Runtime, observation: RequestObservation
+    ) -> ProxyRequest:
+        self._check_header_size(request, runtime)
+        if request.method == "CONNECT":
+            raise errors.ConnectNotSupported(
+                "CONNECT tunnels bypass every policy: send plain http:// URLs to Outrigger"
+                " (HTTP_PROXY=http://127.0.0.1:15001) and it will originate TLS itself"
+            )
         policy, host, target, path_qs = self._target(request, runtime)
         headers = end_to_end_headers(request.headers, frozenset({"host", "expect"}))
         timeout_override = None
@@ -194,6 +258,7 @@ class ProxyServer:
             value = headers.popone(name)
             if name.lower() == TIMEOUT_HEADER:
                 timeout_override = _parse_timeout_ms(value)
+        headers[REQUEST_ID_HEADER] = observation.request_id
         source = request.content.iter_chunked(CHUNK_SIZE) if request.body_exists else None
         return ProxyRequest(
             method=request.method,
@@ -205,6 +270,8 @@ class ProxyServer:
             policy=policy,
             settings=policy.settings,
             timeout_override=timeout_override,
+            request_id=observation.request_id,
+            trace_context=observation.context,
         )
 
     def _target(self, request: web.BaseRequest, runtime: Runtime) -> tuple[Policy, str, UpstreamTarget, str]:
@@ -238,11 +305,12 @@ class ProxyServer:
         return policy, host, upstream_for(policy, host, port), path_qs
 
     async def _stream(
-        self, request: web.BaseRequest, proxy_request: ProxyRequest, response: ProxyResponse
-    ) -> web.StreamResponse:
-        """Send the upstream response to the app as it arrives; abort the connection if it breaks."""
+        self, request: web.BaseRequest, proxy_request: ProxyRequest, response: ProxyResponse, request_id: str
+    ) -> tuple[web.StreamResponse, bool]:
+        """Send the upstream response as it arrives; abort the connection if it breaks (False)."""
         out = web.StreamResponse(status=response.status, reason=response.reason, headers=response.headers)
         out.headers[ATTEMPTS_HEADER] = str(proxy_request.attempts)
+        out.headers[REQUEST_ID_HEADER] = request_id
         has_body = request.method != "HEAD" and response.status not in _NO_BODY_STATUSES
         try:
             await out.prepare(request)
@@ -252,12 +320,13 @@ class ProxyServer:
                         await out.write(chunk)
             await out.write_eof()
         except (errors.OutriggerError, TimeoutError, ConnectionError) as exc:
-            log.warning("response to %s %s cut short: %s", request.method, proxy_request.target.host, exc)
+            log.warning("response to %s %s cut short: %s", request.method, proxy_request.host, exc)
             if request.transport is not None:
                 request.transport.abort()
+            return out, False
         finally:
             response.body.release()
-        return out
+        return out, True
 
 
 def _parse_timeout_ms(value: str) -> float:

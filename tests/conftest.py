@@ -14,6 +14,7 @@ from aiohttp import web
 
 from proxy.admin import build_admin_app
 from proxy.config.loader import Config, load_config
+from proxy.reload import Reloader
 from proxy.server import ProxyServer
 
 
@@ -69,7 +70,7 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
     async def start(policies: list[dict[str, Any]], **main: Any) -> RunningProxy:
         config = load_config(write_config(tmp_path, policies, **main))
         server = ProxyServer(config)
-        admin = web.AppRunner(build_admin_app(server), access_log=None)
+        admin = web.AppRunner(build_admin_app(server, Reloader(server)), access_log=None)
         await admin.setup()
         await web.TCPSite(admin, "127.0.0.1", config.main.admin.port).start()
         await server.start()

@@ -232,16 +232,12 @@ def load_config(path: str | Path) -> Config:
     _check_claims(policies, policy_docs, main, problems)
     if problems.lines or main is None:
         raise ConfigError(problems.lines)
-    files = [
-        config_path,
-        *sorted({doc.file for doc in policy_docs}),
-        *_secret_files(main, policies, config_path),
-    ]
+    files = watched_files(config_path, main, policies)
     return Config(
         path=config_path,
         main=main,
         policies=tuple(policies),
-        version=_content_hash(files),
+        version=content_hash(files),
         files=tuple(files),
     )
 
@@ -256,10 +252,7 @@ def _policy_documents(
             line = root.positions.get(("policy_dirs", index), 1)
             problems.add(config_path, line, ("policy_dirs", index), f"not a directory: {directory}")
             continue
-        files = sorted(
-            f for f in directory.iterdir() if f.suffix in (".yaml", ".yml") and not f.name.startswith(".")
-        )
-        for file in files:
+        for file in _policy_files(directory):
             doc = _compose(file, problems)
             if doc is None or doc.data is None:
                 continue
@@ -355,6 +348,30 @@ def _check_claims(
                 ports[policy.listen] = policy.source
 
 
+def watched_files(config_path: Path, main: MainConfig, policies: Sequence[Policy]) -> list[Path]:
+    """Every file a config depends on: itself, every policy file in its folders, referenced secrets."""
+    policy_files = [
+        file
+        for entry in main.policy_dirs
+        if (directory := (config_path.parent / entry).resolve()).is_dir()
+        for file in _policy_files(directory)
+    ]
+    return [config_path, *policy_files, *_secret_files(main, policies, config_path)]
+
+
+def current_fingerprint(config: Config) -> str:
+    """The content hash of what `config` depends on as it is on disk now (new policy files included);
+    equal to `config.version` while nothing changed."""
+    return content_hash(watched_files(config.path, config.main, config.policies))
+
+
+def _policy_files(directory: Path) -> list[Path]:
+    """YAML files only; dot-entries (Kubernetes' ..data, editors' swap files) are skipped."""
+    return sorted(
+        f for f in directory.iterdir() if f.suffix in (".yaml", ".yml") and not f.name.startswith(".")
+    )
+
+
 def _secret_files(main: MainConfig, policies: Sequence[Policy], config_path: Path) -> list[Path]:
     settings = [
         main.defaults,
@@ -370,7 +387,7 @@ def _secret_files(main: MainConfig, policies: Sequence[Policy], config_path: Pat
     return sorted(found)
 
 
-def _content_hash(files: Sequence[Path]) -> str:
+def content_hash(files: Sequence[Path]) -> str:
     digest = hashlib.sha256()
     for file in files:
         digest.update(str(file).encode())

@@ -1,21 +1,42 @@
-"""One attempt: the policy's header rules (with rendered secrets) and the per_try timeout."""
+"""One attempt: header rules (with rendered secrets), the per_try timeout and the CLIENT span.
+
+Each attempt gets its own span, child of the request's SERVER span, and its
+context is injected as ``traceparent`` so the provider's trace joins ours.
+The span ends when the attempt's response body is released.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
 
 from proxy import errors, secrets
 from proxy.config.model import HeaderRules
 from proxy.config.units import format_duration
-from proxy.exchange import Handler, ProxyRequest, ProxyResponse
+from proxy.exchange import Handler, ProxyRequest, ProxyResponse, ReleasingBody
+from proxy.telemetry import (
+    ATTR_RETRY_BACKOFF_MS,
+    ATTR_RETRY_REASON,
+    inject_context,
+    outcome_label,
+    redact_query,
+)
+
+_NOT_TRACED = trace.NoOpTracer()
 
 
 class AttemptLayer:
-    def __init__(self, per_try: float, headers: HeaderRules, base_dir: Path) -> None:
+    def __init__(
+        self, per_try: float, headers: HeaderRules, base_dir: Path, tracer: trace.Tracer = _NOT_TRACED
+    ) -> None:
         self.per_try = per_try
         self.remove = headers.remove
         self.set = tuple((name, secrets.render(value, base_dir)) for name, value in headers.set.items())
+        self.tracer = tracer
 
     async def __call__(self, request: ProxyRequest, next: Handler) -> ProxyResponse:
         for name in self.remove:
@@ -23,10 +44,53 @@ class AttemptLayer:
         for name, value in self.set:
             request.headers[name] = value
         request.attempts += 1
+        span = self.tracer.start_span(
+            request.method,
+            context=request.trace_context,
+            kind=SpanKind.CLIENT,
+            attributes=_attributes(request),
+        )
+        inject_context(request.headers, trace.set_span_in_context(span))
         try:
             async with asyncio.timeout(self.per_try):
-                return await next(request)
+                response = await next(request)
         except TimeoutError:
-            raise errors.AttemptTimeout(
-                f"no response head within per_try {format_duration(self.per_try)}"
-            ) from None
+            error = errors.AttemptTimeout(f"no response head within per_try {format_duration(self.per_try)}")
+            _fail(request, span, error)
+            raise error from None
+        except errors.OutriggerError as error:
+            _fail(request, span, error)
+            raise
+        except BaseException:
+            span.end()
+            raise
+        request.attempt_outcomes.append(outcome_label(response.status, None))
+        span.set_attribute("http.response.status_code", response.status)
+        if response.status >= 500:
+            span.set_attribute("error.type", str(response.status))
+            span.set_status(StatusCode.ERROR)
+        response.body = ReleasingBody(response.body, span.end)
+        return response
+
+
+def _attributes(request: ProxyRequest) -> dict[str, Any]:
+    target = request.target
+    attributes: dict[str, Any] = {
+        "http.request.method": request.method,
+        "url.full": f"{target.scheme}://{target.authority}{redact_query(request.path_qs)}",
+        "server.address": target.host,
+        "server.port": target.port,
+    }
+    if request.attempts > 1:
+        attributes["http.request.resend_count"] = request.attempts - 1
+        if request.retries:
+            attributes[ATTR_RETRY_REASON] = request.retries[-1].reason
+            attributes[ATTR_RETRY_BACKOFF_MS] = round(request.retries[-1].delay * 1000, 3)
+    return attributes
+
+
+def _fail(request: ProxyRequest, span: trace.Span, error: errors.OutriggerError) -> None:
+    request.attempt_outcomes.append(outcome_label(None, error.condition or error.error_type))
+    span.set_attribute("error.type", error.condition or error.error_type)
+    span.set_status(StatusCode.ERROR, error.message)
+    span.end()

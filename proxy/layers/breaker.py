@@ -27,12 +27,6 @@ CLOSED, HALF_OPEN, OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_HALF_OPEN, pyb
 STATE_VALUES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 """`outrigger_circuit_state` gauge values (SPEC 8)."""
 
-_FAILURE_KINDS: tuple[tuple[type[errors.OutriggerError], str], ...] = (
-    (errors.ConnectFailure, "connect-failure"),
-    (errors.ConnectionReset, "reset"),
-    (errors.AttemptTimeout, "timeout"),
-)
-
 
 class _AttemptFailed(Exception):
     """Carries a failed outcome into pybreaker so it counts it."""
@@ -124,11 +118,11 @@ class CircuitBreaker:
         with contextlib.suppress(_AttemptFailed):
             self._breaker.call(_report_failure if failed else _report_success)
 
-    def is_failure(self, response: ProxyResponse | None, error: BaseException | None) -> bool | None:
+    def is_failure(self, response: ProxyResponse | None, error: errors.OutriggerError | None) -> bool | None:
+        """True/False for a counted outcome; None (neutral) for errors not listed in failure_on."""
         if response is not None:
             return response.status in self._failure_statuses
-        kind = next((name for cls, name in _FAILURE_KINDS if isinstance(error, cls)), None)
-        return True if kind in self._failure_errors else None
+        return True if error is not None and error.condition in self._failure_errors else None
 
     def snapshot(self) -> dict[str, object]:
         return {

@@ -75,10 +75,9 @@ class ReplayCache:
                 raise errors.IdempotencyKeyReused(
                     "this idempotency key was already used for a different request (method, path or body)"
                 )
-            if isinstance(entry, StoredResponse):
-                return entry.replay()
-            stored = await asyncio.shield(entry.done)
+            stored = entry if isinstance(entry, StoredResponse) else await asyncio.shield(entry.done)
             if stored is not None:
+                request.replayed = True
                 return stored.replay()
 
     async def _lead(self, key: str, fingerprint: str, request: ProxyRequest, next: Handler) -> ProxyResponse:
@@ -140,9 +139,11 @@ class IdempotencyLayer:
             return await next(request)
         key = request.headers.get(self.header)
         if key is None:
-            request.headers[self.header] = str(uuid.uuid4())
+            key = request.headers[self.header] = str(uuid.uuid4())
+            request.idempotency_key = key
             request.idempotency_key_injected = True
             return await next(request)
+        request.idempotency_key = key
         if self.cache is None:
             return await next(request)
         return await self.cache.serve(key, request, next)

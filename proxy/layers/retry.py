@@ -23,11 +23,8 @@ from proxy.provider_headers import retry_after_seconds
 
 log = logging.getLogger("outrigger.retry")
 
-_FAILURE_CONDITIONS: tuple[tuple[type[errors.OutriggerError], str], ...] = (
-    (errors.ConnectFailure, "connect-failure"),
-    (errors.ConnectionReset, "reset"),
-    (errors.AttemptTimeout, "timeout"),
-)
+BUDGET_EXHAUSTED = "retry_budget_exhausted"
+"""Span event and `outrigger_rejections_total` type when the budget refuses a retry."""
 RetryableFailure = errors.ConnectFailure | errors.ConnectionReset | errors.AttemptTimeout
 
 
@@ -61,8 +58,7 @@ class RetryLayer:
     def _reason(self, response: ProxyResponse | None, failure: RetryableFailure | None) -> str | None:
         """The retry condition this outcome meets, or None."""
         if failure is not None:
-            name = next(name for kind, name in _FAILURE_CONDITIONS if isinstance(failure, kind))
-            return name if name in self.failures else None
+            return failure.condition if failure.condition in self.failures else None
         assert response is not None
         hint = self.settings.hint_header
         verdict = response.headers.get(hint, "").strip().lower() if hint else ""
@@ -101,10 +97,11 @@ class RetryLayer:
                     response = await next(request)
                 except (errors.ConnectFailure, errors.ConnectionReset, errors.AttemptTimeout) as exc:
                     failure = exc
-                except errors.Rejected:
+                except errors.Rejected as rejection:
                     # A retry refused locally (breaker, rate limit): the previous upstream outcome stands.
                     if previous is None:
                         raise
+                    request.events.append(rejection.error_type)
                     return _final(previous)
                 if isinstance(previous, ProxyResponse):
                     previous.body.release()
@@ -143,6 +140,7 @@ class RetryLayer:
             return None
         if self.budget is not None and not self.budget.try_withdraw():
             log.info("retry budget exhausted for %s; returning the last outcome", request.target.host)
+            request.events.append(BUDGET_EXHAUSTED)
             return None
         return RetryRecord(reason, delay)
 
