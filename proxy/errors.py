@@ -132,3 +132,20 @@ class AttemptTimeout(Timeout):
     """One attempt exceeded per_try; the request deadline may still allow another."""
 
     condition = "timeout"
+
+
+LOCAL_REFUSALS = frozenset(
+    cls.error_type
+    for cls in (
+        BadRequest,
+        HostNotAllowed,
+        AddressNotAllowed,
+        ConnectNotSupported,
+        IdempotencyKeyReused,
+        HeadersTooLarge,
+        RateLimited,
+        CircuitOpen,
+        Overloaded,
+    )
+)
+"""Error types that mean "refused locally" (counted in outrigger_rejections_total)."""

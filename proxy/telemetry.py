@@ -36,6 +36,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from proxy.config.model import Telemetry as TelemetrySettings
+from proxy.errors import LOCAL_REFUSALS
 
 if TYPE_CHECKING:
     from proxy.exchange import ProxyRequest
@@ -284,7 +285,7 @@ class Telemetry:
         m = self.metrics
         m.requests.labels(label, method_label(method), str(status)).inc()
         m.duration.labels(label).observe(elapsed)
-        if error_type is not None and error_type not in ("upstream_unreachable", "timeout"):
+        if error_type in LOCAL_REFUSALS:
             m.rejections.labels(label, error_type).inc()
         if request is None:
             return
