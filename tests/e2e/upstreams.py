@@ -1,0 +1,397 @@
+"""Real loopback upstreams and raw HTTP/1.1 clients for the end-to-end tests.
+
+Nothing here mocks the network: every helper opens real sockets on 127.0.0.1.
+
+- `Recorder` + `recording_app`: an aiohttp upstream that keeps every request
+  exactly as it arrived (raw target, raw header lines, raw body bytes, peer
+  port) so tests can assert what Outrigger forwarded.
+- `ScriptedUpstream`: a bare asyncio TCP server that answers each path with
+  pre-written response bytes, then keeps the connection, closes it, or resets
+  it mid-body — the misbehaviour aiohttp's server would never produce.
+- `RawConnection` / `raw_exchange`: a client that writes exact request bytes
+  (no invented headers) and parses the response without hiding framing.
+- `TlsMaterial`: a trustme CA with server and client certificates written
+  to files, for `tls.ca_file` / `client_cert` / `client_key`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import trustme
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
+
+IO_TIMEOUT = 5.0
+"""Upper bound for any single read in these helpers, so a hang fails a test instead of stalling it."""
+
+
+# --------------------------------------------------------------------------- recording upstream
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request as the upstream received it."""
+
+    method: str
+    raw_path: str
+    raw_headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+    peer_port: int
+
+    @property
+    def header_names(self) -> list[str]:
+        return [name.decode("latin-1").lower() for name, _ in self.raw_headers]
+
+    def getall(self, name: str) -> list[str]:
+        wanted = name.lower().encode("latin-1")
+        return [value.decode("latin-1") for key, value in self.raw_headers if key.lower() == wanted]
+
+    def get(self, name: str) -> str | None:
+        values = self.getall(name)
+        return values[0] if values else None
+
+
+@dataclass
+class Recorder:
+    seen: list[Seen] = field(default_factory=list)
+
+    @property
+    def last(self) -> Seen:
+        assert self.seen, "the upstream received no request"
+        return self.seen[-1]
+
+
+Responder = Callable[[web.Request, Seen], Awaitable[web.StreamResponse]]
+
+
+async def _ok(request: web.Request, seen: Seen) -> web.StreamResponse:
+    return web.Response(body=b"ok", content_type="text/plain")
+
+
+def recording_app(recorder: Recorder, respond: Responder = _ok) -> web.Application:
+    """An upstream that records every request (body read in full) and answers with `respond`.
+
+    Start it with ``aiohttp_server(app, auto_decompress=False)`` so that a
+    gzip request body is recorded as the bytes on the wire.
+    """
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        seen = Seen(
+            method=request.method,
+            raw_path=request.raw_path,
+            raw_headers=tuple(request.raw_headers),
+            body=body,
+            peer_port=int(peer[1]) if peer else -1,
+        )
+        recorder.seen.append(seen)
+        return await respond(request, seen)
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+async def start_recording(
+    aiohttp_server: AiohttpServer, respond: Responder = _ok, **server_kwargs: Any
+) -> tuple[TestServer, Recorder]:
+    """A running recording upstream on 127.0.0.1 (request bodies kept compressed)."""
+    recorder = Recorder()
+    server = await aiohttp_server(recording_app(recorder, respond), auto_decompress=False, **server_kwargs)
+    return server, recorder
+
+
+# --------------------------------------------------------------------------- scripted raw upstream
+
+After = Literal["keep", "close", "reset"]
+
+
+@dataclass(frozen=True)
+class Script:
+    """Bytes to answer with, then what to do with the connection."""
+
+    response: bytes
+    after: After = "keep"
+    pause: float = 0.0
+    """Seconds to wait after writing `response` before `after` (lets the proxy relay a partial body)."""
+
+
+def response_bytes(head: str, body: bytes = b"") -> bytes:
+    """`head` is the status line and header lines joined by \\n (no trailing blank line)."""
+    return head.replace("\n", "\r\n").encode("latin-1") + b"\r\n\r\n" + body
+
+
+class ScriptedUpstream:
+    """A minimal HTTP/1.1 server: reads one request head (+ Content-Length body), writes a script."""
+
+    def __init__(self, scripts: dict[str, Script]) -> None:
+        self.scripts = scripts
+        self.heads: list[bytes] = []
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> ScriptedUpstream:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            for _ in range(100):  # bounded: no test sends more on one connection
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                self.heads.append(head)
+                length = _content_length(head)
+                if length:
+                    await reader.readexactly(length)
+                target = head.split(b" ", 2)[1].decode("latin-1")
+                path = target.split("?", 1)[0]
+                script = self.scripts.get(path) or Script(
+                    response_bytes("HTTP/1.1 404 Not Found\nContent-Length: 0")
+                )
+                writer.write(script.response)
+                await writer.drain()
+                if script.pause:
+                    await asyncio.sleep(script.pause)
+                if script.after == "reset":
+                    abort_with_rst(writer)
+                    return
+                if script.after == "close":
+                    writer.close()
+                    return
+        finally:
+            self._writers.discard(writer)
+            if not writer.is_closing():
+                writer.close()
+
+
+def abort_with_rst(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP RST (SO_LINGER 0), the way a crashing upstream would."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value.strip())
+    return 0
+
+
+# --------------------------------------------------------------------------- raw client
+
+
+@dataclass(frozen=True)
+class RawResponse:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    """The decoded body (chunked framing removed)."""
+    framing: Literal["none", "length", "chunked", "close"]
+
+    def getall(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key.lower() == name.lower()]
+
+    def get(self, name: str) -> str | None:
+        values = self.getall(name)
+        return values[0] if values else None
+
+    @property
+    def header_names(self) -> set[str]:
+        return {key.lower() for key, _ in self.headers}
+
+
+class IncompleteBody(Exception):
+    """The connection ended before the framing said the body was complete."""
+
+    def __init__(self, received: bytes) -> None:
+        super().__init__(f"body cut short after {len(received)} bytes")
+        self.received = received
+
+
+class RawConnection:
+    """One client connection that writes exact bytes and parses responses strictly."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int) -> RawConnection:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), IO_TIMEOUT)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def read_head(self, wait: float = IO_TIMEOUT) -> tuple[int, str, list[tuple[str, str]]]:
+        """Read one response head, waiting at most `wait` seconds."""
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), wait)
+        lines = head.decode("latin-1").split("\r\n")
+        _version, status, *reason = lines[0].split(" ", 2)
+        headers = [
+            (name.strip(), value.strip())
+            for name, _, value in (line.partition(":") for line in lines[1:] if line)
+        ]
+        return int(status), (reason[0] if reason else ""), headers
+
+    async def read_response(self, method: str = "GET") -> RawResponse:
+        status, reason, headers = await self.read_head()
+        while 100 <= status < 200:  # interim responses carry no body
+            status, reason, headers = await self.read_head()
+        lowered = {name.lower(): value for name, value in headers}
+        if method == "HEAD" or status in (204, 304):
+            return RawResponse(status, reason, headers, b"", "none")
+        if "chunked" in lowered.get("transfer-encoding", "").lower():
+            return RawResponse(status, reason, headers, await self._read_chunked(), "chunked")
+        if "content-length" in lowered:
+            length = int(lowered["content-length"])
+            try:
+                body = await asyncio.wait_for(self.reader.readexactly(length), IO_TIMEOUT)
+            except asyncio.IncompleteReadError as exc:
+                raise IncompleteBody(exc.partial) from None
+            return RawResponse(status, reason, headers, body, "length")
+        body = await asyncio.wait_for(self.reader.read(), IO_TIMEOUT)
+        return RawResponse(status, reason, headers, body, "close")
+
+    async def _read_chunked(self) -> bytes:
+        parts: list[bytes] = []
+        try:
+            for _ in range(1_000_000):
+                size_line = await asyncio.wait_for(self.reader.readuntil(b"\r\n"), IO_TIMEOUT)
+                size = int(size_line.split(b";", 1)[0].strip(), 16)
+                if size == 0:
+                    await asyncio.wait_for(self.reader.readuntil(b"\r\n"), IO_TIMEOUT)  # no trailers expected
+                    return b"".join(parts)
+                parts.append(await asyncio.wait_for(self.reader.readexactly(size), IO_TIMEOUT))
+                await asyncio.wait_for(self.reader.readexactly(2), IO_TIMEOUT)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            raise IncompleteBody(b"".join(parts)) from None
+        raise AssertionError("too many chunks")
+
+    async def at_eof(self) -> bool:
+        """True when the peer closed the connection (reads nothing more)."""
+        try:
+            extra = await asyncio.wait_for(self.reader.read(1), IO_TIMEOUT)
+        except ConnectionError:
+            return True
+        return extra == b""
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            await asyncio.wait_for(self.writer.wait_closed(), IO_TIMEOUT)
+
+
+async def raw_exchange(port: int, request: bytes, method: str = "GET") -> RawResponse:
+    """Send exact request bytes on a fresh connection and parse one response."""
+    conn = await RawConnection.open(port)
+    try:
+        await conn.send(request)
+        return await conn.read_response(method)
+    finally:
+        await conn.close()
+
+
+def request_bytes(head: str, body: bytes = b"") -> bytes:
+    """Request head lines joined by \\n (no trailing blank line), CRLF-terminated on the wire."""
+    return head.replace("\n", "\r\n").encode("latin-1") + b"\r\n\r\n" + body
+
+
+def chunked(parts: list[bytes]) -> bytes:
+    """Chunked transfer-coding framing for `parts`, with the last-chunk."""
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts if part)
+    return framed + b"0\r\n\r\n"
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@dataclass
+class TlsMaterial:
+    """A private CA plus server (``localhost``) and client certificates, as PEM files."""
+
+    ca: trustme.CA
+    ca_file: Path
+    server: trustme.LeafCert
+    client_cert: Path
+    client_key: Path
+    client_name: str
+
+    @classmethod
+    def create(cls, directory: Path, server_name: str = "localhost") -> TlsMaterial:
+        ca = trustme.CA()
+        ca_file = directory / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        client_name = "app.client.outrigger.test"
+        client = ca.issue_cert(client_name, common_name=client_name)
+        client_cert = directory / "client.pem"
+        client_key = directory / "client.key"
+        client_cert.write_bytes(b"".join(blob.bytes() for blob in client.cert_chain_pems))
+        client.private_key_pem.write_to_path(str(client_key))
+        return cls(ca, ca_file, ca.issue_cert(server_name), client_cert, client_key, client_name)
+
+    def server_context(
+        self, *, require_client_cert: bool = False, sni_seen: list[str] | None = None
+    ) -> ssl.SSLContext:
+        """Server-side context for the upstream; records the SNI name each handshake offered."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.server.configure_cert(context)
+        if require_client_cert:
+            self.ca.configure_trust(context)
+            context.verify_mode = ssl.CERT_REQUIRED
+        if sni_seen is not None:
+
+            def remember(sock: ssl.SSLObject | ssl.SSLSocket, name: str | None, ctx: ssl.SSLContext) -> None:
+                sni_seen.append(name or "")
+
+            context.sni_callback = remember
+        return context
+
+
+def peer_subject_cn(request: web.BaseRequest) -> str | None:
+    """The client certificate's subject CN on an mTLS connection, or None."""
+    transport = request.transport
+    cert = transport.get_extra_info("peercert") if transport is not None else None
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
