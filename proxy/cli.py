@@ -120,7 +120,7 @@ async def serve(config: Config) -> None:
         await web.TCPSite(admin, config.main.admin.host, config.main.admin.port, reuse_address=True).start()
         await proxy.start()
         loop.add_signal_handler(signal.SIGHUP, reload_on_signal)
-        watcher = asyncio.create_task(reloader.watch(config.main.reload_poll_interval))
+        watcher = asyncio.create_task(reloader.watch())
         log.info("outrigger ready (config version %s, %d policies)", config.version, len(config.policies))
         await stop.wait()
         log.info("stopping: draining in-flight requests for up to %.0fs", config.main.drain_timeout)

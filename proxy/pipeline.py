@@ -25,7 +25,7 @@ from opentelemetry import trace
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.config.loader import Config
-from proxy.config.model import Policy, PolicySettings
+from proxy.config.model import Policy, PolicySettings, RetryBudgetSettings
 from proxy.exchange import Handler, Layer, ProxyRequest, ProxyResponse
 from proxy.layers.attempt import AttemptLayer
 from proxy.layers.breaker import BreakerLayer, CircuitBreaker
@@ -51,36 +51,41 @@ class PolicyState:
 
     @classmethod
     def build(
-        cls,
-        name: str,
-        settings: PolicySettings,
-        clock: Clock,
-        previous: tuple[PolicySettings, PolicyState] | None = None,
+        cls, policy: Policy, clock: Clock, previous: tuple[Policy, PolicyState] | None = None
     ) -> PolicyState:
         """Fresh state, except that each piece whose section is unchanged since `previous` carries over
         (a reload must not reset an open breaker, a spent budget or a provider-imposed pause)."""
 
-        def carry(
-            section: Callable[[PolicySettings], Any], attribute: str, make: Callable[[Any], Any]
-        ) -> Any:
-            current = section(settings)
+        name = policy.name
+
+        def carry(section: Callable[[Policy], Any], attribute: str, make: Callable[[Any], Any]) -> Any:
+            current = section(policy)
             if previous is not None and section(previous[0]) == current:
                 return getattr(previous[1], attribute)
             return make(current) if current is not None else None
 
         return cls(
-            budget=carry(
-                lambda s: s.retries.budget if s.retries else None, "budget", lambda b: RetryBudget(b, clock)
-            ),
+            budget=carry(_budget_settings, "budget", lambda b: RetryBudget(b, clock)),
             replay=carry(
-                lambda s: s.idempotency.replay if s.idempotency else None,
+                lambda p: p.settings.idempotency.replay if p.settings.idempotency else None,
                 "replay",
                 lambda r: ReplayCache(r, clock),
             ),
-            breaker=carry(lambda s: s.circuit_breaker, "breaker", lambda b: CircuitBreaker(name, b, clock)),
-            bulkhead=carry(lambda s: s.concurrency, "bulkhead", lambda c: Bulkhead(name, c)),
-            limiter=carry(lambda s: s.rate_limit, "limiter", lambda r: RateLimiter(name, r, clock)),
+            breaker=carry(
+                lambda p: p.settings.circuit_breaker, "breaker", lambda b: CircuitBreaker(name, b, clock)
+            ),
+            bulkhead=carry(lambda p: p.settings.concurrency, "bulkhead", lambda c: Bulkhead(name, c)),
+            limiter=carry(lambda p: p.settings.rate_limit, "limiter", lambda r: RateLimiter(name, r, clock)),
         )
+
+
+def _budget_settings(policy: Policy) -> RetryBudgetSettings | None:
+    """The policy's retry budget; a route may turn retries on, so the first route with retries
+    supplies it when the policy itself has none (routes cannot set the budget themselves)."""
+    for settings in (policy.settings, *(route.settings for route in policy.routes)):
+        if settings.retries is not None:
+            return settings.retries.budget
+    return None
 
 
 def _bind(layer: Layer, next: Handler) -> Handler:
@@ -133,24 +138,24 @@ class Pipelines:
         base_dir = config.path.parent
         self._handlers: dict[tuple[str, int | None], Handler] = {}
         self.states: dict[str, PolicyState] = {}
-        self.settings: dict[str, PolicySettings] = {}
+        self.policies: dict[str, Policy] = {}
         policies: list[Policy] = [*config.policies]
         if router.fallback is not None:
             policies.append(router.fallback)
         for policy in policies:
             before = previous.state_of(policy.name) if previous is not None else None
-            state = PolicyState.build(policy.name, policy.settings, clock, before)
+            state = PolicyState.build(policy, clock, before)
             self.states[policy.name] = state
-            self.settings[policy.name] = policy.settings
+            self.policies[policy.name] = policy
             variants = [(None, policy.settings), *enumerate(r.settings for r in policy.routes)]
             for route, settings in variants:
                 layers = build_layers(settings, state, base_dir, clock, tracer)
                 self._handlers[(policy.source, route)] = compose(layers, upstream.send)
 
-    def state_of(self, name: str) -> tuple[PolicySettings, PolicyState] | None:
+    def state_of(self, name: str) -> tuple[Policy, PolicyState] | None:
         if name not in self.states:
             return None
-        return self.settings[name], self.states[name]
+        return self.policies[name], self.states[name]
 
     def handler(self, match: Match) -> Handler:
         return self._handlers[(match.policy.source, match.route)]

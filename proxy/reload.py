@@ -72,13 +72,15 @@ class Reloader:
                 log.info("config reloaded (%s): version %s -> %s", trigger, current.version, config.version)
             return self.last
 
-    async def watch(self, interval: float) -> None:
-        """Poll file contents; reload once per distinct change (a rejected change is not retried)."""
+    async def watch(self) -> None:
+        """Poll file contents every `reload_poll_interval` (as currently configured); reload once per
+        distinct change (a rejected change is not retried until the files change again)."""
         seen = self.server.runtime.config.version
         while True:
-            await asyncio.sleep(interval)
+            config = self.server.runtime.config
+            await asyncio.sleep(config.main.reload_poll_interval)
             try:
-                fingerprint = await asyncio.to_thread(current_fingerprint, self.server.runtime.config)
+                fingerprint = await asyncio.to_thread(current_fingerprint, config)
             except OSError as error:
                 log.warning("cannot read config files: %s", error)
                 continue

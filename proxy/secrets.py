@@ -1,8 +1,9 @@
 """``${env:NAME}`` and ``${file:PATH}`` references in header values.
 
 Config models keep the template text, never the secret, so printing a model
-(explain, /config, logs) cannot leak a credential. Values are rendered only
-when a request is built.
+(explain, /config, logs) cannot leak a credential. Values are rendered when a
+config's pipelines are built; secret files are watched, so a rotated file
+triggers a reload that renders the new value.
 """
 
 from __future__ import annotations

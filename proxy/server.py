@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from opentelemetry import trace
@@ -126,7 +127,7 @@ class ProxyServer:
 
     async def start(self) -> None:
         config = self._initial
-        self._upstream = UpstreamClient()
+        self._upstream = UpstreamClient(max_header_bytes=config.main.limits.max_header_bytes)
         self._runtime = Runtime.build(config, self._upstream, self.telemetry.tracer)
         limits = config.main.limits
         server = _ProxyServer(
@@ -223,6 +224,9 @@ class ProxyServer:
             out, completed = await self._stream(request, proxy_request, response, observation.request_id)
             error_type = None if completed else "response_aborted"
             return out
+        except Exception:
+            status, error_type = 500, errors.OutriggerError.error_type
+            raise
         finally:
             policy = proxy_request.policy.name if proxy_request is not None else None
             self.telemetry.finish(
@@ -259,7 +263,7 @@ class ProxyServer:
             if name.lower() == TIMEOUT_HEADER:
                 timeout_override = _parse_timeout_ms(value)
         headers[REQUEST_ID_HEADER] = observation.request_id
-        source = request.content.iter_chunked(CHUNK_SIZE) if request.body_exists else None
+        source = _request_body(request) if request.body_exists else None
         return ProxyRequest(
             method=request.method,
             host=host,
@@ -327,6 +331,15 @@ class ProxyServer:
         finally:
             response.body.release()
         return out, True
+
+
+async def _request_body(request: web.BaseRequest) -> AsyncIterator[bytes]:
+    """The app's body, streamed; answers ``Expect: 100-continue`` only once a layer wants the body,
+    so a request refused locally (403, 429, ...) is answered without inviting the upload."""
+    if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    async for chunk in request.content.iter_chunked(CHUNK_SIZE):
+        yield chunk
 
 
 def _parse_timeout_ms(value: str) -> float:

@@ -53,7 +53,7 @@ class UpstreamBody:
 
 
 class UpstreamClient:
-    def __init__(self) -> None:
+    def __init__(self, max_header_bytes: int = defaults.MAX_HEADER_BYTES) -> None:
         connector = aiohttp.TCPConnector(
             limit=defaults.POOL_LIMIT_TOTAL,
             limit_per_host=defaults.POOL_LIMIT_PER_HOST,
@@ -67,6 +67,8 @@ class UpstreamClient:
             skip_auto_headers=_SKIP_AUTO_HEADERS,
             timeout=aiohttp.ClientTimeout(total=None),
             trust_env=False,
+            max_line_size=max_header_bytes,
+            max_field_size=max_header_bytes,
         )
         self._dns: TTLCache[tuple[str, int], tuple[str, ...]] = TTLCache(
             maxsize=4096, ttl=defaults.DNS_CACHE_TTL_S

@@ -117,26 +117,26 @@ done
 note "ready."
 
 # --- 2. the three ways an app reaches an upstream -------------------------
-say "1/6  Dedicated port: the policy for demo.local has 'listen: $DEDICATED_PORT'"
+say "1/7  Dedicated port: the policy for demo.local has 'listen: $DEDICATED_PORT'"
 note "The app just uses http://localhost:$DEDICATED_PORT as its base URL."
 show "curl -s http://127.0.0.1:$DEDICATED_PORT/hello"
 direct "http://127.0.0.1:$DEDICATED_PORT/hello" || note "(request failed)"
 echo
 
-say "2/6  Host header on the main listener (127.0.0.1:15001)"
+say "2/7  Host header on the main listener (127.0.0.1:15001)"
 note "The app sends a normal request to the main port; Host picks the policy."
 show "curl -s -H 'Host: demo.local' $MAIN/hello"
 direct -H 'Host: demo.local' "$MAIN/hello" || note "(request failed)"
 echo
 
-say "3/6  Forward proxy: the app sets HTTP_PROXY=$MAIN and uses http:// URLs"
+say "3/7  Forward proxy: the app sets HTTP_PROXY=$MAIN and uses http:// URLs"
 note "Outrigger then decides whether the real upstream gets HTTP or HTTPS."
 show "curl -s -x $MAIN http://demo.local/hello"
 viaproxy http://demo.local/hello || note "(request failed)"
 echo
 
 # --- 3. retries ------------------------------------------------------------
-say "4/6  Retries: /flaky fails with 503 twice, then succeeds, over and over"
+say "4/7  Retries: /flaky fails with 503 twice, then succeeds, over and over"
 note "The app sees one 200 per request; x-outrigger-attempts says how many"
 note "attempts Outrigger made to get it."
 for i in 1 2 3; do
@@ -148,21 +148,37 @@ for i in 1 2 3; do
     ' || note "(request failed)"
 done
 
-say "5/6  What the upstream saw: its own call counts (direct, not via Outrigger)"
+say "5/7  What the upstream saw: its own call counts (direct, not via Outrigger)"
 note "/flaky was called about 3x as often as the app asked: those are the retries."
 show "curl -s http://127.0.0.1:$UPSTREAM_PORT/stats"
 direct "http://127.0.0.1:$UPSTREAM_PORT/stats" || note "(request failed)"
 echo
 
-# --- 4. egress allowlist -----------------------------------------------------
-say "6/6  Egress allowlist: a host without a policy is refused (unknown_hosts: deny)"
+# --- 4. circuit breaker -----------------------------------------------------
+say "6/7  Circuit breaker: /down always answers 503"
+note "After 5 failed attempts in a row the breaker opens: Outrigger answers 503 circuit_open"
+note "at once, with Retry-After, without touching the upstream (it half-opens after 10 s)."
+for i in 1 2 3 4; do
+    show "curl -s -D - http://127.0.0.1:$DEDICATED_PORT/down   (request $i)"
+    direct -D - -o /dev/null "http://127.0.0.1:$DEDICATED_PORT/down" | tr -d '\r' | awk '
+        NR == 1 { status = $2 }
+        tolower($1) == "x-outrigger-attempts:" { attempts = $2 }
+        tolower($1) == "x-outrigger-error:" { error = $2 }
+        END { printf "    status %s, attempts %s%s\n", status, (attempts == "" ? "-" : attempts), (error == "" ? "" : ", x-outrigger-error: " error) }
+    ' || note "(request failed)"
+done
+show "curl -s $ADMIN/state"
+direct "$ADMIN/state" || note "(request failed)"
+echo
+
+# --- 5. egress allowlist -----------------------------------------------------
+say "7/7  Egress allowlist: a host without a policy is refused (unknown_hosts: deny)"
 show "curl -s -x $MAIN http://example.com/"
 viaproxy -w '\n    -> HTTP %{http_code}\n' http://example.com/ || note "(request failed)"
 
-# --- 5. more to try ----------------------------------------------------------
+# --- 6. more to try ----------------------------------------------------------
 say "More to try in another terminal"
 cat <<TRY
-    curl -si http://127.0.0.1:$DEDICATED_PORT/down          # repeat: the breaker opens -> 503 circuit_open
     curl -si http://127.0.0.1:$DEDICATED_PORT/ratelimited   # 429 + Retry-After: 1, retried after 1 s
     curl -si 'http://127.0.0.1:$DEDICATED_PORT/slow?ms=15000'  # per-try / total timeouts -> 504
     curl -s -X POST -d '{"a":1}' http://127.0.0.1:$DEDICATED_PORT/echo   # headers Outrigger sent

@@ -1,4 +1,4 @@
-"""Every built-in default, named once. Docs (docs/policy-reference.md) quote these."""
+"""Every built-in default, named once. Docs (docs/policies.md) quote these."""
 
 from __future__ import annotations
 

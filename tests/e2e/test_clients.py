@@ -235,12 +235,6 @@ async def test_curl_posts_json_and_sees_upstream_status(setup: Setup) -> None:
 
 
 @needs_curl
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: curl sends 'Expect: 100-continue' for bodies over 1 MiB; Outrigger drops the header but"
-    " never answers 100 itself, so every large curl upload stalls ~1 s ('Done waiting for"
-    " 100-continue'); see test_forwarding.test_expect_100_continue_is_answered",
-)
 async def test_curl_large_upload_does_not_stall_on_expect_100_continue(setup: Setup, tmp_path: Path) -> None:
     upload = tmp_path / "upload.bin"
     upload.write_bytes(os.urandom(2 * 1024 * 1024))

@@ -286,12 +286,6 @@ async def test_large_request_header_reaches_the_upstream(start_proxy: StartProxy
         assert f"X-Big-Token: {token}\r\n".encode() in upstream.heads[-1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an upstream response header line over 8190 bytes turns into 502 upstream_unreachable:"
-    " the shared ClientSession keeps aiohttp's default max_line_size/max_field_size (8190) although"
-    " inbound requests may carry 64 KiB (proxy/upstream.py UpstreamClient.__init__)",
-)
 async def test_large_response_header_reaches_the_app(start_proxy: StartProxy) -> None:
     policy = "default-src 'self'; " + "; ".join(f"img-src https://cdn{i}.example.com" for i in range(400))
     assert len(policy) > 12_000
@@ -426,12 +420,6 @@ async def test_request_bodies_arrive_intact(
     assert seen.get("Content-Type") == "application/octet-stream"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: 'Expect: 100-continue' is stripped (proxy/server.py _build_request drops 'expect') but"
-    " Outrigger never answers '100 Continue' itself (low-level web.Server has no expect handler), so"
-    " clients stall until their own timeout (curl: 1 s) before sending the body",
-)
 async def test_expect_100_continue_is_answered(
     aiohttp_server: AiohttpServer, start_proxy: StartProxy
 ) -> None:
