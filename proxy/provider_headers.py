@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -12,8 +13,9 @@ def retry_after_seconds(value: str | None, wall_now: float) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():
+        seconds = float(value)
+        return seconds if math.isfinite(seconds) else None
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -35,6 +37,8 @@ def reset_seconds(value: str | None, wall_now: float) -> float | None:
     try:
         number = float(value.strip())
     except ValueError:
+        return None
+    if not math.isfinite(number):
         return None
     if number >= _EPOCH_MILLIS:
         return max(0.0, number / 1000 - wall_now)

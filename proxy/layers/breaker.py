@@ -113,8 +113,9 @@ class CircuitBreaker:
         """Report one admitted attempt: failed True/False, or None for neutral (cancelled)."""
         if admitted_state == HALF_OPEN:
             self._trials -= 1
-        if failed is None or self.state == OPEN:
-            return  # neutral, or a late result while another attempt already opened it
+        state = self.state
+        if failed is None or state == OPEN or (state == HALF_OPEN and admitted_state != HALF_OPEN):
+            return  # neutral, or a late result from before the trial: only trials decide half-open
         with contextlib.suppress(_AttemptFailed):
             self._breaker.call(_report_failure if failed else _report_success)
 

@@ -44,7 +44,7 @@ class Bulkhead:
         except BaseException as exc:
             if slot.done() and not slot.cancelled():
                 self.release()  # the slot was handed over just as we gave up: pass it on
-            else:
+            elif slot in self._waiters:  # release() may already have dropped a cancelled waiter
                 self._waiters.remove(slot)
             if isinstance(exc, TimeoutError):
                 raise errors.Overloaded(

@@ -176,12 +176,6 @@ async def test_a_waiter_cancelled_after_its_slot_was_handed_over_passes_it_on() 
     assert bulkhead.snapshot() == {"in_flight": 0, "queued": 0}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: proxy/layers/concurrency.py Bulkhead.acquire: when a queued waiter is cancelled and"
-    " release() runs before the waiter resumes, release() already popped the cancelled future and"
-    " `self._waiters.remove(slot)` raises ValueError instead of re-raising CancelledError",
-)
 async def test_a_waiter_cancelled_just_before_a_release_still_raises_cancelled_error() -> None:
     bulkhead = _bulkhead(max_in_flight=1)
     await bulkhead.acquire()
