@@ -1,0 +1,353 @@
+"""`outrigger run` as a real process: readiness, loopback-only listeners, SIGTERM drain,
+exit codes and `FILE:LINE: key.path: message` errors (SPEC 1, 3, 7, 8)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.config.loader import load_config
+from tests.conftest import free_port, loopback_policy, write_config
+from tests.e2e.procs import OutriggerProcess, outrigger_command, port_refuses, wait_until
+
+AiohttpServer = Callable[..., Awaitable[TestServer]]
+Launch = Callable[..., OutriggerProcess]
+
+
+class SlowUpstream:
+    """/slow?delay=S answers ``done`` after S seconds; `received` is set when a request arrives."""
+
+    def __init__(self) -> None:
+        self.received = asyncio.Event()
+        self.server: TestServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.port}"
+
+    def app(self) -> web.Application:
+        async def slow(request: web.Request) -> web.Response:
+            self.received.set()
+            await asyncio.sleep(float(request.query.get("delay", "0")))
+            return web.Response(text="done")
+
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", slow)
+        return app
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: AiohttpServer) -> SlowUpstream:
+    slow = SlowUpstream()
+    slow.server = await aiohttp_server(slow.app())
+    return slow
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Launch]:
+    """Start `outrigger run -c CONFIG`; every process is killed at teardown if still alive."""
+    started: list[OutriggerProcess] = []
+
+    def start(config: Path, *extra: str) -> OutriggerProcess:
+        settings = yaml.safe_load(config.read_text())
+        admin_port = settings.get("admin", {}).get("port", 15000)
+        process = OutriggerProcess(config, admin_port, tmp_path, *extra).start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+def _ports(config: Path) -> tuple[int, int]:
+    settings = yaml.safe_load(config.read_text())
+    return settings["listen"]["port"], settings["admin"]["port"]
+
+
+async def _get(url: str, host: str = "upstream.test") -> tuple[int, str]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client,
+        client.get(url, headers={"Host": host}) as response,
+    ):
+        return response.status, await response.text()
+
+
+async def _settle(task: asyncio.Task[tuple[int, str]], within: float = 2) -> tuple[int, str] | BaseException:
+    """The request's outcome (result or exception); cancels it if still running after `within` s."""
+    await asyncio.wait({task}, timeout=within)
+    if not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1)
+        return TimeoutError("still running")
+    return task.exception() or task.result()
+
+
+# --------------------------------------------------------------------------- up and ready
+
+
+async def test_healthz_and_readyz_once_up(upstream: SlowUpstream, launch: Launch, tmp_path: Path) -> None:
+    config = write_config(tmp_path, [loopback_policy(upstream.url)])
+    main_port, _ = _ports(config)
+    process = launch(config)
+    ready = await process.wait_ready()
+    assert ready == {"status": "ready", "config_version": load_config(config).version}
+    assert await process.admin_get("/healthz") == (200, {"status": "ok"})
+    assert await _get(f"http://127.0.0.1:{main_port}/x") == (200, "done")
+
+
+async def test_listeners_are_bound_to_loopback_only(
+    upstream: SlowUpstream, launch: Launch, tmp_path: Path
+) -> None:
+    dedicated = free_port()
+    config = write_config(tmp_path, [loopback_policy(upstream.url, listen=dedicated)])
+    main_port, admin_port = _ports(config)
+    process = launch(config)
+    await process.wait_ready()
+    listening = {
+        (conn.laddr.ip, conn.laddr.port)
+        for conn in psutil.Process(process.pid).net_connections(kind="inet")
+        if conn.status == psutil.CONN_LISTEN
+    }
+    assert listening == {("127.0.0.1", main_port), ("127.0.0.1", admin_port), ("127.0.0.1", dedicated)}
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+async def test_default_listeners_are_loopback_15001_and_15000(
+    upstream: SlowUpstream, launch: Launch, tmp_path: Path
+) -> None:
+    """With no listen/admin sections: 127.0.0.1:15001 and 127.0.0.1:15000, never 0.0.0.0."""
+    if not (_port_is_free(15000) and _port_is_free(15001)):
+        pytest.skip("the default ports 15000/15001 are in use on this machine")
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "test.yaml").write_text(yaml.safe_dump([loopback_policy(upstream.url)]))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"policy_dirs": ["policies/"]}))
+    process = launch(config)
+    try:
+        await process.wait_ready()
+    except AssertionError:
+        if "in use" in process.output.lower():
+            pytest.skip("a default port was taken while the test started")
+        raise
+    listening = {
+        (conn.laddr.ip, conn.laddr.port)
+        for conn in psutil.Process(process.pid).net_connections(kind="inet")
+        if conn.status == psutil.CONN_LISTEN
+    }
+    assert listening == {("127.0.0.1", 15001), ("127.0.0.1", 15000)}
+    assert await _get("http://127.0.0.1:15001/x") == (200, "done")
+
+
+# --------------------------------------------------------------------------- shutdown
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_idle_process_stops_cleanly_on_signal(
+    upstream: SlowUpstream, launch: Launch, tmp_path: Path, sig: signal.Signals
+) -> None:
+    config = write_config(tmp_path, [loopback_policy(upstream.url)])
+    main_port, admin_port = _ports(config)
+    process = launch(config)
+    await process.wait_ready()
+    process.send(sig)
+    assert await process.wait_exit(2) == 0, process.output
+    assert await port_refuses(main_port)
+    assert await port_refuses(admin_port)
+
+
+async def test_sigterm_drains_the_in_flight_request(
+    upstream: SlowUpstream, launch: Launch, tmp_path: Path
+) -> None:
+    dedicated = free_port()
+    config = write_config(tmp_path, [loopback_policy(upstream.url, listen=dedicated)], drain_timeout="5s")
+    main_port, _ = _ports(config)
+    process = launch(config)
+    await process.wait_ready()
+
+    in_flight = asyncio.create_task(_get(f"http://127.0.0.1:{main_port}/slow?delay=1"))
+    async with asyncio.timeout(5):
+        await upstream.received.wait()
+    sent = time.monotonic()
+    process.send(signal.SIGTERM)
+
+    async def main_refuses() -> bool:
+        return await port_refuses(main_port)
+
+    assert await wait_until(main_refuses, within=0.5), "new connections must be refused soon after SIGTERM"
+    assert await port_refuses(dedicated)
+    assert not in_flight.done(), "the slow request is still being served"
+    status, body = await process.admin_get("/readyz")
+    assert status == 503, "not ready while draining"
+    assert body["draining"] is True
+
+    assert await _settle(in_flight, within=5) == (200, "done")
+    code = await process.wait_exit(5)
+    elapsed = time.monotonic() - sent
+    assert code == 0, process.output
+    assert 0.5 < elapsed < 5, f"exited {elapsed:.2f}s after SIGTERM (drain_timeout 5s, request ~1s)"
+
+
+async def test_drain_timeout_bounds_shutdown(upstream: SlowUpstream, launch: Launch, tmp_path: Path) -> None:
+    config = write_config(tmp_path, [loopback_policy(upstream.url)], drain_timeout="500ms")
+    main_port, _ = _ports(config)
+    process = launch(config)
+    await process.wait_ready()
+
+    in_flight = asyncio.create_task(_get(f"http://127.0.0.1:{main_port}/slow?delay=5"))
+    async with asyncio.timeout(5):
+        await upstream.received.wait()
+    sent = time.monotonic()
+    process.send(signal.SIGTERM)
+    code = await process.wait_exit(3)
+    elapsed = time.monotonic() - sent
+    assert code == 0, process.output
+    assert elapsed < 1.5, f"exited {elapsed:.2f}s after SIGTERM with drain_timeout 500ms"
+    # The abandoned request ends promptly (it cannot have been answered by the 5 s upstream).
+    outcome = await _settle(in_flight)
+    assert not isinstance(outcome, TimeoutError), "the app's connection was left hanging"
+    assert not (isinstance(outcome, tuple) and outcome[0] == 200)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: shutdown takes up to 2 x drain_timeout: server.py passes drain_timeout as aiohttp's "
+    "shutdown_timeout, which aiohttp spends twice (wait for the handler, then again after a "
+    "request._cancel that does not cancel the handler task); the default 20s becomes 40s, past "
+    "Kubernetes' 30s grace period",
+)
+async def test_exit_is_bounded_by_one_drain_timeout(
+    upstream: SlowUpstream, launch: Launch, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, [loopback_policy(upstream.url)], drain_timeout="1500ms")
+    main_port, _ = _ports(config)
+    process = launch(config)
+    await process.wait_ready()
+    in_flight = asyncio.create_task(_get(f"http://127.0.0.1:{main_port}/slow?delay=8"))
+    async with asyncio.timeout(5):
+        await upstream.received.wait()
+    sent = time.monotonic()
+    process.send(signal.SIGTERM)
+    code = await process.wait_exit(5)
+    elapsed = time.monotonic() - sent
+    await _settle(in_flight)
+    assert code == 0, process.output
+    assert elapsed < 1.5 + 0.7, f"exited {elapsed:.2f}s after SIGTERM with drain_timeout 1.5s"
+
+
+# --------------------------------------------------------------------------- invalid config
+
+
+def _line_of(path: Path, needle: str) -> int:
+    lines = path.read_text().splitlines()
+    return next(number for number, text in enumerate(lines, 1) if needle in text)
+
+
+@pytest.fixture
+def broken_config(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A config with three problems in two files; returns it and the expected problem prefixes."""
+    policy: dict[str, Any] = {
+        **loopback_policy("http://127.0.0.1:9"),
+        "timeouts": {"per_try": "banana"},
+        "retriez": {"max_attempts": 2},
+    }
+    config = write_config(tmp_path, [policy], drain_timeout="soon").resolve()
+    policy_file = (tmp_path / "policies" / "test.yaml").resolve()
+    expected = [
+        f"{config}:{_line_of(config, 'drain_timeout:')}: drain_timeout: ",
+        f"{policy_file}:{_line_of(policy_file, 'per_try:')}: [0].timeouts.per_try: ",
+        f"{policy_file}:{_line_of(policy_file, 'retriez:')}: [0].retriez: unknown key",
+    ]
+    return config, expected
+
+
+PROBLEM_LINE = re.compile(
+    r"^(?P<file>/\S+):(?P<line>\d+): (?P<path>[\w\[\].-]+|\(top level\)): (?P<message>.+)$"
+)
+
+
+def _assert_problems(output: str, expected: list[str]) -> None:
+    for prefix in expected:
+        matches = [line for line in output.splitlines() if line.startswith(prefix)]
+        assert matches, f"missing {prefix!r} in:\n{output}"
+        for line in matches:
+            assert PROBLEM_LINE.match(line), line
+
+
+def test_run_with_an_invalid_config_exits_1_and_reports_every_problem(
+    broken_config: tuple[Path, list[str]],
+) -> None:
+    config, expected = broken_config
+    result = subprocess.run(
+        [*outrigger_command(), "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    _assert_problems(result.stderr, expected)
+    assert "Traceback" not in result.stderr
+
+
+def test_python_m_proxy_check(tmp_path: Path, broken_config: tuple[Path, list[str]]) -> None:
+    config, expected = broken_config
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 1
+    _assert_problems(result.stdout + result.stderr, expected)
+
+    good_dir = tmp_path / "good"
+    good_dir.mkdir()
+    good = write_config(good_dir, [loopback_policy("http://127.0.0.1:9")])
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "-c", str(good)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert load_config(good).version in result.stdout
+
+
+def test_run_with_a_missing_config_file_exits_1(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    result = subprocess.run(
+        [*outrigger_command(), "run", "-c", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert re.search(rf"^{re.escape(str(missing.resolve()))}:1: ", result.stderr, re.MULTILINE), result.stderr
