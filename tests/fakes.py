@@ -1,0 +1,307 @@
+"""Test doubles: a fake clock and a scripted fake `next` for layer unit tests; a scripted real upstream.
+
+`FakeClock` implements `proxy.clock.Clock`: `sleep` records the delay and moves
+time forward at once (it only yields to the loop), so backoff, Retry-After,
+budgets and TTLs are exact and instant.
+
+`FakeUpstream` is the `next` a layer calls: it reads the request body exactly as
+the upstream client would (`request.body.for_attempt()`), records what each
+attempt carried, and answers from a script of outcomes (a status, a status with
+headers and body, a ready `ProxyResponse`, or an exception to raise).
+
+`ScriptedUpstream` is a real aiohttp server on 127.0.0.1 for end-to-end tests:
+it answers from a script (statuses, headers, bodies, or a reset without any
+answer) and records each request it received, with its arrival time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
+
+from proxy.config.model import Policy, PolicySettings, UpstreamTarget
+from proxy.exchange import ProxyRequest, ProxyResponse, RequestBody
+
+WALL_START = 1_700_000_000.0
+"""FakeClock's epoch time at creation (a whole second, so HTTP-dates are exact)."""
+
+
+class FakeClock:
+    """A `Clock` whose time only moves when told to (or when something sleeps on it)."""
+
+    def __init__(self, now: float = 1_000.0, wall: float = WALL_START) -> None:
+        self._start = now
+        self._now = now
+        self._wall_start = wall
+        self.sleeps: list[float] = []
+
+    def now(self) -> float:
+        return self._now
+
+    def wall(self) -> float:
+        return self._wall_start + (self._now - self._start)
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self._now += seconds
+        await asyncio.sleep(0)  # yield like a real sleep would, but take no real time
+
+    def advance(self, seconds: float) -> None:
+        self._now += seconds
+
+    def set(self, now: float) -> None:
+        self._now = now
+
+
+class RecordingUniform:
+    """A deterministic stand-in for `random.uniform`: returns `lo + fraction * (hi - lo)`, records calls."""
+
+    def __init__(self, fraction: float = 1.0) -> None:
+        self.fraction = fraction
+        self.calls: list[tuple[float, float]] = []
+
+    def __call__(self, lo: float, hi: float) -> float:
+        self.calls.append((lo, hi))
+        return lo + self.fraction * (hi - lo)
+
+
+class TrackedBody:
+    """A response body that remembers whether it was released and can be read in several chunks."""
+
+    def __init__(self, data: bytes = b"", chunk_size: int | None = None) -> None:
+        self.data = data
+        self.chunk_size = chunk_size
+        self.released = False
+        self.read = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        self.read = True
+        size = self.chunk_size or max(1, len(self.data))
+        for start in range(0, len(self.data), size):
+            yield self.data[start : start + size]
+
+    def release(self) -> None:
+        self.released = True
+
+
+async def read_body(response: ProxyResponse) -> bytes:
+    return b"".join([chunk async for chunk in response.body.chunks()])
+
+
+def make_response(
+    status: int,
+    headers: Mapping[str, str] | None = None,
+    body: bytes = b"",
+    chunk_size: int | None = None,
+) -> ProxyResponse:
+    return ProxyResponse(status, CIMultiDict(headers or {}), TrackedBody(body, chunk_size))
+
+
+Outcome = int | tuple[int, Mapping[str, str]] | tuple[int, Mapping[str, str], bytes] | ProxyResponse
+Script = Outcome | BaseException | type[BaseException] | Callable[[], Outcome]
+
+
+@dataclass
+class SeenAttempt:
+    method: str
+    path_qs: str
+    headers: CIMultiDict[str]
+    body: bytes | None
+
+
+@dataclass
+class FakeUpstream:
+    """The fake `next`: answers attempt i with `script[i]` (the last entry repeats)."""
+
+    script: Sequence[Script]
+    gate: asyncio.Event | None = None
+    """When set, every attempt waits for it after recording the request (to hold requests in flight)."""
+    attempts: list[SeenAttempt] = field(default_factory=list)
+    responses: list[ProxyResponse] = field(default_factory=list)
+    raised: list[BaseException] = field(default_factory=list)
+
+    @property
+    def calls(self) -> int:
+        return len(self.attempts)
+
+    async def __call__(self, request: ProxyRequest) -> ProxyResponse:
+        body = request.body.for_attempt()
+        data = body if body is None or isinstance(body, bytes) else b"".join([c async for c in body])
+        self.attempts.append(SeenAttempt(request.method, request.path_qs, request.headers.copy(), data))
+        if self.gate is not None:
+            await asyncio.wait_for(self.gate.wait(), timeout=5)
+        step = self.script[min(len(self.attempts), len(self.script)) - 1]
+        if isinstance(step, type):
+            step = step(f"fake failure on attempt {len(self.attempts)}")
+        if isinstance(step, BaseException):
+            self.raised.append(step)
+            raise step
+        outcome: Outcome = step() if callable(step) else step
+        response = _to_response(outcome)
+        self.responses.append(response)
+        return response
+
+
+def _to_response(outcome: Outcome) -> ProxyResponse:
+    if isinstance(outcome, ProxyResponse):
+        return outcome
+    if isinstance(outcome, int):
+        return make_response(outcome)
+    if len(outcome) == 2:
+        return make_response(outcome[0], outcome[1])
+    return make_response(outcome[0], outcome[1], outcome[2])
+
+
+def fake_upstream(*script: Script, gate: asyncio.Event | None = None) -> FakeUpstream:
+    """Build a fake `next` handler, e.g. ``fake_upstream(503, errors.ConnectFailure, 200)``."""
+    return FakeUpstream(list(script), gate=gate)
+
+
+def settings_from(**sections: Any) -> PolicySettings:
+    """PolicySettings from plain dicts, validated exactly like a policy file ("100ms", "1MiB"...)."""
+    return PolicySettings.model_validate(sections)
+
+
+async def _iterate(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+def make_request(
+    method: str = "GET",
+    path_qs: str = "/v1/things",
+    headers: Mapping[str, str] | None = None,
+    body: bytes | None = None,
+    *,
+    chunk_size: int | None = None,
+    known_length: bool = True,
+    settings: PolicySettings | None = None,
+    deadline: float | None = None,
+) -> ProxyRequest:
+    """A ProxyRequest as the server builds it; the body arrives as a stream of `chunk_size` chunks."""
+    settings = settings or PolicySettings()
+    target = UpstreamTarget(scheme="http", host="api.test", port=80)
+    policy = Policy(
+        hosts=("api.test",), upstream=target, listen=None, settings=settings, routes=(), source="test:1"
+    )
+    source: AsyncIterator[bytes] | None = None
+    length: int | None = None
+    if body is not None:
+        size = chunk_size or max(1, len(body))
+        source = _iterate([body[i : i + size] for i in range(0, len(body), size)])
+        length = len(body) if known_length else None
+    return ProxyRequest(
+        method=method,
+        host="api.test",
+        target=target,
+        path_qs=path_qs,
+        headers=CIMultiDict(headers or {}),
+        body=RequestBody(source, length),
+        policy=policy,
+        settings=settings,
+        deadline=deadline,
+    )
+
+
+# --- e2e: a real aiohttp upstream that misbehaves on purpose ------------------------------------
+
+AiohttpServerFactory = Callable[..., Awaitable[TestServer]]
+
+Step = int | tuple[int, Mapping[str, str], bytes] | Literal["reset"] | Callable[[web.Request], Awaitable[Any]]
+"""How the upstream answers one request: a status, (status, headers, body), "reset" (close the
+connection without answering), or a handler of its own."""
+
+
+@dataclass
+class SeenRequest:
+    """One request as the upstream received it (complete body), with its arrival time."""
+
+    method: str
+    path_qs: str
+    headers: CIMultiDict[str]
+    body: bytes
+    at: float
+
+
+class ScriptedUpstream:
+    """Answers request i with `steps[i]` (the last step repeats) and records every request."""
+
+    def __init__(self, *steps: Step, delay: float = 0.0) -> None:
+        assert steps, "at least one step"
+        self.steps = steps
+        self.delay = delay
+        self.seen: list[SeenRequest] = []
+        self.server: TestServer | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.seen)
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.port}"
+
+    def keys(self, header: str = "Idempotency-Key") -> list[str | None]:
+        return [seen.headers.get(header) for seen in self.seen]
+
+    async def start(self, aiohttp_server: AiohttpServerFactory) -> ScriptedUpstream:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self.server = await aiohttp_server(app)
+        return self
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = bytearray()
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            body += chunk
+        self.seen.append(
+            SeenRequest(
+                request.method, request.path_qs, CIMultiDict(request.headers), bytes(body), time.monotonic()
+            )
+        )
+        step = self.steps[min(len(self.seen), len(self.steps)) - 1]
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if step == "reset":
+            assert request.transport is not None
+            request.transport.abort()  # no status line, no headers: the connection just ends
+            raise asyncio.CancelledError
+        if isinstance(step, int):
+            return web.Response(status=step, text=f"status {step}")
+        if isinstance(step, tuple):
+            status, headers, data = step
+            return web.Response(status=status, headers=dict(headers), body=data)
+        result: web.StreamResponse = await step(request)
+        return result
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+CALL_TIMEOUT = aiohttp.ClientTimeout(total=20)
+
+
+async def call(method: str, url: str, **kwargs: Any) -> Reply:
+    """One request with a fresh aiohttp client (no pooling across calls), body read whole, 20 s max."""
+    async with (
+        aiohttp.ClientSession(timeout=CALL_TIMEOUT) as client,
+        client.request(method, url, **kwargs) as resp,
+    ):
+        return Reply(resp.status, CIMultiDict(resp.headers), await resp.read())
