@@ -1,8 +1,9 @@
 """SSRF guard: which resolved addresses an upstream connection may use.
 
 Only global unicast addresses are allowed unless a policy opts in with
-``allow_private_addresses``. IPv4-mapped IPv6 (``::ffff:10.0.0.1``) is judged
-by the IPv4 address it carries, so it cannot be used to sneak past the check.
+``allow_private_addresses``. IPv6 forms that carry an IPv4 address (mapped
+``::ffff:10.0.0.1``, NAT64 ``64:ff9b::/96``, 6to4 ``2002::/16``) are judged by
+the IPv4 address they carry, so they cannot be used to sneak past the check.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ def refusal_reason(address: str | IPAddress) -> str | None:
     """Why `address` is not a public unicast address, or None when it is."""
     ip = ipaddress.ip_address(address) if isinstance(address, str) else address
     if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or (ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None)
+        nat64 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None
+        embedded = ip.ipv4_mapped or nat64 or ip.sixtofour
         if embedded is not None:
             return refusal_reason(embedded)
     checks: tuple[tuple[bool, str], ...] = (

@@ -10,7 +10,7 @@ from yarl import URL
 from proxy import secrets
 from proxy.config.loader import Config
 from proxy.config.model import PolicySettings
-from proxy.routing import Router, upstream_for
+from proxy.routing import Router, dedicated_upstream, upstream_for
 
 
 def redacted_settings(settings: PolicySettings) -> dict[str, Any]:
@@ -33,22 +33,22 @@ def explain(config: Config, method: str, url: str) -> str:
         if host in ("127.0.0.1", "localhost", "::1") and target.port
         else None
     )
-    matched_by = "dedicated listen port" if policy else None
-    if policy is None:
-        policy = router.policy_for_host(host)
-    if policy is None:
-        return yaml.safe_dump(
-            {
-                "host": host,
-                "policy": None,
-                "result": "refused: 403 host_not_allowed (unknown_hosts: deny)",
-            },
-            sort_keys=False,
-        )
-    if matched_by is None:
-        matched_by = "unknown_hosts: allow" if policy is router.fallback else _how(policy.hosts, host)
+    if policy is not None:
+        matched_by, upstream = "dedicated listen port", dedicated_upstream(policy)
+    else:
+        found = router.match_host(host)
+        if found is None:
+            return yaml.safe_dump(
+                {
+                    "host": host,
+                    "policy": None,
+                    "result": "refused: 403 host_not_allowed (unknown_hosts: deny)",
+                },
+                sort_keys=False,
+            )
+        policy, matched_by = found.policy, _how(found.pattern)
+        upstream = upstream_for(policy, host, target.explicit_port)
     match = router.resolve_route(policy, method.upper(), target.raw_path)
-    upstream = upstream_for(policy, host, target.explicit_port)
     report = {
         "request": f"{method.upper()} {url}",
         "policy": policy.name,
@@ -67,9 +67,8 @@ def explain(config: Config, method: str, url: str) -> str:
     return yaml.safe_dump(report, sort_keys=False)
 
 
-def _how(patterns: tuple[str, ...], host: str) -> str:
-    return (
-        f"exact host {host}"
-        if host in patterns
-        else next(f"wildcard {p}" for p in patterns if p.startswith("*.") and host.endswith(p[1:]))
-    )
+def _how(pattern: str | None) -> str:
+    """The router's choice in words: the pattern it matched, or the unknown-hosts fallback."""
+    if pattern is None:
+        return "unknown_hosts: allow"
+    return f"wildcard {pattern}" if pattern.startswith("*.") else f"exact host {pattern}"

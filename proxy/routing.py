@@ -17,6 +17,14 @@ UNKNOWN_POLICY_NAME = "(unknown)"
 
 
 @dataclass(frozen=True)
+class HostMatch:
+    policy: Policy
+    pattern: str | None
+    """The host pattern that claimed the host (exact name or ``*.suffix``); None for the
+    ``unknown_hosts: allow`` fallback."""
+
+
+@dataclass(frozen=True)
 class Match:
     policy: Policy
     settings: PolicySettings
@@ -67,14 +75,20 @@ class Router:
         return dict(self._by_port)
 
     def policy_for_host(self, host: str) -> Policy | None:
+        match = self.match_host(host)
+        return None if match is None else match.policy
+
+    def match_host(self, host: str) -> HostMatch | None:
+        """The policy for `host` and the pattern that chose it, so `explain` reports the same
+        decision the server makes. Case and a trailing dot are ignored."""
         name = host.lower().rstrip(".")
         policy = self._exact.get(name)
         if policy is not None:
-            return policy
+            return HostMatch(policy, name)
         for suffix, candidate in self._wildcards:
             if name.endswith(suffix) and len(name) > len(suffix):
-                return candidate
-        return self._fallback
+                return HostMatch(candidate, f"*{suffix}")
+        return None if self._fallback is None else HostMatch(self._fallback, None)
 
     def policy_for_port(self, port: int) -> Policy | None:
         return self._by_port.get(port)
@@ -93,3 +107,9 @@ def upstream_for(policy: Policy, host: str, port: int | None) -> UpstreamTarget:
     if policy.upstream is not None:
         return policy.upstream
     return UpstreamTarget(scheme="https", host=host, port=port if port not in (None, 80) else 443)
+
+
+def dedicated_upstream(policy: Policy) -> UpstreamTarget:
+    """Where a request arriving on the policy's own ``listen`` port goes: its upstream, else https
+    to its first host (the loader requires that host to be exact). Shared by the server and explain."""
+    return upstream_for(policy, policy.name, None)

@@ -47,6 +47,8 @@ def render(template: str, base_dir: Path) -> str:
             return path.read_text(encoding="utf-8").removesuffix("\n")
         except OSError as exc:
             raise SecretError(f"cannot read secret file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:  # a binary file: callers handle SecretError, not this
+            raise SecretError(f"cannot read secret file {path}: not UTF-8 text") from exc
 
     rendered = _REFERENCE.sub(substitute, template)
     if any(ch in rendered for ch in "\r\n\0"):
@@ -58,7 +60,8 @@ REDACTED = "<redacted>"
 _SENSITIVE_NAME = re.compile(r"authorization|cookie|token|secret|key|password|signature", re.IGNORECASE)
 
 
-_AUTH_SCHEME = re.compile(r"(?:[A-Za-z-]+\s+)?")
+_AUTH_SCHEME = re.compile(r"[A-Za-z-]+\s+")
+"""A leading ``Bearer `` / ``Basic ``: shown, as it names the kind of credential, not the credential."""
 
 
 def looks_sensitive(name: str) -> bool:
@@ -79,5 +82,7 @@ def redact(name: str, template: str) -> str:
         elif position == 2:
             shown.append(f"{part}}}")
         else:
-            shown.append(part if _AUTH_SCHEME.fullmatch(part) else REDACTED)
+            scheme = _AUTH_SCHEME.match(part) if index == 0 else None
+            kept = scheme.group() if scheme else ""
+            shown.append(kept + (REDACTED if part[len(kept) :] else ""))
     return "".join(shown)

@@ -24,7 +24,7 @@ from proxy.config.loader import Config
 from proxy.config.model import Policy, UpstreamTarget
 from proxy.exchange import CHUNK_SIZE, ProxyRequest, ProxyResponse, RequestBody, end_to_end_headers
 from proxy.pipeline import Pipelines, PolicyState
-from proxy.routing import Router, upstream_for
+from proxy.routing import Router, dedicated_upstream, upstream_for
 from proxy.telemetry import REQUEST_ID_HEADER, RequestObservation, Telemetry
 from proxy.upstream import UpstreamClient
 
@@ -299,7 +299,7 @@ class ProxyServer:
         else:
             raise errors.BadRequest(f"unsupported request target {raw_target[:100]!r}")
         if dedicated is not None:
-            return dedicated, dedicated.name, upstream_for(dedicated, dedicated.name, None), path_qs
+            return dedicated, dedicated.name, dedicated_upstream(dedicated), path_qs
         policy = runtime.router.policy_for_host(host)
         if policy is None:
             raise errors.HostNotAllowed(

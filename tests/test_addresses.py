@@ -52,6 +52,11 @@ from proxy.addresses import refusal_reason
         ("64:ff9b::10.0.0.1", "private"),
         ("64:ff9b::7f00:1", "loopback"),
         ("64:ff9b::a9fe:a9fe", "link-local"),
+        # 6to4 (2002::/16) carries an IPv4 address in bits 16-48
+        ("2002:a00:1::1", "private"),
+        ("2002:7f00:1::", "loopback"),
+        ("2002:a9fe:a9fe::1", "link-local"),
+        ("2002:c0a8:101::", "private"),
         # deprecated site-local
         ("fec0::1", "site-local"),
     ],
@@ -97,6 +102,7 @@ def test_other_special_purpose_addresses_are_refused(address: str) -> None:
         "::ffff:8.8.8.8",  # mapped public IPv4
         "64:ff9b::808:808",  # NAT64 of 8.8.8.8
         "64:ff9b::1.1.1.1",
+        "2002:808:808::1",  # 6to4 of 8.8.8.8
     ],
 )
 def test_public_unicast_addresses_are_allowed(address: str) -> None:

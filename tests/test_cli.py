@@ -289,35 +289,18 @@ def test_explain_never_prints_a_planted_secret(capsys: pytest.CaptureFixture[str
             assert secret not in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=StopIteration,
-    reason="BUG: explain crashes with StopIteration for a host written with a trailing dot: the router "
-    "strips it, explain's _how() does not (proxy/explain.py explain/_how)",
-)
 @pytest.mark.parametrize("url", ["http://api.stripe.com./v1/charges", "http://x.example.com./"])
 def test_explain_host_with_a_trailing_dot(capsys: pytest.CaptureFixture[str], config: Path, url: str) -> None:
     report = explain(capsys, config, "GET", url)
     assert report["matched_by"] in ("exact host api.stripe.com", "wildcard *.example.com")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: matched_by names the first wildcard of the policy that matches, not the longest one "
-    "the router used (proxy/explain.py _how)",
-)
 def test_explain_names_the_wildcard_that_matched(capsys: pytest.CaptureFixture[str], config: Path) -> None:
     (config.parent / "policies" / "more.yaml").write_text('hosts: ["*.example.com", "*.eu.example.com"]\n')
     report = explain(capsys, config, "GET", "http://a.eu.example.com/")
     assert report["matched_by"] == "wildcard *.eu.example.com"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: for a dedicated-port policy without 'upstream', explain shows https://localhost:PORT "
-    "but the server sends to https://<first host> (proxy/explain.py uses the URL's host and port; "
-    "proxy/server.py _target uses policy.hosts[0] and no port)",
-)
 def test_explain_dedicated_port_without_upstream_shows_where_the_server_sends(
     capsys: pytest.CaptureFixture[str], config: Path
 ) -> None:
@@ -374,12 +357,6 @@ def test_schema_accepts_a_policy_and_a_list_of_policies(
     assert _errors(schema, [policy, {"hosts": ["b.example.com"]}]) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the schema describes parsed values, not what a policy file holds: 'upstream' must be an "
-    "object {scheme, host, port}, routes[].match.method an array, retries.on strings only "
-    "(proxy/config/model.py Upstream, RouteMatch.method, RetryCondition need WithJsonSchema)",
-)
 @pytest.mark.parametrize(
     "document",
     [

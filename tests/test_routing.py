@@ -9,7 +9,7 @@ import pytest
 
 from proxy.config.loader import Config, load_config
 from proxy.config.model import Policy
-from proxy.routing import UNKNOWN_POLICY_NAME, Router, upstream_for
+from proxy.routing import UNKNOWN_POLICY_NAME, HostMatch, Router, dedicated_upstream, upstream_for
 from tests.conftest import write_config
 
 
@@ -57,6 +57,23 @@ def router(tmp_path: Path) -> Router:
 )
 def test_exact_and_longest_wildcard(router: Router, host: str, policy: str) -> None:
     assert named(router, host) == policy
+
+
+@pytest.mark.parametrize(
+    ("host", "pattern"),
+    [
+        ("exact.example.com", "exact.example.com"),
+        ("EXACT.example.com.", "exact.example.com"),
+        ("x.eu.example.com", "*.eu.example.com"),
+        ("v1.api.eu.example.com", "*.api.eu.example.com"),  # the longest of the policy's wildcards
+        ("a.example.com.", "*.example.com"),
+    ],
+)
+def test_match_host_names_the_pattern_that_won(router: Router, host: str, pattern: str) -> None:
+    match = router.match_host(host)
+    assert match is not None
+    assert match.pattern == pattern
+    assert match.policy is router.policy_for_host(host)
 
 
 @pytest.mark.parametrize(
@@ -121,6 +138,7 @@ def test_unknown_hosts_allow_gives_the_fallback_policy_with_defaults(tmp_path: P
     assert fallback.settings.timeouts.total == 12.0
     assert fallback.settings.headers.set == {"User-Agent": "outrigger"}
     assert "unknown_hosts: allow" in fallback.source
+    assert router.match_host("unknown.example.org") == HostMatch(fallback, None)
     # a host with a policy still gets that policy (with defaults merged under it)
     known = router.policy_for_host("api.example.com")
     assert known is not None
@@ -160,6 +178,22 @@ def test_policy_for_port(tmp_path: Path) -> None:
 def test_a_policy_with_a_dedicated_port_is_also_reachable_by_host(tmp_path: Path) -> None:
     _, router = build(tmp_path, [{"hosts": ["a.example.com"], "listen": 9101}])
     assert router.policy_for_host("a.example.com") is router.policy_for_port(9101)
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"hosts": ["a.example.com", "*.example.com"]}, "https://a.example.com"),
+        ({"hosts": ["*.example.com"], "upstream": "http://127.0.0.1:8080"}, "http://127.0.0.1:8080"),
+    ],
+)
+def test_dedicated_upstream_is_the_upstream_else_the_first_host(
+    tmp_path: Path, fields: dict[str, Any], expected: str
+) -> None:
+    _, router = build(tmp_path, [{**fields, "listen": 9101}])
+    policy = router.policy_for_port(9101)
+    assert policy is not None
+    assert str(dedicated_upstream(policy)) == expected
 
 
 # --- upstream_for ---------------------------------------------------------------------------------

@@ -85,11 +85,6 @@ def test_directory_instead_of_file_raises(tmp_path: Path) -> None:
         render("${file:dir}", tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a secret file that is not UTF-8 raises UnicodeDecodeError instead of SecretError "
-    "(proxy/secrets.py render catches only OSError)",
-)
 def test_undecodable_file_raises_secret_error(tmp_path: Path) -> None:
     (tmp_path / "key").write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(SecretError, match="cannot read secret file"):
@@ -183,11 +178,6 @@ def test_redact_hides_literal_credentials(name: str, template: str, secret: str)
             assert ref in shown
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a literal credential loses its auth scheme too ('Bearer x' -> '<redacted>'), though "
-    "redact() documents that the scheme is shown (proxy/secrets.py redact)",
-)
 @pytest.mark.parametrize(
     ("template", "shown"),
     [("Bearer sk_live_51HxYz", "Bearer <redacted>"), ("Basic dXNlcjpwYXNz", "Basic <redacted>")],

@@ -14,16 +14,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from proxy import secrets
 from proxy.config.model import (
     POLICY_TARGET_KEYS,
+    ListenAddress,
     MainConfig,
     Policy,
     PolicySettings,
     PolicyTarget,
+    Port,
     Route,
+    RouteSpec,
 )
 
 KeyPath = tuple[str | int, ...]
@@ -151,8 +154,12 @@ class _Locator:
         assert best is not None
         _, doc, path = best
         full = (*doc.prefix, *path)
-        line = doc.positions.get(full) or doc.positions.get(doc.prefix, 1)
-        problems.add(doc.file, line, full, message)
+        problems.add(doc.file, _line_of(doc, full), full, message)
+
+
+def _line_of(doc: _Document, path: KeyPath) -> int:
+    """The line of `path`, or of its nearest written parent when the key itself is missing."""
+    return next((doc.positions[path[:n]] for n in range(len(path), -1, -1) if path[:n] in doc.positions), 1)
 
 
 def _walk(data: Any, loc: Sequence[str | int]) -> tuple[int, KeyPath]:
@@ -223,15 +230,15 @@ def load_config(path: str | Path) -> Config:
     defaults_doc = _sub(root, "defaults") if isinstance(root.data.get("defaults"), dict) else None
     defaults_raw = defaults_doc.data if defaults_doc else {}
 
-    policy_docs = list(_policy_documents(config_path, root, main, problems))
-    policies = [
-        policy
-        for doc in policy_docs
+    built = [
+        (policy, doc)
+        for doc in _policy_documents(config_path, root, main, problems)
         if (policy := _build_policy(doc, defaults_raw, defaults_doc, context, problems)) is not None
     ]
-    _check_claims(policies, policy_docs, main, problems)
+    _check_claims(built, root, main, problems)
     if problems.lines or main is None:
         raise ConfigError(problems.lines)
+    policies = [policy for policy, _ in built]
     files = watched_files(config_path, main, policies)
     return Config(
         path=config_path,
@@ -278,52 +285,82 @@ def _build_policy(
     context: dict[str, Any],
     problems: _Problems,
 ) -> Policy | None:
+    """One policy with `defaults` merged in. Its target, its settings and each route are
+    validated independently, so one bad part hides no problem in another."""
     if not isinstance(doc.data, dict):
         problems.add(doc.file, doc.positions.get(doc.prefix, 1), doc.prefix, "a policy must be a mapping")
         return None
     inherited = [defaults_doc] if defaults_doc else []
-    target_raw = {k: v for k, v in doc.data.items() if k in POLICY_TARGET_KEYS}
+    # a list of routes is validated item by item below; anything else is left to PolicyTarget to reject
+    raw_routes = doc.data.get("routes")
+    route_docs = (
+        [_sub(_sub(doc, "routes"), i) for i in range(len(raw_routes))]
+        if isinstance(raw_routes, list)
+        else None
+    )
+    target_raw = {
+        k: v
+        for k, v in doc.data.items()
+        if k in POLICY_TARGET_KEYS and not (k == "routes" and route_docs is not None)
+    }
     settings_raw = deep_merge(
         defaults_raw, {k: v for k, v in doc.data.items() if k not in POLICY_TARGET_KEYS}
     )
     target = _validate(PolicyTarget, target_raw, [doc], context, problems)
     settings = _validate(PolicySettings, settings_raw, [doc, *inherited], context, problems)
-    if target is None or settings is None:
-        return None
-    routes: list[Route] = []
-    for index, spec in enumerate(target.routes):
-        route_doc = _sub(_sub(doc, "routes"), index)
-        merged = deep_merge(settings_raw, spec.overrides())
-        route_settings = _validate(PolicySettings, merged, [route_doc, doc, *inherited], context, problems)
-        if route_settings is not None:
-            routes.append(Route(match=spec.match, settings=route_settings))
-    if len(routes) != len(target.routes):
+    routes = [
+        _build_route(route_doc, settings_raw, [doc, *inherited], context, problems)
+        for route_doc in route_docs or ()
+    ]
+    if target is None or settings is None or None in routes:
         return None
     return Policy(
         hosts=target.hosts,
         upstream=target.upstream,
         listen=target.listen,
         settings=settings,
-        routes=tuple(routes),
+        routes=tuple(route for route in routes if route is not None),
         source=f"{doc.file}:{doc.positions.get(doc.prefix, 1)}",
     )
 
 
+def _build_route(
+    doc: _Document,
+    settings_raw: dict[str, Any],
+    inherited: Sequence[_Document],
+    context: dict[str, Any],
+    problems: _Problems,
+) -> Route | None:
+    """One route: its match, then the policy's raw settings with its overrides merged in
+    (blame goes to the route first, then the policy, then defaults)."""
+    spec = _validate(RouteSpec, doc.data, [doc], context, problems)
+    if spec is None:
+        return None
+    merged = deep_merge(settings_raw, spec.overrides())
+    settings = _validate(PolicySettings, merged, [doc, *inherited], context, problems)
+    return None if settings is None else Route(match=spec.match, settings=settings)
+
+
 def _check_claims(
-    policies: Sequence[Policy],
-    docs: Sequence[_Document],
+    built: Sequence[tuple[Policy, _Document]],
+    root: _Document,
     main: MainConfig | None,
     problems: _Problems,
 ) -> None:
-    """Cross-policy rules: a host claimed once, listen ports distinct from each other and the main ports."""
-    by_source = {f"{d.file}:{d.positions.get(d.prefix, 1)}": d for d in docs}
+    """Cross-file rules: a host claimed once; the main, admin and policy listen ports all distinct."""
+    listen, admin = _main_ports(root, main)
+    if listen == admin:
+        # blame the admin port when it is written, else the listen port that ran into the default
+        key = "admin" if ("admin", "port") in root.positions else "listen"
+        problems.add(
+            root.file,
+            _line_of(root, (key, "port")),
+            (key, "port"),
+            f"listen and admin both use port {listen}",
+        )
+    ports: dict[int, str] = {listen: "the main listener", admin: "the admin listener"}
     claimed: dict[str, str] = {}
-    ports: dict[int, str] = {}
-    if main is not None:
-        ports[main.listen.port] = "the main listener"
-        ports[main.admin.port] = "the admin listener"
-    for policy in policies:
-        doc = by_source[policy.source]
+    for policy, doc in built:
         for index, host in enumerate(policy.hosts):
             path = (*doc.prefix, "hosts", index)
             if host in claimed:
@@ -346,6 +383,27 @@ def _check_claims(
                 )
             else:
                 ports[policy.listen] = policy.source
+
+
+def _main_ports(root: _Document, main: MainConfig | None) -> tuple[int, int]:
+    """The main and admin listen ports: validated, else as written when that is a valid port, else
+    the defaults, so policy ports are checked even when the main config has other errors."""
+    if main is not None:
+        return main.listen.port, main.admin.port
+    return _raw_port(root.data, "listen"), _raw_port(root.data, "admin")
+
+
+_PORT: TypeAdapter[int] = TypeAdapter(Port)
+
+
+def _raw_port(data: dict[str, Any], section: str) -> int:
+    """``<section>.port`` as written when it is a valid port, else the built-in default."""
+    default: ListenAddress = MainConfig.model_fields[section].default
+    written = data.get(section)
+    try:
+        return _PORT.validate_python(written.get("port")) if isinstance(written, dict) else default.port
+    except ValidationError:
+        return default.port
 
 
 def watched_files(config_path: Path, main: MainConfig, policies: Sequence[Policy]) -> list[Path]:

@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -92,6 +93,19 @@ def _normalise_method(method: object) -> str:
 Method = Annotated[str, BeforeValidator(_normalise_method)]
 
 
+def _one_or_many(value: object) -> object:
+    """``method: POST`` is shorthand for ``method: [POST]``."""
+    return [value] if isinstance(value, str) else value
+
+
+Methods = Annotated[
+    tuple[Method, ...],
+    BeforeValidator(_one_or_many),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
+]
+"""One method or a list of them, as a route's ``match.method`` is written."""
+
+
 class UpstreamTarget(Frozen):
     """Where a policy sends requests: scheme, host and port only."""
 
@@ -129,6 +143,8 @@ Upstream = Annotated[
     UpstreamTarget,
     BeforeValidator(_parse_upstream),
     PlainSerializer(str, return_type=str, when_used="json"),
+    # the schema describes the written form, a URL, not the parsed {scheme, host, port}
+    WithJsonSchema({"type": "string", "pattern": r"^https?://[^/?#@\s]+/?$"}),
 ]
 
 
@@ -210,21 +226,22 @@ class Timeouts(Frozen):
         return self
 
 
+def _check_renders(template: str, info: ValidationInfo) -> str:
+    """Fail at load, not on the first request, when a secret cannot be read; checked per value
+    so the error points at the header's own key."""
+    secrets.render(template, _base_dir(info))  # SecretError is a ValueError
+    return template
+
+
+HeaderValue = Annotated[str, AfterValidator(_check_renders)]
+"""A header value template: literal text with ``${env:NAME}``/``${file:PATH}`` references."""
+
+
 class HeaderRules(Frozen):
     """Headers set or removed on every upstream request; values may reference secrets."""
 
-    set: dict[HeaderName, str] = Field(default_factory=dict)
+    set: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
     remove: tuple[HeaderName, ...] = ()
-
-    @field_validator("set")
-    @classmethod
-    def _secrets_resolve(cls, values: dict[str, str], info: ValidationInfo) -> dict[str, str]:
-        for name, template in values.items():
-            try:
-                secrets.render(template, _base_dir(info))
-            except secrets.SecretError as exc:
-                raise ValueError(f"{name}: {exc}") from None
-        return values
 
 
 ERROR_CONDITIONS = ("connect-failure", "reset", "timeout")
@@ -258,7 +275,12 @@ def _check_condition(value: object) -> str:
     return condition
 
 
-OutcomeCondition = Annotated[str, BeforeValidator(_check_condition)]
+OutcomeCondition = Annotated[
+    str,
+    BeforeValidator(_check_condition),
+    # YAML writes a bare status (502) as an integer
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 100, "maximum": 599}]}),
+]
 """An attempt outcome: ``connect-failure``, ``reset``, ``timeout``, a status, a range or a class."""
 
 
@@ -375,13 +397,8 @@ ROUTE_OVERRIDABLE = ("timeouts", "headers", "retries")
 
 
 class RouteMatch(Frozen):
-    method: tuple[Method, ...] | None = None
+    method: Methods | None = None
     path: str | None = None
-
-    @field_validator("method", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
 
     @field_validator("path")
     @classmethod
@@ -410,13 +427,37 @@ class RouteSpec(Frozen):
         return {key: getattr(self, key) for key in ROUTE_OVERRIDABLE if getattr(self, key) is not None}
 
 
+def _not_empty(hosts: tuple[str, ...]) -> tuple[str, ...]:
+    """Runs only when every host is valid, so a list of bad hosts is not also called empty
+    (``Field(min_length=1)`` counts the hosts left after the bad ones are dropped)."""
+    if not hosts:
+        raise ValueError("hosts needs at least 1 item: the host names this policy claims")
+    return hosts
+
+
 class PolicyTarget(Frozen):
     """The non-mergeable part of a policy as written: what it claims and where it sends."""
 
-    hosts: tuple[HostPattern, ...] = Field(min_length=1)
+    hosts: Annotated[
+        tuple[HostPattern, ...], AfterValidator(_not_empty), Field(json_schema_extra={"minItems": 1})
+    ]
     upstream: Upstream | None = None
     listen: Port | None = None
     routes: tuple[RouteSpec, ...] = ()
+    """The loader validates each route on its own (so one bad route hides no other); this field
+    types a ``routes`` that is not a list and describes routes in the JSON schema."""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_has_a_destination(cls, listen: int | None, info: ValidationInfo) -> int | None:
+        """A request on a dedicated port names no host: it goes to ``upstream``, else to the first
+        host (routing.dedicated_upstream), which a wildcard cannot be. Skipped when hosts or
+        upstream are themselves invalid (already reported)."""
+        hosts = info.data.get("hosts")
+        no_upstream = "upstream" in info.data and info.data["upstream"] is None
+        if listen is not None and no_upstream and hosts and hosts[0].startswith("*."):
+            raise ValueError("a policy with listen needs upstream or an exact first host")
+        return listen
 
 
 class Route(Frozen):
@@ -469,6 +510,9 @@ class Telemetry(Frozen):
 
 
 class MainConfig(Frozen):
+    """The main config file. That ``listen`` and ``admin`` use different ports is checked by the
+    loader with the policies' ports, where the clashing line is known."""
+
     listen: ListenAddress = ListenAddress(host=builtin.MAIN_LISTEN_HOST, port=builtin.MAIN_LISTEN_PORT)
     admin: ListenAddress = ListenAddress(host=builtin.ADMIN_LISTEN_HOST, port=builtin.ADMIN_LISTEN_PORT)
     policy_dirs: tuple[str, ...] = builtin.POLICY_DIRS
@@ -479,12 +523,6 @@ class MainConfig(Frozen):
     telemetry: Telemetry = Telemetry()
     reload_poll_interval: Duration = Field(default=builtin.RELOAD_POLL_INTERVAL_S, gt=0)
     """How often config, policy and secret files are checked for changes (by content hash)."""
-
-    @model_validator(mode="after")
-    def _distinct_ports(self) -> MainConfig:
-        if self.listen.port == self.admin.port:
-            raise ValueError(f"listen and admin both use port {self.listen.port}")
-        return self
 
 
 def _base_dir(info: ValidationInfo) -> Path:

@@ -6,6 +6,7 @@ receives plain seconds (float) and bytes (int).
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated
 
@@ -21,12 +22,19 @@ def parse_duration(value: object) -> float:
     """Seconds from ``"250ms"``, ``"2s"``, ``"1m"``, ``"1h"`` (a bare number means seconds)."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 250ms, 2s, 1m or 1h")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION_RE.match(value)):
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    else:
-        raise ValueError(f"invalid duration {value!r}: use a number with ms, s, m or h (e.g. 250ms)")
+    try:
+        if isinstance(value, int | float):
+            seconds = float(value)
+        elif isinstance(value, str) and (match := _DURATION_RE.match(value)):
+            seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        else:
+            raise ValueError(f"invalid duration {value!r}: use a number with ms, s, m or h (e.g. 250ms)")
+    except OverflowError:
+        # an integer too large for a float; the value itself is not echoed (it may be thousands of digits)
+        raise ValueError("a duration this large cannot be represented") from None
+    # YAML's .nan and .inf are floats; a too-long digit string overflows to inf
+    if not math.isfinite(seconds):
+        raise ValueError(f"invalid duration {value!r}: it must be a finite number")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds

@@ -228,7 +228,7 @@ def test_looks_sensitive_matches_what_redact_hides() -> None:
     assert secrets.looks_sensitive("Authorization")
     assert secrets.looks_sensitive("x-api-key")
     assert not secrets.looks_sensitive("X-Client")
-    assert secrets.redact("Authorization", f"Bearer {SECRET}") == "<redacted>"
+    assert secrets.redact("Authorization", f"Bearer {SECRET}") == "Bearer <redacted>"
     assert secrets.redact("Authorization", "Bearer ${env:TOKEN}") == "Bearer ${env:TOKEN}"
     assert secrets.redact("X-Client", "plain") == "plain"
 

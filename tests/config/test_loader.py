@@ -550,12 +550,6 @@ def test_bad_host_patterns(tree: Tree, pattern: str, message: str) -> None:
     assert tree.problems() == (f"{a}:3: hosts[1]: {message}",)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: when every host pattern is invalid, a second, misleading problem 'Tuple should have at "
-    "least 1 item after validation, not 0' is reported (proxy/config/model.py PolicyTarget.hosts "
-    "min_length is checked after the bad items are dropped)",
-)
 def test_a_single_bad_host_is_reported_once(tree: Tree) -> None:
     a = tree.policy("a.yaml", 'hosts: ["*.com"]\n')
     assert tree.problems() == (
@@ -631,6 +625,31 @@ def test_listen_port_clash_with_the_main_and_admin_ports(tree: Tree, port: int, 
     assert tree.problems() == (f"{a}:2: listen: port {port} is already used by {owner}",)
 
 
+def test_listen_without_upstream_needs_an_exact_first_host(tree: Tree) -> None:
+    # a request on a dedicated port names no host: it goes to https://<first host>, which a wildcard is not
+    a = tree.policy(
+        "a.yaml",
+        """\
+        hosts: ["*.example.com", a.example.com]
+        listen: 9001
+        """,
+    )
+    assert tree.problems() == (f"{a}:2: listen: a policy with listen needs upstream or an exact first host",)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'hosts: ["*.example.com"]\nlisten: 9001\nupstream: https://a.example.com\n',
+        'hosts: [a.example.com, "*.example.com"]\nlisten: 9001\n',
+    ],
+    ids=["with-upstream", "exact-first-host"],
+)
+def test_listen_with_upstream_or_an_exact_first_host_is_fine(tree: Tree, text: str) -> None:
+    tree.policy("a.yaml", text)
+    assert tree.load().policies[0].listen == 9001
+
+
 def test_listen_port_out_of_range(tree: Tree) -> None:
     a = tree.policy(
         "a.yaml",
@@ -654,11 +673,6 @@ def test_main_listen_port_equal_to_admin_port_is_an_error(tree: Tree) -> None:
     assert problem.endswith(": listen and admin both use port 15001")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the listen/admin port clash is reported at '(top level)' on the first line, "
-    "not at the port that clashes (proxy/config/model.py MainConfig._distinct_ports)",
-)
 def test_main_listen_port_equal_to_admin_port_points_at_the_port(tree: Tree) -> None:
     tree.main(
         replace="""\
@@ -808,7 +822,7 @@ def test_header_referencing_an_unset_environment_variable(
         """,
     )
     assert tree.problems() == (
-        f"{a}:3: headers.set: Authorization: environment variable OUTRIGGER_TEST_MISSING is not set",
+        f"{a}:4: headers.set.Authorization: environment variable OUTRIGGER_TEST_MISSING is not set",
     )
 
 
@@ -823,16 +837,11 @@ def test_header_referencing_a_missing_file(tree: Tree) -> None:
         """,
     )
     assert tree.problems() == (
-        f"{a}:3: headers.set: Authorization: cannot read secret file /nonexistent/outrigger/key:"
+        f"{a}:4: headers.set.Authorization: cannot read secret file /nonexistent/outrigger/key:"
         " No such file or directory",
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a secret that cannot be resolved is blamed on the 'headers.set' line, not on the "
-    "header's own line and key path (proxy/config/model.py HeaderRules._secrets_resolve)",
-)
 def test_unresolvable_secret_points_at_the_header_line(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OUTRIGGER_TEST_MISSING", raising=False)
     a = tree.policy(
@@ -859,7 +868,7 @@ def test_header_value_with_a_newline_is_rejected(tree: Tree) -> None:
             X-A: "a\\r\\nInjected: 1"
         """,
     )
-    assert tree.problems() == (f"{a}:3: headers.set: X-A: a header value may not contain CR, LF or NUL",)
+    assert tree.problems() == (f"{a}:4: headers.set.X-A: a header value may not contain CR, LF or NUL",)
 
 
 def test_invalid_header_names(tree: Tree) -> None:
@@ -1002,11 +1011,6 @@ def test_config_error_lists_each_problem_once(tree: Tree) -> None:
     assert len(tree.problems()) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: when the main config has any error, policy 'listen' ports are not checked against "
-    "the main/admin ports (proxy/config/loader.py _check_claims skips them when main is None)",
-)
 def test_policy_port_clash_with_admin_is_reported_even_when_the_main_config_has_errors(tree: Tree) -> None:
     tree.main("bogus: 1\n")
     a = tree.policy(
@@ -1022,11 +1026,6 @@ def test_policy_port_clash_with_admin_is_reported_even_when_the_main_config_has_
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: one bad route (or any policy-level error) hides the problems of the other routes "
-    "(proxy/config/loader.py _build_policy returns before merging routes)",
-)
 def test_problems_in_every_route_are_reported(tree: Tree) -> None:
     a = tree.policy(
         "a.yaml",
@@ -1046,12 +1045,6 @@ def test_problems_in_every_route_are_reported(tree: Tree) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: policies are matched back to their documents by 'FILE:LINE', so two policies of a "
-    "flow-style list on one line get each other's key paths and the same source "
-    "(proxy/config/loader.py _check_claims by_source)",
-)
 def test_two_policies_on_one_line_keep_their_own_key_paths(tree: Tree) -> None:
     tree.policy("a.yaml", "hosts: [x.example.com]\n")
     b = tree.policy("b.yaml", "[{hosts: [q.example.com, x.example.com]}, {hosts: [y.example.com]}]\n")

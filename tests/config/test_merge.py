@@ -301,12 +301,6 @@ def test_route_without_match_is_an_error(tmp_path: Path) -> None:
     assert problem.endswith(": routes[0].match: required key is missing")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a missing key is reported on the policy's first line instead of the line of its "
-    "closest written parent, here routes[0] (proxy/config/loader.py _Locator._report_one falls back "
-    "to doc.prefix)",
-)
 def test_missing_key_points_at_its_parent_line(tmp_path: Path) -> None:
     (tmp_path / "policies").mkdir()
     a = (tmp_path / "policies" / "a.yaml").resolve()
