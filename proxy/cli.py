@@ -19,6 +19,7 @@ from proxy.admin import build_admin_app
 from proxy.config.lint import lint
 from proxy.config.loader import Config, ConfigError, load_config
 from proxy.config.model import PolicySettings, PolicyTarget
+from proxy.config.units import format_duration
 from proxy.explain import explain
 from proxy.reload import Reloader
 from proxy.server import ProxyServer
@@ -123,7 +124,9 @@ async def serve(config: Config) -> None:
         watcher = asyncio.create_task(reloader.watch())
         log.info("outrigger ready (config version %s, %d policies)", config.version, len(config.policies))
         await stop.wait()
-        log.info("stopping: draining in-flight requests for up to %.0fs", config.main.drain_timeout)
+        log.info(
+            "stopping: draining in-flight requests for up to %s", format_duration(config.main.drain_timeout)
+        )
     finally:
         if watcher is not None:
             watcher.cancel()

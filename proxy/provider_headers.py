@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 
 
@@ -21,7 +22,7 @@ def retry_after_seconds(value: str | None, wall_now: float) -> float | None:
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:
-        return None
+        when = when.replace(tzinfo=UTC)  # asctime dates carry no zone; HTTP dates are GMT (RFC 9110 5.6.7)
     return max(0.0, when.timestamp() - wall_now)
 
 

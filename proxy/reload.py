@@ -86,7 +86,10 @@ class Reloader:
                 continue
             if fingerprint != seen:
                 seen = fingerprint
-                await self.reload("file change")
+                try:
+                    await self.reload("file change")
+                except Exception:
+                    log.exception("config reload failed unexpectedly; still serving the previous config")
 
 
 def _check_restart_only(current: Config, new: Config) -> None:

@@ -8,12 +8,13 @@ of the current `Runtime`, so a reload never changes a request halfway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import HttpVersion11, web
+from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from opentelemetry import trace
@@ -21,7 +22,7 @@ from yarl import URL
 
 from proxy import errors
 from proxy.config.loader import Config
-from proxy.config.model import Policy, UpstreamTarget
+from proxy.config.model import Policy, UpstreamTarget, is_valid_host
 from proxy.exchange import CHUNK_SIZE, ProxyRequest, ProxyResponse, RequestBody, end_to_end_headers
 from proxy.pipeline import Pipelines, PolicyState
 from proxy.routing import Router, dedicated_upstream, upstream_for
@@ -34,6 +35,8 @@ ATTEMPTS_HEADER = "x-outrigger-attempts"
 TIMEOUT_HEADER = "x-outrigger-timeout-ms"
 _CONTROL_PREFIX = "x-outrigger-"
 _NO_BODY_STATUSES = frozenset({204, 304})
+_CANCEL_GRACE_S = 0.2
+"""After drain_timeout, how long cancelled handlers get to unwind before the listener shuts down."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ def _split_host(authority: str) -> tuple[str, int | None]:
     except ValueError:
         host = None
         explicit = None
-    if not host or url.raw_path not in ("", "/") or url.user is not None:
+    if not host or url.raw_path not in ("", "/") or url.user is not None or not is_valid_host(host.lower()):
         raise errors.BadRequest(f"invalid host {authority!r}")
     return host.lower(), explicit
 
@@ -111,6 +114,8 @@ class ProxyServer:
         self._runner: web.BaseRunner | None = None
         self._sites: dict[int, web.TCPSite] = {}
         self.draining = False
+        self._in_flight: set[asyncio.Task[object]] = set()
+        self._drained = asyncio.Event()
         self.telemetry = Telemetry(config.main.telemetry, self._states)
 
     def _states(self) -> dict[str, PolicyState]:
@@ -138,9 +143,7 @@ class ProxyServer:
             auto_decompress=False,
             access_log=None,
         )
-        self._runner = web.ServerRunner(
-            server, handle_signals=False, shutdown_timeout=config.main.drain_timeout
-        )
+        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=_CANCEL_GRACE_S)
         await self._runner.setup()
         await self._open(config.main.listen.port)
         for port in self.runtime.router.ports:
@@ -190,16 +193,38 @@ class ProxyServer:
         return list(self._sites)
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish up to drain_timeout, then cancel them."""
+        """Stop accepting, let in-flight requests finish up to drain_timeout, then cancel the rest."""
         self.draining = True
+        for port in list(self._sites):
+            await self._close(port)
+        if self._in_flight:
+            log.info("draining %d in-flight request(s)", len(self._in_flight))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._initial.main.drain_timeout):
+                    await self._drained.wait()
+        if self._in_flight:
+            log.warning("drain_timeout reached: cancelling %d request(s)", len(self._in_flight))
+            for task in self._in_flight:
+                task.cancel()
+            await asyncio.wait(self._in_flight, timeout=_CANCEL_GRACE_S)
         if self._runner is not None:
             await self._runner.cleanup()
-        self._sites.clear()
         if self._upstream is not None:
             await self._upstream.close()
         await asyncio.to_thread(self.telemetry.tracing.shutdown)
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        task: asyncio.Task[object] | None = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        try:
+            return await self._proxy(request)
+        finally:
+            self._in_flight.discard(task)
+            if self.draining and not self._in_flight:
+                self._drained.set()
+
+    async def _proxy(self, request: web.BaseRequest) -> web.StreamResponse:
         runtime = self.runtime
         observation = self.telemetry.start(request.method, request.headers, request.host, request.raw_path)
         proxy_request: ProxyRequest | None = None
@@ -250,10 +275,16 @@ class ProxyServer:
         self, request: web.BaseRequest, runtime: Runtime, observation: RequestObservation
     ) -> ProxyRequest:
         self._check_header_size(request, runtime)
+        if request.version not in (HttpVersion10, HttpVersion11):
+            raise errors.BadRequest(
+                f"unsupported protocol version HTTP/{request.version[0]}.{request.version[1]}"
+            )
         if request.method == "CONNECT":
+            listen = runtime.config.main.listen
             raise errors.ConnectNotSupported(
                 "CONNECT tunnels bypass every policy: send plain http:// URLs to Outrigger"
-                " (HTTP_PROXY=http://127.0.0.1:15001) and it will originate TLS itself"
+                f" (HTTP_PROXY=http://{listen.host}:{listen.port}) and it will originate TLS itself",
+                host=request.raw_path.rpartition(":")[0].strip("[]").lower(),
             )
         policy, host, target, path_qs = self._target(request, runtime)
         headers = end_to_end_headers(request.headers, frozenset({"host", "expect"}))
@@ -315,6 +346,8 @@ class ProxyServer:
         out = web.StreamResponse(status=response.status, reason=response.reason, headers=response.headers)
         out.headers[ATTEMPTS_HEADER] = str(proxy_request.attempts)
         out.headers[REQUEST_ID_HEADER] = request_id
+        if self.draining:
+            out.force_close()  # tell keep-alive clients to reconnect elsewhere while we drain
         has_body = request.method != "HEAD" and response.status not in _NO_BODY_STATUSES
         try:
             await out.prepare(request)

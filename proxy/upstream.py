@@ -70,6 +70,10 @@ class UpstreamClient:
             max_line_size=max_header_bytes,
             max_field_size=max_header_bytes,
         )
+        # aiohttp silently resends idempotent requests once when a pooled connection drops; that
+        # attempt would bypass retry conditions, the breaker, the limiter and x-outrigger-attempts.
+        # There is no public switch (aiohttp 3.14), so turn the private one off.
+        self._session._retry_connection = False
         self._dns: TTLCache[tuple[str, int], tuple[str, ...]] = TTLCache(
             maxsize=4096, ttl=defaults.DNS_CACHE_TTL_S
         )

@@ -17,12 +17,18 @@ from proxy.config.loader import Config, load_config
 from proxy.reload import Reloader
 from proxy.server import ProxyServer
 
+_handed_out: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port free on 127.0.0.1 now, never the same one twice in a test run."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def write_config(directory: Path, policies: list[dict[str, Any]], **main: Any) -> Path:

@@ -43,11 +43,6 @@ def test_rfc850_date() -> None:
     assert retry_after_seconds("Sunday, 06-Nov-94 08:49:37 GMT", 784111777.0 - 10) == 10.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: asctime HTTP-dates carry no zone, parsedate_to_datetime returns a naive datetime and"
-    " retry_after_seconds drops it; RFC 9110 5.6.7 says recipients MUST accept it (it is GMT)",
-)
 def test_asctime_date() -> None:
     assert retry_after_seconds("Sun Nov  6 08:49:37 1994", 784111777.0 - 10) == 10.0
 

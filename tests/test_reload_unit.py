@@ -184,12 +184,6 @@ def test_fingerprint_equals_the_version_until_a_watched_file_changes(tmp_path: P
     assert load_config(config.path).version == added
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: load_config resolves symlinks in the config path (proxy/config/loader.py:"
-    " Path(path).resolve()), so after a Kubernetes ..data swap the fingerprint still reads the"
-    " old timestamped folder and the change is never seen",
-)
 def test_fingerprint_changes_when_a_configmap_data_symlink_is_swapped(tmp_path: Path) -> None:
     main = {
         "listen": {"host": "127.0.0.1", "port": free_port()},

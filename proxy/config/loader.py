@@ -8,6 +8,7 @@ problems of one load are collected and raised together.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,12 +80,21 @@ def format_path(path: Iterable[str | int]) -> str:
     return out
 
 
+def _lexical(path: Path) -> Path:
+    """Absolute and normalised, but symlinks NOT resolved: a Kubernetes ConfigMap swaps its
+    ``..data`` symlink, and every later read must follow the new target."""
+    return Path(os.path.normpath(path.absolute()))
+
+
 def _compose(file: Path, problems: _Problems) -> _Document | None:
     """Parse YAML into plain data plus a map from key path to line number."""
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         problems.add(file, 1, (), f"cannot read file: {exc.strerror}")
+        return None
+    except UnicodeDecodeError:
+        problems.add(file, 1, (), "not UTF-8 text")
         return None
     loader = yaml.SafeLoader(text)
     try:
@@ -215,7 +225,7 @@ def _validate(
 
 def load_config(path: str | Path) -> Config:
     """Load and validate the main config and every policy file; raise ConfigError listing all problems."""
-    config_path = Path(path).resolve()
+    config_path = _lexical(Path(path))
     problems = _Problems()
     root = _compose(config_path, problems)
     if root is None:
@@ -254,7 +264,7 @@ def _policy_documents(
 ) -> Iterable[_Document]:
     dirs = main.policy_dirs if main else _raw_policy_dirs(root.data)
     for index, entry in enumerate(dirs):
-        directory = (config_path.parent / entry).resolve()
+        directory = _lexical(config_path.parent / entry)
         if not directory.is_dir():
             line = root.positions.get(("policy_dirs", index), 1)
             problems.add(config_path, line, ("policy_dirs", index), f"not a directory: {directory}")
@@ -411,7 +421,7 @@ def watched_files(config_path: Path, main: MainConfig, policies: Sequence[Policy
     policy_files = [
         file
         for entry in main.policy_dirs
-        if (directory := (config_path.parent / entry).resolve()).is_dir()
+        if (directory := _lexical(config_path.parent / entry)).is_dir()
         for file in _policy_files(directory)
     ]
     return [config_path, *policy_files, *_secret_files(main, policies, config_path)]

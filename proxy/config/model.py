@@ -29,7 +29,7 @@ from yarl import URL
 
 from proxy import secrets
 from proxy.config import defaults as builtin
-from proxy.config.units import ByteSize, Duration, format_duration
+from proxy.config.units import ByteSize, Duration, format_duration, parse_duration
 
 
 class Frozen(BaseModel):
@@ -42,6 +42,11 @@ _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _HOSTNAME_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _METHOD_RE = re.compile(r"^[A-Z]+$")
+
+
+def is_valid_host(name: str) -> bool:
+    """A DNS name (lowercase) or an IP literal: what a Host header or URL may name."""
+    return bool(_HOSTNAME_RE.match(name)) or _is_ip_literal(name)
 
 
 def _is_ip_literal(name: str) -> bool:
@@ -210,6 +215,19 @@ class Timeouts(Frozen):
     connect: Duration = Field(default=builtin.CONNECT_TIMEOUT_S, gt=0)
     per_try: Duration = Field(default=builtin.PER_TRY_TIMEOUT_S, gt=0)
     total: Duration = Field(default=builtin.TOTAL_TIMEOUT_S, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_connect_within_per_try(cls, data: object) -> object:
+        """An unwritten `connect` never exceeds a short `per_try` (per_try: 300ms must just work)."""
+        if isinstance(data, dict) and "connect" not in data and "per_try" in data:
+            try:
+                per_try = parse_duration(data["per_try"])
+            except ValueError:
+                return data  # reported by the field itself
+            if 0 < per_try < builtin.CONNECT_TIMEOUT_S:
+                return {**data, "connect": per_try}
+        return data
 
     @model_validator(mode="after")
     def _ordered(self) -> Timeouts:

@@ -233,13 +233,6 @@ async def test_drain_timeout_bounds_shutdown(upstream: SlowUpstream, launch: Lau
     assert not (isinstance(outcome, tuple) and outcome[0] == 200)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: shutdown takes up to 2 x drain_timeout: server.py passes drain_timeout as aiohttp's "
-    "shutdown_timeout, which aiohttp spends twice (wait for the handler, then again after a "
-    "request._cancel that does not cancel the handler task); the default 20s becomes 40s, past "
-    "Kubernetes' 30s grace period",
-)
 async def test_exit_is_bounded_by_one_drain_timeout(
     upstream: SlowUpstream, launch: Launch, tmp_path: Path
 ) -> None:

@@ -393,12 +393,6 @@ async def test_configmap_symlink_swap_of_a_policy_folder(
     assert live.reloader.last.ok
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: load_config() resolves the config path through the ..data symlink"
-    " (proxy/config/loader.py load_config: Path(path).resolve()), so Outrigger keeps watching and"
-    " reloading the old timestamped folder: the swap is either never seen or reloads a deleted file",
-)
 async def test_configmap_symlink_swap_of_the_whole_config_folder(
     serve: Serve, upstream: Upstream, tmp_path: Path
 ) -> None:
@@ -678,13 +672,6 @@ def _not_utf8(upstream: Upstream) -> bytes:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a policy file that is not UTF-8 raises UnicodeDecodeError from"
-    " proxy/config/loader.py _compose (only OSError is caught), which Reloader.reload"
-    " (proxy/reload.py, `except (ConfigError, OSError)`) does not catch: POST /reload answers 500,"
-    " nothing is counted and /config shows no error",
-)
 async def test_post_reload_rejects_a_file_that_is_not_utf8(
     serve: Serve, upstream: Upstream, tmp_path: Path
 ) -> None:
@@ -700,12 +687,6 @@ async def test_post_reload_rejects_a_file_that_is_not_utf8(
     assert (await live.admin_json("/config"))["last_reload_error"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the UnicodeDecodeError of a non-UTF-8 policy file escapes Reloader.reload and"
-    " kills the Reloader.watch task (proxy/reload.py watch: no exception guard), so later, valid"
-    " edits are never picked up until a restart",
-)
 async def test_watcher_survives_a_file_that_is_not_utf8(
     serve: Serve, upstream: Upstream, tmp_path: Path
 ) -> None:

@@ -362,11 +362,6 @@ async def test_connect_refused_on_dedicated_port_too(start_proxy: StartProxy, up
     assert upstream.connections == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the CONNECT 405 body has host '' although the request names the host "
-    "(server.py _handle raises ConnectNotSupported before host_label is known)",
-)
 async def test_connect_error_names_the_requested_host(start_proxy: StartProxy, upstream: RawUpstream) -> None:
     proxy = await start_proxy([loopback_policy(f"http://{upstream.authority}")])
     response = await raw_exchange(
@@ -382,11 +377,6 @@ async def test_connect_error_names_the_requested_host(start_proxy: StartProxy, u
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the CONNECT 405 message hard-codes HTTP_PROXY=http://127.0.0.1:15001 (server.py "
-    "_handle) even when the main listener is on another port",
-)
 async def test_connect_error_points_at_the_real_listener(
     start_proxy: StartProxy, upstream: RawUpstream
 ) -> None:
@@ -408,11 +398,6 @@ async def test_connect_error_points_at_the_real_listener(
 # --------------------------------------------------------------------------- Host header validity
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: server.py _split_host accepts a Host with spaces ('exa mple.test'); it is routed "
-    "(403 host_not_allowed, or with unknown_hosts: allow a DNS lookup) instead of 400 bad_request",
-)
 async def test_invalid_host_header_is_a_bad_request(start_proxy: StartProxy, upstream: RawUpstream) -> None:
     proxy = await start_proxy([loopback_policy(f"http://{upstream.authority}")])
     response = await raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: exa mple.test\r\n\r\n")

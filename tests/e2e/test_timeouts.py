@@ -206,12 +206,6 @@ async def test_invalid_timeout_header_is_a_bad_request(
     assert slow.requests == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: 'timeouts: {per_try: 300ms, total: 1s}' is rejected because the built-in connect "
-    "default (2s) exceeds per_try (config/model.py Timeouts._ordered); an unset connect should be "
-    "capped at per_try instead of failing on a key the user never wrote",
-)
 async def test_short_per_try_without_connect_is_accepted(start_proxy: StartProxy, slow: SlowUpstream) -> None:
     proxy = await start_proxy([loopback_policy(slow.url, timeouts={"per_try": "300ms", "total": "1s"})])
     response, body, elapsed = await _timed_get(proxy, "/hang")
