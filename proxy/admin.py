@@ -74,11 +74,11 @@ async def state(request: web.Request) -> web.Response:
     states = request.app[PROXY_KEY].runtime.pipelines.states
     body = {
         name: {
-            "circuit_breaker": s.breaker.snapshot() if s.breaker else None,
-            "retry_budget": s.budget.snapshot() if s.budget else None,
-            "rate_limit": s.limiter.snapshot() if s.limiter else None,
-            "concurrency": s.bulkhead.snapshot() if s.bulkhead else None,
-            "replay_cache": {"entries": len(s.replay)} if s.replay else None,
+            "circuit_breaker": s.breaker.snapshot() if s.breaker is not None else None,
+            "retry_budget": s.budget.snapshot() if s.budget is not None else None,
+            "rate_limit": s.limiter.snapshot() if s.limiter is not None else None,
+            "concurrency": s.bulkhead.snapshot() if s.bulkhead is not None else None,
+            "replay_cache": {"entries": len(s.replay)} if s.replay is not None else None,
         }
         for name, s in states.items()
     }

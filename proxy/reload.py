@@ -9,6 +9,7 @@ the error is kept for ``/config``, logged, and counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ class Reloader:
         self.server = server
         self.last: ReloadResult | None = None
         self._lock = asyncio.Lock()
+        self._applied = asyncio.Event()
+        """Set after each applied reload, so the watcher picks up a new poll interval at once."""
 
     async def reload(self, trigger: str) -> ReloadResult:
         """Load, validate and apply; on any problem the running config stays and the error is kept."""
@@ -67,6 +70,7 @@ class Reloader:
                 )
                 return self.last
             self.last = ReloadResult(True, config.version, None, time.time(), trigger)
+            self._applied.set()
             self.server.telemetry.metrics.reloads.labels("success").inc()
             if config.version != current.version:
                 log.info("config reloaded (%s): version %s -> %s", trigger, current.version, config.version)
@@ -78,13 +82,17 @@ class Reloader:
         seen = self.server.runtime.config.version
         while True:
             config = self.server.runtime.config
-            await asyncio.sleep(config.main.reload_poll_interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(config.main.reload_poll_interval):
+                    await self._applied.wait()
+            self._applied.clear()
+            config = self.server.runtime.config
             try:
                 fingerprint = await asyncio.to_thread(current_fingerprint, config)
             except OSError as error:
                 log.warning("cannot read config files: %s", error)
                 continue
-            if fingerprint != seen:
+            if fingerprint not in (seen, self.server.runtime.config.version):
                 seen = fingerprint
                 try:
                     await self.reload("file change")

@@ -325,11 +325,6 @@ async def test_raised_poll_interval_applies_to_the_running_watcher(
     assert live.version != before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Reloader.watch (proxy/reload.py) sleeps the interval read before the sleep, so a"
-    " lowered reload_poll_interval only takes effect after the old (possibly hour-long) sleep ends",
-)
 async def test_lowered_poll_interval_applies_without_waiting_out_the_old_one(
     serve: Serve, upstream: Upstream, tmp_path: Path
 ) -> None:
