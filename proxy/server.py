@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,10 +82,23 @@ class _ProxyRequestHandler(RequestHandler):
             return super().handle_error(request, status, exc, message)
         response = error_response(error, "")
         response.force_close()
+        manager = self._manager
+        if isinstance(manager, _ProxyServer):
+            response.headers[REQUEST_ID_HEADER] = manager.on_refused(request, error)
         return response
 
 
 class _ProxyServer(web.Server):
+    def __init__(
+        self,
+        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+        on_refused: Callable[[web.BaseRequest, errors.OutriggerError], str],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self.on_refused = on_refused
+        """Records a request the HTTP parser refused (log line, metrics, span); returns its request id."""
+
     def __call__(self) -> RequestHandler:
         return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
 
@@ -137,6 +150,7 @@ class ProxyServer:
         limits = config.main.limits
         server = _ProxyServer(
             self._handle,
+            self._refused,
             max_line_size=limits.max_header_bytes,
             max_field_size=limits.max_header_bytes,
             max_headers=limits.max_headers,
@@ -223,6 +237,20 @@ class ProxyServer:
             self._in_flight.discard(task)
             if self.draining and not self._in_flight:
                 self._drained.set()
+
+    def _refused(self, request: web.BaseRequest, error: errors.OutriggerError) -> str:
+        runtime = self.runtime
+        observation = self.telemetry.start(request.method, request.headers, request.host, request.raw_path)
+        self.telemetry.finish(
+            observation,
+            status=error.status,
+            error_type=error.error_type,
+            policy=None,
+            request=None,
+            state=None,
+            config_version=runtime.config.version,
+        )
+        return observation.request_id
 
     async def _proxy(self, request: web.BaseRequest) -> web.StreamResponse:
         runtime = self.runtime

@@ -78,12 +78,18 @@ def redact_query(path_qs: str) -> str:
 
 
 def _requested_url(host: str, raw_target: str) -> URL | None:
+    """The URL the app asked for, or None when it is malformed (the request is refused anyway)."""
     try:
         if raw_target.lower().startswith(("http://", "https://")):
-            return URL(raw_target, encoded=True)
-        return URL(f"http://{host}{raw_target}", encoded=True) if host else None
+            url = URL(raw_target, encoded=True)
+        elif host:
+            url = URL(f"http://{host}{raw_target}", encoded=True)
+        else:
+            return None
+        _ = url.host, url.port  # yarl validates the authority lazily
     except ValueError:
         return None
+    return url
 
 
 def method_label(method: str) -> str:

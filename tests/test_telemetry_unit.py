@@ -219,11 +219,6 @@ def test_request_id_is_kept_or_generated() -> None:
     assert len(set(generated)) == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: proxy/telemetry.py _requested_url returns a yarl URL whose netloc is parsed lazily;"
-    " `url.host` in Telemetry.start then raises ValueError outside the try (the request gets a 500)",
-)
 @pytest.mark.parametrize("host", ["api.test:99999", "api.test:abc"])
 def test_start_survives_a_malformed_host(host: str) -> None:
     telemetry = Telemetry(TelemetrySettings(), dict)
