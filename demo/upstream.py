@@ -180,9 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Serve until Ctrl-C or SIGTERM."""
     args = parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format="%(asctime)s upstream %(message)s"
-    )
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s upstream %(message)s")
     log.info("demo upstream listening on http://%s:%d", HOST, args.port)
     web.run_app(make_app(), host=HOST, port=args.port, access_log=None, print=None)
 
