@@ -275,112 +275,108 @@ class Telemetry:
         state: PolicyState | None,
         config_version: str,
     ) -> None:
-        elapsed = time.perf_counter() - observation.started
-        label = policy or UNKNOWN_HOST_LABEL
-        self._record_metrics(label, observation.method, status, error_type, elapsed, request, state)
-        attributes = self._attributes(status, error_type, policy, request, state, config_version)
+        """Close the request: metrics, SERVER span attributes and events, one access log line."""
+        outcome = _Outcome(
+            observation, status, error_type, policy, request, state, config_version,
+            time.perf_counter() - observation.started,
+        )  # fmt: skip
+        self._record_metrics(outcome)
         span = observation.span
-        span.set_attributes(attributes)
-        if request is not None:
-            for event in request.events:
-                span.add_event(event)
+        span.set_attributes(_attributes(outcome))
+        for event in request.events if request is not None else ():
+            span.add_event(event)
         if error_type is not None:
             span.add_event(error_type)
         if status >= 500:
             span.set_status(StatusCode.ERROR)
         span.end()
         if self.settings.access_log:
-            self._log(observation, status, error_type, policy, request, elapsed, config_version)
+            access_log.info(json.dumps(_log_entry(outcome), separators=(",", ":")))
 
-    def _record_metrics(
-        self,
-        label: str,
-        method: str,
-        status: int,
-        error_type: str | None,
-        elapsed: float,
-        request: ProxyRequest | None,
-        state: PolicyState | None,
-    ) -> None:
-        m = self.metrics
-        m.requests.labels(label, method_label(method), str(status)).inc()
-        m.duration.labels(label).observe(elapsed)
-        if error_type in LOCAL_REFUSALS:
-            m.rejections.labels(label, error_type).inc()
+    def _record_metrics(self, outcome: _Outcome) -> None:
+        m, label, request = self.metrics, outcome.label, outcome.request
+        m.requests.labels(label, method_label(outcome.observation.method), str(outcome.status)).inc()
+        m.duration.labels(label).observe(outcome.elapsed)
+        if outcome.error_type in LOCAL_REFUSALS:
+            m.rejections.labels(label, outcome.error_type).inc()
         if request is None:
             return
-        for outcome in request.attempt_outcomes:
-            m.attempts.labels(label, outcome).inc()
+        for attempt in request.attempt_outcomes:
+            m.attempts.labels(label, attempt).inc()
         for retry in request.retries:
             m.retries.labels(label, retry.reason).inc()
         for event in request.events:
             m.rejections.labels(label, event).inc()
         if request.idempotency_key_injected:
             m.keys_injected.labels(label).inc()
-        if state is not None and state.limiter is not None:
+        if outcome.state is not None and outcome.state.limiter is not None:
             m.ratelimit_wait.labels(label).observe(request.ratelimit_wait)
 
-    @staticmethod
-    def _attributes(
-        status: int,
-        error_type: str | None,
-        policy: str | None,
-        request: ProxyRequest | None,
-        state: PolicyState | None,
-        config_version: str,
-    ) -> dict[str, Any]:
-        attributes: dict[str, Any] = {
-            "http.response.status_code": status,
-            ATTR_CONFIG_VERSION: config_version,
-        }
-        if error_type is not None:
-            attributes["error.type"] = error_type
-        elif status >= 500:
-            attributes["error.type"] = str(status)
-        if policy is not None:
-            attributes[ATTR_POLICY] = policy
-        if state is not None and state.breaker is not None:
-            attributes[ATTR_BREAKER_STATE] = state.breaker.state
-        if request is None:
-            return attributes
-        attributes[ATTR_ATTEMPTS] = request.attempts
-        if request.retries:
-            attributes[ATTR_RETRY_REASON] = [r.reason for r in request.retries]
-            attributes[ATTR_RETRY_BACKOFF_MS] = [round(r.delay * 1000, 3) for r in request.retries]
-        attributes[ATTR_RATELIMIT_WAIT_MS] = round(request.ratelimit_wait * 1000, 3)
-        if request.idempotency_key is not None:
-            attributes[ATTR_IDEMPOTENCY_KEY] = request.idempotency_key
-            attributes[ATTR_IDEMPOTENCY_INJECTED] = request.idempotency_key_injected
-        if request.replayed:
-            attributes[ATTR_REPLAYED] = True
-        return attributes
 
-    def _log(
-        self,
-        observation: RequestObservation,
-        status: int,
-        error_type: str | None,
-        policy: str | None,
-        request: ProxyRequest | None,
-        elapsed: float,
-        config_version: str,
-    ) -> None:
-        span_context = observation.span.get_span_context()
-        entry = {
-            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "trace_id": format(span_context.trace_id, "032x") if span_context.is_valid else None,
-            "request_id": observation.request_id,
-            "method": observation.method,
-            "host": observation.host,
-            "path": redact_query(observation.path_qs),
-            "status": status,
-            "attempts": request.attempts if request is not None else 0,
-            "retry_reasons": [r.reason for r in request.retries] if request is not None else [],
-            "duration_ms": round(elapsed * 1000, 3),
-            "policy": policy,
-            "upstream": str(request.target) if request is not None else None,
-            "error_type": error_type,
-            "replayed": request.replayed if request is not None else False,
-            "config_version": config_version,
-        }
-        access_log.info(json.dumps(entry, separators=(",", ":")))
+@dataclass(frozen=True)
+class _Outcome:
+    """Everything known about a finished request, read by metrics, the span and the log."""
+
+    observation: RequestObservation
+    status: int
+    error_type: str | None
+    policy: str | None
+    request: ProxyRequest | None
+    state: PolicyState | None
+    config_version: str
+    elapsed: float
+
+    @property
+    def label(self) -> str:
+        return self.policy or UNKNOWN_HOST_LABEL
+
+
+def _attributes(outcome: _Outcome) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        "http.response.status_code": outcome.status,
+        ATTR_CONFIG_VERSION: outcome.config_version,
+    }
+    if outcome.error_type is not None:
+        attributes["error.type"] = outcome.error_type
+    elif outcome.status >= 500:
+        attributes["error.type"] = str(outcome.status)
+    if outcome.policy is not None:
+        attributes[ATTR_POLICY] = outcome.policy
+    if outcome.state is not None and outcome.state.breaker is not None:
+        attributes[ATTR_BREAKER_STATE] = outcome.state.breaker.state
+    request = outcome.request
+    if request is None:
+        return attributes
+    attributes[ATTR_ATTEMPTS] = request.attempts
+    if request.retries:
+        attributes[ATTR_RETRY_REASON] = [r.reason for r in request.retries]
+        attributes[ATTR_RETRY_BACKOFF_MS] = [round(r.delay * 1000, 3) for r in request.retries]
+    attributes[ATTR_RATELIMIT_WAIT_MS] = round(request.ratelimit_wait * 1000, 3)
+    if request.idempotency_key is not None:
+        attributes[ATTR_IDEMPOTENCY_KEY] = request.idempotency_key
+        attributes[ATTR_IDEMPOTENCY_INJECTED] = request.idempotency_key_injected
+    if request.replayed:
+        attributes[ATTR_REPLAYED] = True
+    return attributes
+
+
+def _log_entry(outcome: _Outcome) -> dict[str, Any]:
+    observation, request = outcome.observation, outcome.request
+    span_context = observation.span.get_span_context()
+    return {
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "trace_id": format(span_context.trace_id, "032x") if span_context.is_valid else None,
+        "request_id": observation.request_id,
+        "method": observation.method,
+        "host": observation.host,
+        "path": redact_query(observation.path_qs),
+        "status": outcome.status,
+        "attempts": request.attempts if request is not None else 0,
+        "retry_reasons": [r.reason for r in request.retries] if request is not None else [],
+        "duration_ms": round(outcome.elapsed * 1000, 3),
+        "policy": outcome.policy,
+        "upstream": str(request.target) if request is not None else None,
+        "error_type": outcome.error_type,
+        "replayed": request.replayed if request is not None else False,
+        "config_version": outcome.config_version,
+    }

@@ -368,31 +368,36 @@ def _check_claims(
             (key, "port"),
             f"listen and admin both use port {listen}",
         )
-    ports: dict[int, str] = {listen: "the main listener", admin: "the admin listener"}
+    ports: dict[int, str] = {listen: "used by the main listener", admin: "used by the admin listener"}
     claimed: dict[str, str] = {}
+
+    def claim(
+        owners: dict[Any, str], key: Any, doc: _Document, path: KeyPath, what: str, source: str
+    ) -> None:
+        if key in owners:
+            problems.add(doc.file, doc.positions.get(path, 1), path, f"{what} is already {owners[key]}")
+        else:
+            owners[key] = source
+
     for policy, doc in built:
         for index, host in enumerate(policy.hosts):
-            path = (*doc.prefix, "hosts", index)
-            if host in claimed:
-                problems.add(
-                    doc.file,
-                    doc.positions.get(path, 1),
-                    path,
-                    f"host {host} is already claimed by {claimed[host]}",
-                )
-            else:
-                claimed[host] = policy.source
+            claim(
+                claimed,
+                host,
+                doc,
+                (*doc.prefix, "hosts", index),
+                f"host {host}",
+                f"claimed by {policy.source}",
+            )
         if policy.listen is not None:
-            path = (*doc.prefix, "listen")
-            if policy.listen in ports:
-                problems.add(
-                    doc.file,
-                    doc.positions.get(path, 1),
-                    path,
-                    f"port {policy.listen} is already used by {ports[policy.listen]}",
-                )
-            else:
-                ports[policy.listen] = policy.source
+            claim(
+                ports,
+                policy.listen,
+                doc,
+                (*doc.prefix, "listen"),
+                f"port {policy.listen}",
+                f"used by {policy.source}",
+            )
 
 
 def _main_ports(root: _Document, main: MainConfig | None) -> tuple[int, int]:
