@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import HttpVersion10, HttpVersion11, web
+from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from opentelemetry import trace
@@ -101,6 +101,17 @@ class _ProxyServer(web.Server):
 
     def __call__(self) -> RequestHandler:
         return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _PassThroughResponse(web.StreamResponse):
+    """A streamed upstream response without the Content-Type and Server headers aiohttp would
+    invent when the upstream sent none (Date stays: RFC 9110 6.6.1 asks a forwarder to add it)."""
+
+    async def _prepare_headers(self) -> None:
+        invented = [name for name in (hdrs.CONTENT_TYPE, hdrs.SERVER) if name not in self.headers]
+        await super()._prepare_headers()
+        for name in invented:
+            self.headers.popall(name, None)
 
 
 def _split_host(authority: str) -> tuple[str, int | None]:
@@ -371,7 +382,7 @@ class ProxyServer:
         self, request: web.BaseRequest, proxy_request: ProxyRequest, response: ProxyResponse, request_id: str
     ) -> tuple[web.StreamResponse, bool]:
         """Send the upstream response as it arrives; abort the connection if it breaks (False)."""
-        out = web.StreamResponse(status=response.status, reason=response.reason, headers=response.headers)
+        out = _PassThroughResponse(status=response.status, reason=response.reason, headers=response.headers)
         out.headers[ATTEMPTS_HEADER] = str(proxy_request.attempts)
         out.headers[REQUEST_ID_HEADER] = request_id
         if self.draining:

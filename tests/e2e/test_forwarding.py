@@ -260,12 +260,6 @@ async def test_status_reason_and_repeated_headers_pass_through(start_proxy: Star
     assert response.getall("Link") == ["<https://x.test/1>; rel=next", "<https://x.test/0>; rel=prev"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Outrigger adds 'Content-Type: application/octet-stream' to upstream responses that"
-    " have a body but no Content-Type (aiohttp StreamResponse._prepare_headers default, proxy/server.py"
-    " ProxyServer._stream)",
-)
 async def test_no_content_type_is_invented_for_the_app(start_proxy: StartProxy) -> None:
     head = "HTTP/1.1 200 OK\nContent-Length: 11"
     async with ScriptedUpstream({"/untyped": Script(response_bytes(head, b"raw payload"))}) as upstream:
