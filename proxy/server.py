@@ -281,8 +281,7 @@ class ProxyServer:
                 status, error_type = error.status, error.error_type
                 reply = error_response(error, error.host or (proxy_request.host if proxy_request else ""))
                 reply.headers[REQUEST_ID_HEADER] = observation.request_id
-                if proxy_request is not None:
-                    reply.headers[ATTEMPTS_HEADER] = str(proxy_request.attempts)
+                reply.headers[ATTEMPTS_HEADER] = str(proxy_request.attempts if proxy_request else 0)
                 return reply
             status = response.status
             out, completed = await self._stream(request, proxy_request, response, observation.request_id)

@@ -82,6 +82,8 @@ def _requested_url(host: str, raw_target: str) -> URL | None:
     try:
         if raw_target.lower().startswith(("http://", "https://")):
             url = URL(raw_target, encoded=True)
+        elif not raw_target.startswith("/"):  # authority-form (CONNECT host:port)
+            url = URL(f"http://{raw_target}", encoded=True)
         elif host:
             url = URL(f"http://{host}{raw_target}", encoded=True)
         else:

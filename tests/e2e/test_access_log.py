@@ -131,7 +131,7 @@ async def test_one_json_line_per_request_with_the_spec_fields(
     assert entry["attempts"] == 3
     assert entry["retry_reasons"] == ["503", "503"]
     assert isinstance(entry["duration_ms"], float | int)
-    assert entry["duration_ms"] >= 10  # two backoffs of up to 10 ms plus three round trips: not zero
+    assert entry["duration_ms"] > 0  # three round trips plus two jittered backoffs (which may be ~0)
     assert entry["policy"] == HOST
     assert entry["error_type"] is None
     assert entry["config_version"] == proxy.config.version
