@@ -123,6 +123,14 @@ class ConnectionReset(UpstreamUnreachable):
     condition = "reset"
 
 
+class ClientDisconnected(OutriggerError):
+    """The app went away (or broke off its body): not the upstream's fault, so neither retried
+    nor counted by the breaker."""
+
+    status = 499
+    error_type = "client_disconnected"
+
+
 class Timeout(OutriggerError):
     status = 504
     error_type = "timeout"

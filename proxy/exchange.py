@@ -6,6 +6,7 @@ Every layer has the shape ``async def __call__(request, next) -> ProxyResponse``
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -13,6 +14,7 @@ from typing import Protocol
 from multidict import CIMultiDict, MultiMapping
 from opentelemetry.context import Context
 
+from proxy import errors
 from proxy.config.model import Policy, PolicySettings, UpstreamTarget
 
 CHUNK_SIZE = 64 * 1024
@@ -33,8 +35,12 @@ HOP_BY_HOP = frozenset(
 )
 
 
+CONTROL_PREFIX = "x-outrigger-"
+"""Outrigger's own headers: never forwarded upstream, and an upstream's never passed to the app."""
+
+
 def end_to_end_headers(
-    headers: MultiMapping[str], extra_drop: frozenset[str] = frozenset()
+    headers: MultiMapping[str], extra_drop: frozenset[str] = frozenset(), drop_prefix: str | None = None
 ) -> CIMultiDict[str]:
     """Copy without hop-by-hop headers and those the Connection header names (RFC 9110 7.6.1)."""
     named = {
@@ -44,7 +50,11 @@ def end_to_end_headers(
         if token.strip()
     }
     drop = HOP_BY_HOP | named | extra_drop
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    return CIMultiDict(
+        (k, v)
+        for k, v in headers.items()
+        if (lower := k.lower()) not in drop and not (drop_prefix and lower.startswith(drop_prefix))
+    )
 
 
 class RequestBody:
@@ -60,14 +70,8 @@ class RequestBody:
         self._buffered: bytes | None = b"" if source is None else None
         self._prefix: list[bytes] = []
         self._streamed = False
-
-    @property
-    def empty(self) -> bool:
-        return self._source is None
-
-    @property
-    def replayable(self) -> bool:
-        return self._buffered is not None
+        self.failed = False
+        """The app's side broke off (disconnect, bad chunking) while we read its body."""
 
     async def buffer(self, limit: int) -> bool:
         """Read the whole body if it fits in `limit` bytes; True when it is then replayable."""
@@ -76,7 +80,7 @@ class RequestBody:
         if self._streamed or self._source is None or (self.length is not None and self.length > limit):
             return False
         size = sum(len(c) for c in self._prefix)
-        async for chunk in self._source:
+        async for chunk in self._read():
             self._prefix.append(chunk)
             size += len(chunk)
             if size > limit:
@@ -101,8 +105,19 @@ class RequestBody:
         for chunk in self._prefix:
             yield chunk
         self._prefix = []
-        async for chunk in self._source:
+        async for chunk in self._read():
             yield chunk
+
+    async def _read(self) -> AsyncIterator[bytes]:
+        assert self._source is not None
+        try:
+            async for chunk in self._source:
+                yield chunk
+        except Exception as exc:
+            self.failed = True
+            raise errors.ClientDisconnected(
+                f"the app broke off its request body ({type(exc).__name__})"
+            ) from exc
 
 
 class ResponseBody(Protocol):
@@ -187,6 +202,8 @@ class ProxyRequest:
     policy: Policy
     settings: PolicySettings
     """The settings of the matched route (policy settings when no route matched)."""
+    received_at: float = field(default_factory=time.monotonic)
+    """Arrival (loop clock): the total deadline counts from here, bulkhead queueing included."""
     timeout_override: float | None = None
     """x-outrigger-timeout-ms, in seconds: may only lower `timeouts.total`."""
     deadline: float | None = None
@@ -206,6 +223,30 @@ class ProxyRequest:
     replayed: bool = False
     ratelimit_wait: float = 0.0
     """Seconds spent waiting for rate-limit tokens, over all attempts."""
+
+
+async def buffered(response: ProxyResponse, limit: int) -> tuple[ProxyResponse, bytes | None]:
+    """Read the body if it is at most `limit` bytes: the upstream connection (and the attempt's
+    span) are then released and the bytes returned. A larger body is handed on unread past the
+    prefix already taken, still streaming."""
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > limit:
+        return response, None
+    chunks: list[bytes] = []
+    size = 0
+    source = response.body.chunks()
+    try:
+        async for chunk in source:
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                body = PrefixedBody(chunks, source, response.body)
+                return ProxyResponse(response.status, response.headers, body, response.reason), None
+    finally:
+        if size <= limit:
+            response.body.release()
+    data = b"".join(chunks)
+    return ProxyResponse(response.status, response.headers, BytesBody(data), response.reason), data
 
 
 Handler = Callable[[ProxyRequest], Awaitable[ProxyResponse]]

@@ -11,6 +11,7 @@ from proxy import secrets
 from proxy.config.loader import Config
 from proxy.config.model import PolicySettings
 from proxy.routing import Router, dedicated_upstream, upstream_for
+from proxy.telemetry import redact_query
 
 
 def redacted_settings(settings: PolicySettings) -> dict[str, Any]:
@@ -50,7 +51,7 @@ def explain(config: Config, method: str, url: str) -> str:
         upstream = upstream_for(policy, host, target.explicit_port)
     match = router.resolve_route(policy, method.upper(), target.raw_path)
     report = {
-        "request": f"{method.upper()} {url}",
+        "request": f"{method.upper()} {target.with_user(None).with_query(None)}{_query_names(url)}",
         "policy": policy.name,
         "source": policy.source,
         "matched_by": matched_by,
@@ -72,3 +73,9 @@ def _how(pattern: str | None) -> str:
     if pattern is None:
         return "unknown_hosts: allow"
     return f"wildcard {pattern}" if pattern.startswith("*.") else f"exact host {pattern}"
+
+
+def _query_names(url: str) -> str:
+    """The query with its values redacted, as in logs and spans."""
+    _, sep, query = url.partition("?")
+    return redact_query("?" + query) if sep else ""

@@ -16,6 +16,7 @@ limiter) lives in `PolicyState`, one per policy, shared by its routes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +72,14 @@ class PolicyState:
                 "replay",
                 lambda r: ReplayCache(r, clock),
             ),
-            breaker=carry(
-                lambda p: p.settings.circuit_breaker, "breaker", lambda b: CircuitBreaker(name, b, clock)
+            breaker=carry(  # a breaker judged one upstream: a new upstream (or TLS) starts closed
+                lambda p: (
+                    (p.settings.circuit_breaker, p.upstream, p.settings.tls)
+                    if p.settings.circuit_breaker
+                    else None
+                ),
+                "breaker",
+                lambda key: CircuitBreaker(name, key[0], clock),
             ),
             bulkhead=carry(lambda p: p.settings.concurrency, "bulkhead", lambda c: Bulkhead(name, c)),
             limiter=carry(lambda p: p.settings.rate_limit, "limiter", lambda r: RateLimiter(name, r, clock)),
@@ -145,6 +152,10 @@ class Pipelines:
         for policy in policies:
             before = previous.state_of(policy.name) if previous is not None else None
             state = PolicyState.build(policy, clock, before)
+            if policy is router.fallback:
+                # Many unrelated hosts share this policy: one breaker, limiter, bulkhead or replay cache
+                # for all of them would let one failing host shut out the rest. Only the budget is shared.
+                state = dataclasses.replace(state, breaker=None, bulkhead=None, limiter=None, replay=None)
             self.states[policy.name] = state
             self.policies[policy.name] = policy
             variants = [(None, policy.settings), *enumerate(r.settings for r in policy.routes)]

@@ -53,12 +53,15 @@ class Reloader:
         """Load, validate and apply; on any problem the running config stays and the error is kept."""
         async with self._lock:
             current = self.server.runtime.config
+            if self.server.draining:
+                self.last = ReloadResult(False, current.version, "shutting down", time.time(), trigger)
+                return self.last
             try:
                 config = await asyncio.to_thread(load_config, current.path)
                 _check_restart_only(current, config)
                 if config.version != current.version:
                     await self.server.apply(config)
-            except (ConfigError, OSError) as error:
+            except (ConfigError, OSError, ValueError) as error:  # ValueError: e.g. a secret gone since load
                 message = str(error)
                 self.last = ReloadResult(False, current.version, message, time.time(), trigger)
                 self.server.telemetry.metrics.reloads.labels("error").inc()

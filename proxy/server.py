@@ -23,7 +23,14 @@ from yarl import URL
 from proxy import errors
 from proxy.config.loader import Config
 from proxy.config.model import Policy, UpstreamTarget, is_valid_host
-from proxy.exchange import CHUNK_SIZE, ProxyRequest, ProxyResponse, RequestBody, end_to_end_headers
+from proxy.exchange import (
+    CHUNK_SIZE,
+    CONTROL_PREFIX,
+    ProxyRequest,
+    ProxyResponse,
+    RequestBody,
+    end_to_end_headers,
+)
 from proxy.pipeline import Pipelines, PolicyState
 from proxy.routing import Router, dedicated_upstream, upstream_for
 from proxy.telemetry import REQUEST_ID_HEADER, RequestObservation, Telemetry
@@ -33,7 +40,6 @@ log = logging.getLogger("outrigger.server")
 
 ATTEMPTS_HEADER = "x-outrigger-attempts"
 TIMEOUT_HEADER = "x-outrigger-timeout-ms"
-_CONTROL_PREFIX = "x-outrigger-"
 _NO_BODY_STATUSES = frozenset({204, 304})
 _CANCEL_GRACE_S = 0.2
 """After drain_timeout, how long cancelled handlers get to unwind before the listener shuts down."""
@@ -123,9 +129,10 @@ def _split_host(authority: str) -> tuple[str, int | None]:
     except ValueError:
         host = None
         explicit = None
-    if not host or url.raw_path not in ("", "/") or url.user is not None or not is_valid_host(host.lower()):
+    host = (host or "").lower().rstrip(".")
+    if not host or url.raw_path not in ("", "/") or url.user is not None or not is_valid_host(host):
         raise errors.BadRequest(f"invalid host {authority!r}")
-    return host.lower(), explicit
+    return host, explicit
 
 
 class ProxyServer:
@@ -167,6 +174,7 @@ class ProxyServer:
             max_headers=limits.max_headers,
             auto_decompress=False,
             access_log=None,
+            handler_cancellation=True,  # an app that hangs up stops its retries and frees its slot
         )
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=_CANCEL_GRACE_S)
         await self._runner.setup()
@@ -180,6 +188,7 @@ class ProxyServer:
         Requests already running keep the runtime they started with; state of unchanged policy
         sections carries over. Raises OSError (old config still serving) when a new port can't bind.
         """
+        self.upstream.forget_tls_contexts()  # rotated CA or client certificates are read again
         runtime = Runtime.build(config, self.upstream, self.telemetry.tracer, previous=self.runtime)
         wanted = {config.main.listen.port, *runtime.router.ports}
         opened: list[int] = []
@@ -327,7 +336,7 @@ class ProxyServer:
         policy, host, target, path_qs = self._target(request, runtime)
         headers = end_to_end_headers(request.headers, frozenset({"host", "expect"}))
         timeout_override = None
-        for name in [k for k in headers if k.lower().startswith(_CONTROL_PREFIX)]:
+        for name in [k for k in headers if k.lower().startswith(CONTROL_PREFIX)]:
             value = headers.popone(name)
             if name.lower() == TIMEOUT_HEADER:
                 timeout_override = _parse_timeout_ms(value)
@@ -355,11 +364,9 @@ class ProxyServer:
         dedicated = runtime.router.policy_for_port(local_port) if local_port is not None else None
         if raw_target.lower().startswith(("http://", "https://")):
             url = URL(raw_target, encoded=True)
-            if not url.raw_host:
-                raise errors.BadRequest("absolute request target without a host")
-            host, port = url.raw_host.lower(), url.explicit_port
+            host, port = _split_host(url.raw_authority)
             path_qs = url.raw_path_qs or "/"
-        elif raw_target.startswith("/") or (raw_target == "*" and request.method == "OPTIONS"):
+        elif raw_target.startswith("/"):
             path_qs = raw_target
             host_header = request.headers.get("Host")
             if dedicated is None and not host_header:

@@ -22,7 +22,8 @@ from proxy import errors
 from proxy.addresses import refusal_reason
 from proxy.config import defaults
 from proxy.config.model import TlsSettings, UpstreamTarget
-from proxy.exchange import CHUNK_SIZE, ProxyRequest, ProxyResponse, end_to_end_headers
+from proxy.config.units import format_duration
+from proxy.exchange import CHUNK_SIZE, CONTROL_PREFIX, ProxyRequest, ProxyResponse, end_to_end_headers
 
 _NO_CEILING = 1e9
 """aiohttp rounds timeouts above ``ceil_threshold`` up to whole seconds; we want them exact."""
@@ -108,29 +109,13 @@ class UpstreamClient:
                     ceil_threshold=_NO_CEILING,
                 ),
             )
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise errors.ConnectFailure(
-                f"TLS certificate of {target.host} rejected: {exc.certificate_error}"
-            ) from exc
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            raise errors.ConnectFailure(f"cannot connect to {target.authority}: {_describe(exc)}") from exc
-        except aiohttp.SocketTimeoutError as exc:
-            raise errors.AttemptTimeout(f"{target.authority} sent nothing for {timeouts.per_try:g}s") from exc
-        except (
-            aiohttp.ServerDisconnectedError,
-            aiohttp.ClientOSError,
-            aiohttp.ClientPayloadError,
-        ) as exc:
-            raise errors.ConnectionReset(
-                f"connection to {target.authority} closed before a response: {_describe(exc)}"
-            ) from exc
-        except aiohttp.ClientResponseError as exc:
-            raise errors.UpstreamUnreachable(
-                f"{target.authority} sent an invalid response: {exc.message}"
-            ) from exc
+        except aiohttp.ClientError as exc:
+            if request.body.failed:
+                raise errors.ClientDisconnected("the app broke off its request body") from exc
+            raise _attempt_error(exc, target, timeouts.per_try) from exc
         return ProxyResponse(
             status=response.status,
-            headers=end_to_end_headers(response.headers),
+            headers=end_to_end_headers(response.headers, drop_prefix=CONTROL_PREFIX),
             body=UpstreamBody(response),
             reason=response.reason,
         )
@@ -162,6 +147,10 @@ class UpstreamClient:
         self._dns[(host, port)] = addresses
         return addresses
 
+    def forget_tls_contexts(self) -> None:
+        """New attempts build their contexts (and pooled connections) from the files as they are now."""
+        self._ssl_contexts.clear()
+
     def _ssl_context(self, tls: TlsSettings) -> ssl.SSLContext:
         """One context per distinct TLS section, so pooled connections are keyed by it."""
         context = self._ssl_contexts.get(tls)
@@ -170,6 +159,24 @@ class UpstreamClient:
         return context
 
 
+def _attempt_error(exc: aiohttp.ClientError, target: UpstreamTarget, per_try: float) -> errors.OutriggerError:
+    """aiohttp's failure as the attempt outcome it is (the retry and breaker conditions)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return errors.ConnectFailure(f"TLS certificate of {target.host} rejected: {exc.certificate_error}")
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return errors.ConnectFailure(f"cannot connect to {target.authority}: {_describe(exc)}")
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return errors.AttemptTimeout(f"{target.authority} sent nothing for {format_duration(per_try)}")
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | aiohttp.ClientPayloadError):
+        return errors.ConnectionReset(
+            f"connection to {target.authority} closed before a response: {_describe(exc)}"
+        )
+    return errors.UpstreamUnreachable(f"{target.authority} sent an invalid response ({type(exc).__name__})")
+
+
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return text or type(exc).__name__
+    """The cause, never aiohttp's own message: that can carry the full URL with its query values."""
+    os_error = getattr(exc, "os_error", None) or (exc if isinstance(exc, OSError) else None)
+    if isinstance(os_error, OSError) and os_error.strerror:
+        return os_error.strerror
+    return type(exc).__name__

@@ -188,7 +188,7 @@ def test_console_script_check_in_a_subprocess(config: Path, tmp_path: Path) -> N
 
 def test_explain_exact_host(capsys: pytest.CaptureFixture[str], config: Path) -> None:
     report = explain(capsys, config, "GET", "http://api.stripe.com/v1/charges?limit=3")
-    assert report["request"] == "GET http://api.stripe.com/v1/charges?limit=3"
+    assert report["request"] == "GET http://api.stripe.com/v1/charges?limit=REDACTED"
     assert report["policy"] == "api.stripe.com"
     assert report["source"] == f"{config.parent / 'policies' / 'stripe.yaml'}:2"
     assert report["matched_by"] == "exact host api.stripe.com"

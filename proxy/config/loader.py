@@ -446,6 +446,7 @@ def _policy_files(directory: Path) -> list[Path]:
 
 
 def _secret_files(main: MainConfig, policies: Sequence[Policy], config_path: Path) -> list[Path]:
+    """Files whose rotation must reach running requests: ``${file:...}`` secrets and TLS material."""
     settings = [
         main.defaults,
         *(p.settings for p in policies),
@@ -457,7 +458,13 @@ def _secret_files(main: MainConfig, policies: Sequence[Policy], config_path: Pat
         for template in s.headers.set.values()
         for file in secrets.referenced_files(template, config_path.parent)
     }
-    return sorted(found)
+    tls_files = {
+        file
+        for s in settings
+        for file in (s.tls.ca_file, s.tls.client_cert, s.tls.client_key)
+        if file is not None
+    }
+    return sorted(found | tls_files)
 
 
 def content_hash(files: Sequence[Path]) -> str:

@@ -347,12 +347,6 @@ class Retries(Frozen):
     """Per policy (routes cannot change it); ``null`` turns the budget off (lint warns)."""
     max_replay_bytes: ByteSize = builtin.MAX_REPLAY_BYTES
 
-    def statuses(self) -> frozenset[int]:
-        return frozenset(code for c in self.on if c not in ERROR_CONDITIONS for code in _statuses_of(c))
-
-    def errors(self) -> frozenset[str]:
-        return frozenset(c for c in self.on if c in ERROR_CONDITIONS)
-
 
 class Replay(Frozen):
     ttl: Duration = Field(default=builtin.REPLAY_TTL_S, gt=0)
@@ -385,6 +379,8 @@ class RateLimit(Frozen):
     burst: int = Field(default=builtin.RATE_LIMIT_BURST, ge=1)
     max_wait: Duration = builtin.RATE_LIMIT_MAX_WAIT_S
     adaptive: bool = builtin.RATE_LIMIT_ADAPTIVE
+    max_pause: Duration = Field(default=builtin.RATE_LIMIT_MAX_PAUSE_S, gt=0)
+    """Longest pause a provider's Retry-After/reset may impose (a stray "86400" must not stop a day)."""
 
     @property
     def per_second(self) -> float:

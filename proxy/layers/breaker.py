@@ -129,6 +129,7 @@ class CircuitBreaker:
         return {
             "state": self.state,
             "consecutive_failures": self.consecutive_failures,
+            "transitions": self.transitions,
             "seconds_until_half_open": round(self.seconds_until_half_open(), 3) if self.is_open() else 0,
         }
 

@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 from proxy import errors
 from proxy.clock import Clock
 from proxy.config.model import Idempotency, Replay
-from proxy.exchange import BytesBody, Handler, PrefixedBody, ProxyRequest, ProxyResponse
+from proxy.exchange import BytesBody, Handler, ProxyRequest, ProxyResponse, buffered
 
 REPLAYED_HEADER = "x-outrigger-replayed"
 _NOT_STORED_4XX = frozenset({409, 429})
@@ -99,31 +99,21 @@ class ReplayCache:
         self, response: ProxyResponse, fingerprint: str
     ) -> tuple[ProxyResponse, StoredResponse | None]:
         """Read the body to keep it when it is storable and small enough; else pass it on unread."""
-        limit = self.settings.max_body_bytes
-        length = response.headers.get("Content-Length", "")
-        if not _storable(response.status) or (length.isdigit() and int(length) > limit):
+        if not _storable(response.status):
             return response, None
-        chunks: list[bytes] = []
-        size = 0
-        source = response.body.chunks()
-        async for chunk in source:
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                body = PrefixedBody(chunks, source, response.body)
-                return ProxyResponse(response.status, response.headers, body, response.reason), None
-        response.body.release()
-        data = b"".join(chunks)
+        response, data = await buffered(response, self.settings.max_body_bytes)
+        if data is None:
+            return response, None
         stored = StoredResponse(
             fingerprint, response.status, response.reason, tuple(response.headers.items()), data
         )
-        return ProxyResponse(response.status, response.headers, BytesBody(data), response.reason), stored
+        return response, stored
 
 
 def _fingerprint(request: ProxyRequest) -> str:
     body = request.body.for_attempt()
     assert body is None or isinstance(body, bytes), "fingerprinting needs a buffered body"
-    digest = hashlib.sha256(f"{request.method}\0{request.path_qs}\0".encode())
+    digest = hashlib.sha256(f"{request.method}\0{request.host}\0{request.path_qs}\0".encode())
     digest.update(body or b"")
     return digest.hexdigest()
 

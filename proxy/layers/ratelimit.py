@@ -85,6 +85,9 @@ class RateLimiter:
         pause = pause_requested(headers, status, now_wall)
         if pause is not None:
             seconds, reason = pause
+            if seconds > self.settings.max_pause:
+                log.warning("%s asked for a %.0fs pause; capped at max_pause", self.name, seconds)
+                seconds = self.settings.max_pause
             until = self._clock.now() + seconds
             if self._pause is None or until > self._pause.until:
                 self._pause = _Pause(until, reason)

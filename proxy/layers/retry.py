@@ -16,7 +16,7 @@ from proxy import errors
 from proxy.clock import Clock
 from proxy.config.defaults import KEYED_METHODS
 from proxy.config.model import OutcomeSet, Retries
-from proxy.exchange import Handler, ProxyRequest, ProxyResponse, RetryRecord
+from proxy.exchange import Handler, ProxyRequest, ProxyResponse, RetryRecord, buffered
 from proxy.layers.backoff import DEFAULT_UNIFORM, full_jitter
 from proxy.layers.budget import RetryBudget
 from proxy.provider_headers import retry_after_seconds
@@ -110,6 +110,8 @@ class RetryLayer:
                 if retry is None:
                     return _final(previous)
                 request.retries.append(retry)
+                if response is not None:
+                    previous = await _settle(response)
                 await self.clock.sleep(retry.delay)
         except BaseException:
             if isinstance(previous, ProxyResponse):
@@ -150,3 +152,16 @@ def _final(outcome: ProxyResponse | RetryableFailure | None) -> ProxyResponse:
         return outcome
     assert outcome is not None
     raise outcome
+
+
+_SETTLE_LIMIT = 64 * 1024
+"""A discarded response up to this size is read before the backoff, freeing its connection and span."""
+
+
+async def _settle(response: ProxyResponse) -> ProxyResponse | RetryableFailure:
+    """Keep a small copy of a response we may still have to return (if the retry is refused)."""
+    try:
+        settled, _ = await buffered(response, _SETTLE_LIMIT)
+    except (errors.ConnectionReset, errors.AttemptTimeout) as failure:
+        return failure
+    return settled

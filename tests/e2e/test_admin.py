@@ -213,6 +213,7 @@ async def test_state_has_a_section_per_policy_and_null_for_absent_layers(
     assert full["circuit_breaker"] == {
         "state": "closed",
         "consecutive_failures": 0,
+        "transitions": 0,
         "seconds_until_half_open": 0,
     }
     assert full["retry_budget"] == {"requests": 0, "retries": 0}

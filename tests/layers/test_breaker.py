@@ -338,10 +338,20 @@ async def test_transitions_are_counted_and_logged(caplog: pytest.LogCaptureFixtu
 async def test_snapshot() -> None:
     clock = FakeClock()
     breaker = _breaker(clock, threshold=3, reset=10)
-    assert breaker.snapshot() == {"state": CLOSED, "consecutive_failures": 0, "seconds_until_half_open": 0}
+    assert breaker.snapshot() == {
+        "state": CLOSED,
+        "consecutive_failures": 0,
+        "transitions": 0,
+        "seconds_until_half_open": 0,
+    }
     await _attempt(breaker, 503)
     await _attempt(breaker, 503)
-    assert breaker.snapshot() == {"state": CLOSED, "consecutive_failures": 2, "seconds_until_half_open": 0}
+    assert breaker.snapshot() == {
+        "state": CLOSED,
+        "consecutive_failures": 2,
+        "transitions": 0,
+        "seconds_until_half_open": 0,
+    }
     await _attempt(breaker, 503)
     clock.advance(2.25)
     snapshot = breaker.snapshot()
@@ -417,9 +427,9 @@ async def test_a_retry_refused_by_an_open_breaker_returns_the_previous_upstream_
     response = await handler(make_request())
     assert upstream.calls == 1, "the retry was refused by the breaker, not sent"
     assert response.status == 503
-    assert response is upstream.responses[0]
-    body = upstream.responses[0].body
-    assert not getattr(body, "released", True), "the returned response must not have been released"
+    assert response.headers["X-Attempt"] == "1"
+    assert b"".join([chunk async for chunk in response.body.chunks()]) == b"first"
+    assert upstream.responses[0].body.released, "the small body was read and its connection freed before backoff"
 
 
 async def test_a_retry_refused_on_the_first_attempt_raises_circuit_open() -> None:
