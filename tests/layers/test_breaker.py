@@ -18,7 +18,15 @@ from proxy.exchange import ProxyRequest, ProxyResponse
 from proxy.layers.breaker import CLOSED, HALF_OPEN, OPEN, BreakerLayer, CircuitBreaker
 from proxy.layers.retry import RetryLayer
 from proxy.pipeline import compose
-from tests.fakes import FakeClock, RecordingUniform, Script, fake_upstream, make_request, settings_from
+from tests.fakes import (
+    FakeClock,
+    RecordingUniform,
+    Script,
+    TrackedBody,
+    fake_upstream,
+    make_request,
+    settings_from,
+)
 
 RESET = 30.0
 
@@ -429,7 +437,9 @@ async def test_a_retry_refused_by_an_open_breaker_returns_the_previous_upstream_
     assert response.status == 503
     assert response.headers["X-Attempt"] == "1"
     assert b"".join([chunk async for chunk in response.body.chunks()]) == b"first"
-    assert upstream.responses[0].body.released, "the small body was read and its connection freed before backoff"
+    first = upstream.responses[0].body
+    assert isinstance(first, TrackedBody)
+    assert first.released, "the small body was read and its connection freed before the backoff"
 
 
 async def test_a_retry_refused_on_the_first_attempt_raises_circuit_open() -> None:

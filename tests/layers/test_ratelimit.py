@@ -20,7 +20,7 @@ from proxy.layers.ratelimit import RateLimiter, RateLimitLayer
 from proxy.layers.retry import RetryLayer
 from proxy.pipeline import compose
 from proxy.provider_headers import ProviderQuota
-from tests.fakes import FakeClock, RecordingUniform, fake_upstream, make_request, settings_from
+from tests.fakes import FakeClock, RecordingUniform, TrackedBody, fake_upstream, make_request, settings_from
 
 SLOW = 1 / 3600
 """A rate so slow no token comes back during a test (one per hour)."""
@@ -320,7 +320,9 @@ async def test_a_retry_refused_by_the_limiter_returns_the_previous_upstream_resp
     assert upstream.calls == 1
     assert response.status == 503
     assert response.headers["X-Attempt"] == "1"
-    assert upstream.responses[0].body.released, "the small body was read and its connection freed before backoff"
+    first = upstream.responses[0].body
+    assert isinstance(first, TrackedBody)
+    assert first.released, "the small body was read and its connection freed before the backoff"
 
 
 async def test_a_first_attempt_refused_by_the_limiter_is_rate_limited() -> None:
