@@ -151,6 +151,7 @@ class Metrics:
             "outrigger_request_duration_seconds",
             "Time to answer a request, body included",
             ["host"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
             registry=r,
         )
         self.attempts = Counter("outrigger_attempts", "Upstream attempts", ["host", "outcome"], registry=r)

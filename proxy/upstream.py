@@ -86,13 +86,17 @@ class UpstreamClient:
     async def send(self, request: ProxyRequest) -> ProxyResponse:
         """One attempt: resolve, check, connect and return once the response head has arrived."""
         target = request.target
-        address = await self._checked_address(target, request.settings.allow_private_addresses)
+        timeouts = request.settings.timeouts
+        try:
+            async with asyncio.timeout(timeouts.connect):
+                address = await self._checked_address(target, request.settings.allow_private_addresses)
+        except TimeoutError:
+            raise errors.ConnectFailure(f"resolving {target.host} took longer than connect") from None
         host_in_url = f"[{address}]" if ":" in address else address
         url = URL(f"{target.scheme}://{host_in_url}:{target.port}{request.path_qs}", encoded=True)
         headers = request.headers.copy()
         headers["Host"] = target.authority
         tls = request.settings.tls
-        timeouts = request.settings.timeouts
         try:
             response = await self._session.request(
                 request.method,
@@ -104,6 +108,7 @@ class UpstreamClient:
                 server_hostname=(tls.sni or target.host) if target.scheme == "https" else None,
                 timeout=aiohttp.ClientTimeout(
                     total=None,
+                    connect=timeouts.connect,  # pool wait + TCP + TLS handshake
                     sock_connect=timeouts.connect,
                     sock_read=timeouts.per_try,
                     ceil_threshold=_NO_CEILING,
