@@ -71,7 +71,18 @@ class RequestBody:
         self._prefix: list[bytes] = []
         self._streamed = False
         self.failed = False
+        self._uploading = False
         """The app's side broke off (disconnect, bad chunking) while we read its body."""
+
+    @property
+    def replayable(self) -> bool:
+        """The same bytes can be sent again (buffered, or no body at all)."""
+        return self._buffered is not None
+
+    @property
+    def uploading(self) -> bool:
+        """The app's streamed body started going upstream and has not finished (not buffered)."""
+        return self._uploading
 
     async def buffer(self, limit: int) -> bool:
         """Read the whole body if it fits in `limit` bytes; True when it is then replayable."""
@@ -102,11 +113,13 @@ class RequestBody:
 
     async def _stream(self) -> AsyncIterator[bytes]:
         assert self._source is not None
+        self._uploading = True  # stays set if the upload is cut short: it never finished
         for chunk in self._prefix:
             yield chunk
         self._prefix = []
         async for chunk in self._read():
             yield chunk
+        self._uploading = False
 
     async def _read(self) -> AsyncIterator[bytes]:
         assert self._source is not None

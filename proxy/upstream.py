@@ -10,6 +10,7 @@ change between the check and the connect.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -84,19 +85,31 @@ class UpstreamClient:
         await self._session.close()
 
     async def send(self, request: ProxyRequest) -> ProxyResponse:
-        """One attempt: resolve, check, connect and return once the response head has arrived."""
+        """One attempt: resolve, check, connect and return once the response head has arrived.
+
+        When a connection cannot be made, the next checked address is tried (within the same
+        attempt) as long as the body can be sent again.
+        """
         target = request.target
         timeouts = request.settings.timeouts
         try:
             async with asyncio.timeout(timeouts.connect):
-                address = await self._checked_address(target, request.settings.allow_private_addresses)
+                addresses = await self._checked_addresses(target, request.settings.allow_private_addresses)
         except TimeoutError:
             raise errors.ConnectFailure(f"resolving {target.host} took longer than connect") from None
+        if not request.body.replayable:
+            addresses = addresses[:1]  # a streamed body can go out only once
+        for address in addresses[:-1]:
+            with contextlib.suppress(errors.ConnectFailure):
+                return await self._send_to(address, request)
+        return await self._send_to(addresses[-1], request)
+
+    async def _send_to(self, address: str, request: ProxyRequest) -> ProxyResponse:
+        target, tls, timeouts = request.target, request.settings.tls, request.settings.timeouts
         host_in_url = f"[{address}]" if ":" in address else address
         url = URL(f"{target.scheme}://{host_in_url}:{target.port}{request.path_qs}", encoded=True)
         headers = request.headers.copy()
         headers["Host"] = target.authority
-        tls = request.settings.tls
         try:
             response = await self._session.request(
                 request.method,
@@ -125,18 +138,18 @@ class UpstreamClient:
             reason=response.reason,
         )
 
-    async def _checked_address(self, target: UpstreamTarget, allow_private: bool) -> str:
+    async def _checked_addresses(self, target: UpstreamTarget, allow_private: bool) -> tuple[str, ...]:
         candidates = await self._resolve(target.host, target.port)
         if allow_private:
-            return candidates[0]
-        allowed = [a for a in candidates if refusal_reason(a) is None]
+            return candidates
+        allowed = tuple(a for a in candidates if refusal_reason(a) is None)
         if not allowed:
             reason = refusal_reason(candidates[0])
             raise errors.AddressNotAllowed(
                 f"{target.host} resolves to {candidates[0]} ({reason}); set allow_private_addresses: true"
                 " in its policy to permit it"
             )
-        return allowed[0]
+        return allowed
 
     async def _resolve(self, host: str, port: int) -> tuple[str, ...]:
         cached = self._dns.get((host, port))

@@ -55,7 +55,15 @@ class AttemptLayer:
             async with asyncio.timeout(self.per_try):
                 response = await next(request)
         except TimeoutError:
-            error = errors.AttemptTimeout(f"no response head within per_try {format_duration(self.per_try)}")
+            error: errors.OutriggerError
+            if request.body.uploading:  # the app is slow to send, not the upstream to answer
+                error = errors.Timeout(
+                    f"the app's request body did not arrive within per_try {format_duration(self.per_try)}"
+                )
+            else:
+                error = errors.AttemptTimeout(
+                    f"no response head within per_try {format_duration(self.per_try)}"
+                )
             _fail(request, span, error)
             raise error from None
         except errors.OutriggerError as error:
