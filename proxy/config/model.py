@@ -352,6 +352,14 @@ class Replay(Frozen):
     ttl: Duration = Field(default=builtin.REPLAY_TTL_S, gt=0)
     max_entries: int = Field(default=builtin.REPLAY_MAX_ENTRIES, ge=1)
     max_body_bytes: ByteSize = builtin.REPLAY_MAX_BODY_BYTES
+    max_total_bytes: ByteSize = Field(default=builtin.REPLAY_MAX_TOTAL_BYTES, ge=1)
+    """Memory bound of the whole cache (max_entries x max_body_bytes alone could reach 10 GiB)."""
+
+    @model_validator(mode="after")
+    def _body_fits(self) -> Replay:
+        if self.max_body_bytes > self.max_total_bytes:
+            raise ValueError("max_body_bytes is larger than max_total_bytes")
+        return self
 
 
 class Idempotency(Frozen):

@@ -56,8 +56,15 @@ class ReplayCache:
 
     def __init__(self, settings: Replay, clock: Clock) -> None:
         self.settings = settings
+        # One size unit serves both bounds: every entry weighs at least total/max_entries, so there
+        # are never more than max_entries, and the bodies never add up past max_total_bytes.
+        unit = settings.max_total_bytes / settings.max_entries
+
+        def weight(entry: StoredResponse | _Pending) -> float:
+            return max(unit, len(entry.body)) if isinstance(entry, StoredResponse) else unit
+
         self._entries: TTLCache[str, StoredResponse | _Pending] = TTLCache(
-            maxsize=settings.max_entries, ttl=settings.ttl, timer=clock.now
+            maxsize=settings.max_total_bytes, ttl=settings.ttl, timer=clock.now, getsizeof=weight
         )
 
     def __len__(self) -> int:

@@ -313,3 +313,14 @@ async def test_injected_keys_are_never_replayed() -> None:
     response = await h.send(upstream, key=None)
     assert REPLAYED_HEADER not in response.headers
     assert upstream.calls == 2
+
+
+async def test_max_total_bytes_bounds_the_cache_memory() -> None:
+    h = Harness(replay={"ttl": "1h", "max_entries": 100, "max_body_bytes": "1KiB", "max_total_bytes": "2KiB"})
+    assert h.cache is not None
+    upstream = fake_upstream(*[(200, {}, b"x" * 1000) for _ in range(5)])
+    for key in ("a", "b", "c", "d", "e"):
+        await h.send(upstream, key=key)
+        assert len(h.cache) <= 2, "1000-byte bodies: at most two fit in 2 KiB"
+    assert upstream.calls == 5
+    assert (await h.send(upstream, key="e")).headers.get(REPLAYED_HEADER) == "true", "the newest stays"
