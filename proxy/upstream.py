@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -195,6 +196,6 @@ def _attempt_error(exc: aiohttp.ClientError, target: UpstreamTarget, per_try: fl
 def _describe(exc: BaseException) -> str:
     """The cause, never aiohttp's own message: that can carry the full URL with its query values."""
     os_error = getattr(exc, "os_error", None) or (exc if isinstance(exc, OSError) else None)
-    if isinstance(os_error, OSError) and os_error.strerror:
-        return os_error.strerror
+    if isinstance(os_error, OSError) and os_error.errno:
+        return os.strerror(os_error.errno)  # not .strerror: aiohttp puts its own text (and the URL) there
     return type(exc).__name__
