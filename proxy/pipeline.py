@@ -65,7 +65,7 @@ class PolicyState:
                 return getattr(previous[1], attribute)
             return make(current) if current is not None else None
 
-        return cls(
+        state = cls(
             budget=carry(_budget_settings, "budget", lambda b: RetryBudget(b, clock)),
             replay=carry(
                 lambda p: p.settings.idempotency.replay if p.settings.idempotency else None,
@@ -84,6 +84,10 @@ class PolicyState:
             bulkhead=carry(lambda p: p.settings.concurrency, "bulkhead", lambda c: Bulkhead(name, c)),
             limiter=carry(lambda p: p.settings.rate_limit, "limiter", lambda r: RateLimiter(name, r, clock)),
         )
+        old_limiter = previous[1].limiter if previous is not None else None
+        if state.limiter is not None and old_limiter is not None and state.limiter is not old_limiter:
+            state.limiter.adopt_provider_view(old_limiter)
+        return state
 
 
 def _budget_settings(policy: Policy) -> RetryBudgetSettings | None:

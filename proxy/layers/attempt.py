@@ -74,7 +74,7 @@ class AttemptLayer:
             raise
         request.attempt_outcomes.append(outcome_label(response.status, None))
         span.set_attribute("http.response.status_code", response.status)
-        if response.status >= 500:
+        if response.status >= 400:  # semconv: a CLIENT span is in error for 4xx too
             span.set_attribute("error.type", str(response.status))
             span.set_status(StatusCode.ERROR)
         response.body = ReleasingBody(response.body, span.end)

@@ -42,6 +42,11 @@ class RateLimiter:
         self._pause: _Pause | None = None
         self.quota: ProviderQuota | None = None
 
+    def adopt_provider_view(self, previous: RateLimiter) -> None:
+        """Keep what the provider told us (pause, quota) when only our own limits changed on reload."""
+        self._pause = previous._pause
+        self.quota = previous.quota
+
     def pause_remaining(self) -> float:
         if self._pause is None:
             return 0.0

@@ -833,7 +833,7 @@ async def test_open_breaker_survives_an_unrelated_change_and_resets_when_its_sec
     assert (await _state(live, "circuit_breaker"))["consecutive_failures"] == 1
 
 
-async def test_provider_pause_survives_an_unrelated_change_and_resets_when_rate_limit_changes(
+async def test_provider_pause_survives_reloads_even_when_our_rate_limit_changes(
     serve: Serve, upstream: Upstream, tmp_path: Path
 ) -> None:
     upstream.status = 429
@@ -853,12 +853,20 @@ async def test_provider_pause_survives_an_unrelated_change_and_resets_when_rate_
     assert (status, headers.get("x-outrigger-error")) == (429, "rate_limited")
     assert upstream.hits == 1  # the pause the provider asked for still holds
 
+    # Our own limits changed, the provider's request did not: the pause (and quota) carry over.
     write_policies(tmp_path, [header_policy(upstream, "v3", rate_limit={**limit, "rate": 50})])
     assert (await live.reload())[0] == 200
-    assert (await _state(live, "rate_limit"))["paused_for_seconds"] == 0
+    assert (await _state(live, "rate_limit"))["paused_for_seconds"] > 20
     status, headers, _ = await live.get()
-    assert (status, headers.get("x-outrigger-error")) == (429, None)
-    assert upstream.hits == 2
+    assert (status, headers.get("x-outrigger-error")) == (429, "rate_limited")
+    assert upstream.hits == 1
+
+    # Turning the limiter off and on again starts clean.
+    write_policies(tmp_path, [header_policy(upstream, "v4")])
+    assert (await live.reload())[0] == 200
+    write_policies(tmp_path, [header_policy(upstream, "v5", rate_limit=limit)])
+    assert (await live.reload())[0] == 200
+    assert (await _state(live, "rate_limit"))["paused_for_seconds"] == 0
 
 
 async def test_spent_retry_budget_survives_an_unrelated_change_and_resets_when_it_changes(
