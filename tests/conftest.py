@@ -16,6 +16,7 @@ from proxy.admin import build_admin_app
 from proxy.config.loader import Config, load_config
 from proxy.reload import Reloader
 from proxy.server import ProxyServer
+from tests.e2e.otlp_receiver import OtlpReceiver
 
 _handed_out: set[int] = set()
 
@@ -92,3 +93,12 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
 def loopback_policy(upstream: str, host: str = "upstream.test", **extra: Any) -> dict[str, Any]:
     """A policy for a loopback test upstream (the SSRF guard must be opted out of)."""
     return {"hosts": [host], "upstream": upstream, "allow_private_addresses": True, **extra}
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[OtlpReceiver]:
+    """A local OTLP/HTTP collector. Request it BEFORE `start_proxy` so the proxy (which flushes
+    on stop) is torn down first."""
+    collector = await OtlpReceiver().start()
+    yield collector
+    await collector.close()

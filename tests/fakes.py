@@ -11,7 +11,8 @@ headers and body, a ready `ProxyResponse`, or an exception to raise).
 
 `ScriptedUpstream` is a real aiohttp server on 127.0.0.1 for end-to-end tests:
 it answers from a script (statuses, headers, bodies, or a reset without any
-answer) and records each request it received, with its arrival time.
+answer) and records each request it received, with its arrival time. `Gate` and
+`body_in_two_parts` are handlers for its script; `call` and `app_request` are the app's side.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from multidict import CIMultiDict
 
 from proxy.config.model import Policy, PolicySettings, UpstreamTarget
 from proxy.exchange import ProxyRequest, ProxyResponse, RequestBody
+from tests.conftest import RunningProxy
 
 WALL_START = 1_700_000_000.0
 """FakeClock's epoch time at creation (a whole second, so HTTP-dates are exact)."""
@@ -285,6 +287,45 @@ class ScriptedUpstream:
         return result
 
 
+class Gate:
+    """An upstream handler that holds every request until opened (bounded by `hold_limit` seconds)."""
+
+    def __init__(self, text: str = "released", hold_limit: float = 10.0) -> None:
+        self.open = asyncio.Event()
+        self.arrived = 0
+        self.text = text
+        self.hold_limit = hold_limit
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        self.arrived += 1
+        await asyncio.wait_for(self.open.wait(), self.hold_limit)
+        return web.Response(text=self.text)
+
+    async def wait_arrivals(self, count: int, within: float = 5.0) -> None:
+        for _ in range(int(within / 0.02)):
+            if self.arrived >= count:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"only {self.arrived} of {count} requests reached the upstream")
+
+
+def body_in_two_parts(
+    first: bytes, rest: bytes, pause: float = 0.3
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """An upstream handler that streams `first` at once and `rest` only after `pause` seconds."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(first)
+        await asyncio.sleep(pause)
+        await response.write(rest)
+        await response.write_eof()
+        return response
+
+    return handle
+
+
 @dataclass
 class Reply:
     status: int
@@ -305,3 +346,15 @@ async def call(method: str, url: str, **kwargs: Any) -> Reply:
         client.request(method, url, **kwargs) as resp,
     ):
         return Reply(resp.status, CIMultiDict(resp.headers), await resp.read())
+
+
+async def app_request(
+    proxy: RunningProxy,
+    method: str = "GET",
+    path: str = "/v1/things",
+    host: str = "upstream.test",
+    headers: dict[str, str] | None = None,
+    data: bytes | None = None,
+) -> Reply:
+    """What an app sends through `proxy`'s main listener, with `Host: host`."""
+    return await call(method, f"{proxy.url}{path}", headers={"Host": host, **(headers or {})}, data=data)

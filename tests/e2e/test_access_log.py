@@ -20,7 +20,6 @@ import secrets
 import signal
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,11 +29,11 @@ import pytest
 import yaml
 from aiohttp import web
 
-from tests.conftest import RunningProxy, StartProxy, free_port, loopback_policy, write_config
+from tests.conftest import StartProxy, free_port, loopback_policy, write_config
 from tests.e2e.otlp_receiver import OtlpReceiver
 from tests.e2e.procs import OutriggerProcess, outrigger_command, raw_exchange, wait_until
 from tests.e2e.upstreams import Seen, start_recording
-from tests.fakes import AiohttpServerFactory, Reply, ScriptedUpstream, call
+from tests.fakes import AiohttpServerFactory, ScriptedUpstream, app_request, call
 
 HOST = "upstream.test"
 FAST_BACKOFF = {"base": "10ms", "max": "10ms"}
@@ -86,17 +85,6 @@ class AccessLog:
         found = [e for e in self.entries if e["request_id"] == request_id]
         assert len(found) == 1, f"expected one line for {request_id}, got {found}"
         return found[0]
-
-
-async def app_request(
-    proxy: RunningProxy,
-    method: str = "GET",
-    path: str = "/v1/things",
-    host: str = HOST,
-    headers: dict[str, str] | None = None,
-    data: bytes | None = None,
-) -> Reply:
-    return await call(method, f"{proxy.url}{path}", headers={"Host": host, **(headers or {})}, data=data)
 
 
 # --------------------------------------------------------------------------- the access log
@@ -361,13 +349,6 @@ async def test_outrigger_run_writes_json_access_lines_to_stdout(
 
 
 # --------------------------------------------------------------------------- secrets never leak
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[OtlpReceiver]:
-    collector = await OtlpReceiver().start()
-    yield collector
-    await collector.close()
 
 
 async def test_planted_secrets_appear_nowhere(

@@ -17,11 +17,10 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from aiohttp import web
 
 from tests.conftest import RunningProxy, StartProxy, loopback_policy, write_config
 from tests.e2e.procs import OutriggerProcess
-from tests.fakes import AiohttpServerFactory, Reply, ScriptedUpstream, call
+from tests.fakes import AiohttpServerFactory, Gate, ScriptedUpstream, app_request
 
 HOST = "upstream.test"
 FAST_BACKOFF = {"base": "10ms", "max": "10ms"}
@@ -44,37 +43,6 @@ async def state_of(session: aiohttp.ClientSession, proxy: RunningProxy, policy: 
     assert status == 200
     section: dict[str, Any] = body[policy]
     return section
-
-
-async def app_request(
-    proxy: RunningProxy,
-    method: str = "GET",
-    path: str = "/v1/things",
-    host: str = HOST,
-    headers: dict[str, str] | None = None,
-    data: bytes | None = None,
-) -> Reply:
-    return await call(method, f"{proxy.url}{path}", headers={"Host": host, **(headers or {})}, data=data)
-
-
-class Gate:
-    """An upstream handler that holds every request until opened (bounded)."""
-
-    def __init__(self) -> None:
-        self.open = asyncio.Event()
-        self.arrived = 0
-
-    async def __call__(self, request: web.Request) -> web.Response:
-        self.arrived += 1
-        await asyncio.wait_for(self.open.wait(), 10)
-        return web.Response(text="released")
-
-    async def wait_arrivals(self, count: int) -> None:
-        for _ in range(250):
-            if self.arrived >= count:
-                return
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"only {self.arrived} of {count} requests reached the upstream")
 
 
 # --------------------------------------------------------------------------- health and readiness

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from tests.conftest import RunningProxy, StartProxy, free_port, loopback_policy
-from tests.fakes import AiohttpServerFactory, Reply, ScriptedUpstream, call
+from tests.fakes import AiohttpServerFactory, ScriptedUpstream, app_request, body_in_two_parts
 
 HOST = "upstream.test"
 FAST_BACKOFF = {"base": "10ms", "max": "10ms"}
@@ -79,17 +79,6 @@ async def scrape(proxy: RunningProxy) -> Scrape:
         f.name: Family(f.name, f.type, tuple(f.samples)) for f in text_string_to_metric_families(text)
     }
     return Scrape(families, text)
-
-
-async def app_request(
-    proxy: RunningProxy,
-    method: str = "GET",
-    path: str = "/v1/things",
-    host: str = HOST,
-    headers: dict[str, str] | None = None,
-    data: bytes | None = None,
-) -> Reply:
-    return await call(method, f"{proxy.url}{path}", headers={"Host": host, **(headers or {})}, data=data)
 
 
 # --------------------------------------------------------------------------- names and labels
@@ -183,15 +172,7 @@ async def test_duration_histogram_sees_a_slow_request(
 async def test_duration_includes_the_response_body(
     aiohttp_server: AiohttpServerFactory, start_proxy: StartProxy
 ) -> None:
-    async def slow_body(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse()
-        await response.prepare(request)
-        await response.write(b"head arrives at once, ")
-        await asyncio.sleep(0.3)
-        await response.write(b"the rest later")
-        await response.write_eof()
-        return response
-
+    slow_body = body_in_two_parts(b"head arrives at once, ", b"the rest later", pause=0.3)
     upstream = await ScriptedUpstream(slow_body).start(aiohttp_server)
     proxy = await start_proxy([loopback_policy(upstream.url)])
 

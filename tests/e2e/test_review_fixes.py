@@ -25,6 +25,7 @@ from aiohttp.test_utils import TestServer
 
 from tests.conftest import RunningProxy, StartProxy, free_port, loopback_policy
 from tests.e2e.procs import RawUpstream, assert_error, raw_exchange
+from tests.fakes import Gate, ScriptedUpstream
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 HOST = "upstream.test"
@@ -296,27 +297,18 @@ async def test_options_asterisk_is_a_bad_request(upstream: Upstream, start_proxy
 async def test_reload_while_draining_is_refused_and_reopens_no_listener(
     aiohttp_server: AiohttpServer, start_proxy: StartProxy
 ) -> None:
-    gate = asyncio.Event()
-    arrived = asyncio.Event()
-
-    async def held(request: web.Request) -> web.Response:
-        arrived.set()
-        await asyncio.wait_for(gate.wait(), 8)
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", held)
-    server = await aiohttp_server(app)
-    proxy = await start_proxy([loopback_policy(f"http://127.0.0.1:{server.port}")], drain_timeout="8s")
+    gate = Gate(text="ok", hold_limit=8)
+    upstream = await ScriptedUpstream(gate).start(aiohttp_server)
+    proxy = await start_proxy([loopback_policy(upstream.url)], drain_timeout="8s")
     in_flight = asyncio.create_task(get(proxy, "/held"))
-    await asyncio.wait_for(arrived.wait(), 3)
+    await gate.wait_arrivals(1, within=3)
 
     stopping = asyncio.create_task(proxy.server.stop())
     try:
         assert await wait_for(lambda: proxy.server.bound_ports == [], 2.0)
         # an edit that a reload would apply (new version), with a port of its own to open
         policies = proxy.config.path.parent / "policies" / "test.yaml"
-        extra = loopback_policy(f"http://127.0.0.1:{server.port}", host="other.test", listen=free_port())
+        extra = loopback_policy(upstream.url, host="other.test", listen=free_port())
         policies.write_text(yaml.safe_dump([*yaml.safe_load(policies.read_text()), extra]))
         async with (
             aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as client,
@@ -330,7 +322,7 @@ async def test_reload_while_draining_is_refused_and_reopens_no_listener(
         assert result["version"] == proxy.config.version
         assert not stopping.done()
     finally:
-        gate.set()
+        gate.open.set()
     assert (await in_flight)[0] == 200
     await asyncio.wait_for(stopping, 8)
     assert proxy.server.bound_ports == []

@@ -12,16 +12,14 @@ import asyncio
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from tests.conftest import RunningProxy, StartProxy, free_port, loopback_policy
 from tests.e2e.otlp_receiver import STATUS_CODE_ERROR, ExportedSpan, OtlpReceiver
-from tests.fakes import AiohttpServerFactory, Reply, ScriptedUpstream, call
+from tests.fakes import AiohttpServerFactory, Gate, Reply, ScriptedUpstream, body_in_two_parts, call
 
 HOST = "upstream.test"
 FAST_BACKOFF = {"base": "10ms", "max": "10ms"}
@@ -39,14 +37,6 @@ def _fast_export(monkeypatch: pytest.MonkeyPatch) -> None:
     ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[OtlpReceiver]:
-    """Request it BEFORE `start_proxy` so the proxy (which flushes on stop) is torn down first."""
-    collector = await OtlpReceiver().start()
-    yield collector
-    await collector.close()
 
 
 def traced(receiver: OtlpReceiver, **extra: Any) -> dict[str, Any]:
@@ -223,16 +213,9 @@ async def test_each_attempt_injects_its_own_span_context_upstream(
 async def test_spans_last_until_the_response_body_is_sent(
     receiver: OtlpReceiver, aiohttp_server: AiohttpServerFactory, start_proxy: StartProxy
 ) -> None:
-    async def slow_body(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse()
-        await response.prepare(request)
-        await response.write(b"first ")
-        await asyncio.sleep(0.3)
-        await response.write(b"second")
-        await response.write_eof()
-        return response
-
-    upstream = await ScriptedUpstream(slow_body).start(aiohttp_server)
+    upstream = await ScriptedUpstream(body_in_two_parts(b"first ", b"second", pause=0.3)).start(
+        aiohttp_server
+    )
     proxy = await start_proxy([loopback_policy(upstream.url)], **traced(receiver))
     traceparent, trace_id, _ = new_traceparent()
 
@@ -494,25 +477,18 @@ async def test_rate_limited_event_and_ratelimit_wait(
 async def test_overloaded_event(
     receiver: OtlpReceiver, aiohttp_server: AiohttpServerFactory, start_proxy: StartProxy
 ) -> None:
-    release = asyncio.Event()
-    arrived = asyncio.Event()
-
-    async def hold(request: web.Request) -> web.Response:
-        arrived.set()
-        await asyncio.wait_for(release.wait(), 10)
-        return web.Response(text="held")
-
-    upstream = await ScriptedUpstream(hold).start(aiohttp_server)
+    gate = Gate(text="held", hold_limit=10)
+    upstream = await ScriptedUpstream(gate).start(aiohttp_server)
     proxy = await start_proxy(
         [loopback_policy(upstream.url, concurrency={"max_in_flight": 1, "max_queued": 0})], **traced(receiver)
     )
     held = asyncio.create_task(app_get(proxy))
     try:
-        await asyncio.wait_for(arrived.wait(), 5)
+        await gate.wait_arrivals(1, within=5)
         traceparent, trace_id, _ = new_traceparent()
         reply = await app_get(proxy, traceparent=traceparent)
     finally:
-        release.set()
+        gate.open.set()
     assert (await held).status == 200
     assert reply.status == 503
     assert reply.headers["x-outrigger-error"] == "overloaded"
