@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 from aiohttp import web
@@ -93,6 +94,24 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
 def loopback_policy(upstream: str, host: str = "upstream.test", **extra: Any) -> dict[str, Any]:
     """A policy for a loopback test upstream (the SSRF guard must be opted out of)."""
     return {"hosts": [host], "upstream": upstream, "allow_private_addresses": True, **extra}
+
+
+async def start_on_own_port(start_proxy: StartProxy, upstream: str, **policy: Any) -> str:
+    """Start Outrigger with one loopback policy for `upstream` on a listen port of its own.
+
+    Returns that port's base URL (``http://127.0.0.1:PORT``): requests sent there need no Host header.
+    """
+    port = free_port()
+    await start_proxy([loopback_policy(upstream, listen=port, **policy)])
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    """One aiohttp client for the whole test: up to 100 connections at once, 20 s per request."""
+    connector = aiohttp.TCPConnector(limit=100)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=20)) as session:
+        yield session
 
 
 @pytest.fixture

@@ -9,20 +9,19 @@ trial through under 20 concurrent requests, and closes on success.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import RunningProxy, StartProxy, free_port, loopback_policy
+from tests.conftest import StartProxy, free_port, start_on_own_port
+from tests.e2e.upstreams import TimedReply, timed_get
+from tests.fakes import ScriptedUpstream
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
-HOST = "upstream.test"
 HOLD_LIMIT = 10.0
 """Longest any upstream handler is held (a hang fails the test instead of stalling it)."""
 
@@ -46,52 +45,16 @@ class Misbehaving:
 
 
 @pytest.fixture
-async def upstream(aiohttp_server: AiohttpServer) -> AsyncIterator[tuple[Misbehaving, TestServer]]:
+async def upstream(aiohttp_server: AiohttpServer) -> AsyncIterator[tuple[Misbehaving, str]]:
+    """The behaviour and the base URL of an upstream that follows it."""
     behaviour = Misbehaving()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", behaviour.handle)
-    server = await aiohttp_server(app)
-    yield behaviour, server
+    scripted = await ScriptedUpstream(behaviour.handle).start(aiohttp_server)
+    yield behaviour, scripted.url
     if behaviour.gate is not None:
         behaviour.gate.set()  # free any held handler before the server closes
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
-        yield session
-
-
-@dataclass(frozen=True)
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    elapsed: float
-
-    def error(self) -> dict[str, Any]:
-        """The SPEC 5 error document, checked for shape."""
-        assert self.headers.get("content-type", "").startswith("application/json"), self.headers
-        document = json.loads(self.body)
-        assert set(document) == {"error"}
-        error: dict[str, Any] = document["error"]
-        assert set(error) == {"type", "message", "host"}
-        assert error["message"]
-        assert error["host"] == HOST
-        assert self.headers.get("x-outrigger-error") == error["type"]
-        return error
-
-
-async def _get(client: aiohttp.ClientSession, port: int, path: str = "/v1/things") -> Reply:
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    async with client.get(f"http://127.0.0.1:{port}{path}") as response:
-        body = await response.read()
-        headers = {k.lower(): v for k, v in response.headers.items()}
-        return Reply(response.status, headers, body, loop.time() - started)
-
-
-def _assert_circuit_open(reply: Reply) -> None:
+def _assert_circuit_open(reply: TimedReply) -> None:
     assert reply.status == 503, reply
     assert reply.error()["type"] == "circuit_open"
     retry_after = reply.headers.get("retry-after")
@@ -100,19 +63,11 @@ def _assert_circuit_open(reply: Reply) -> None:
     assert int(retry_after) >= 1
 
 
-def _assert_upstream_reply(reply: Reply, status: int) -> None:
+def _assert_upstream_reply(reply: TimedReply, status: int) -> None:
     """The upstream's own response, passed through (never replaced by an Outrigger error)."""
     assert reply.status == status, reply
     assert "x-outrigger-error" not in reply.headers
     assert reply.body == f"upstream says {status}".encode()
-
-
-async def _start(start_proxy: StartProxy, server: TestServer, **sections: Any) -> tuple[RunningProxy, int]:
-    port = free_port()
-    proxy = await start_proxy(
-        [loopback_policy(f"http://127.0.0.1:{server.port}", host=HOST, listen=port, **sections)]
-    )
-    return proxy, port
 
 
 async def _wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
@@ -124,12 +79,12 @@ async def _wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None
 
 
 async def test_503_storm_opens_fails_fast_half_opens_one_trial_and_recovers(
-    upstream: tuple[Misbehaving, TestServer], start_proxy: StartProxy, client: aiohttp.ClientSession
+    upstream: tuple[Misbehaving, str], start_proxy: StartProxy, client: aiohttp.ClientSession
 ) -> None:
-    behaviour, server = upstream
-    _, port = await _start(
+    behaviour, url = upstream
+    base = await start_on_own_port(
         start_proxy,
-        server,
+        url,
         circuit_breaker={
             "failure_threshold": 3,
             "reset_timeout": "500ms",
@@ -141,13 +96,13 @@ async def test_503_storm_opens_fails_fast_half_opens_one_trial_and_recovers(
 
     # the storm: N failed attempts reach the upstream and come back as they are
     for _ in range(3):
-        _assert_upstream_reply(await _get(client, port), 503)
+        _assert_upstream_reply(await timed_get(client, base), 503)
     assert behaviour.hits == 3
     opened_at = loop.time()
 
     # open: fail fast, no upstream contact
     for _ in range(10):
-        reply = await _get(client, port)
+        reply = await timed_get(client, base)
         _assert_circuit_open(reply)
         assert reply.elapsed < 0.25
         assert reply.headers["retry-after"] == "1"  # ceil(time left of 500 ms)
@@ -158,7 +113,7 @@ async def test_503_storm_opens_fails_fast_half_opens_one_trial_and_recovers(
     await asyncio.sleep(max(0.0, opened_at + 0.6 - loop.time()))
     behaviour.status = 200
     behaviour.gate = asyncio.Event()
-    tasks = [asyncio.create_task(_get(client, port)) for _ in range(20)]
+    tasks = [asyncio.create_task(timed_get(client, base)) for _ in range(20)]
     await _wait_until(lambda: sum(t.done() for t in tasks) == 19)
     assert behaviour.hits == 4, "exactly one trial reached the upstream"
     rejected = [t.result() for t in tasks if t.done()]
@@ -173,73 +128,73 @@ async def test_503_storm_opens_fails_fast_half_opens_one_trial_and_recovers(
     # closed: traffic flows again
     behaviour.gate = None
     for _ in range(5):
-        _assert_upstream_reply(await _get(client, port), 200)
+        _assert_upstream_reply(await timed_get(client, base), 200)
     assert behaviour.hits == 9
 
 
 async def test_a_failed_trial_reopens(
-    upstream: tuple[Misbehaving, TestServer], start_proxy: StartProxy, client: aiohttp.ClientSession
+    upstream: tuple[Misbehaving, str], start_proxy: StartProxy, client: aiohttp.ClientSession
 ) -> None:
-    behaviour, server = upstream
-    _, port = await _start(
+    behaviour, url = upstream
+    base = await start_on_own_port(
         start_proxy,
-        server,
+        url,
         circuit_breaker={"failure_threshold": 2, "reset_timeout": "300ms", "failure_on": ["5xx"]},
     )
     for _ in range(2):
-        _assert_upstream_reply(await _get(client, port), 503)
-    _assert_circuit_open(await _get(client, port))
+        _assert_upstream_reply(await timed_get(client, base), 503)
+    _assert_circuit_open(await timed_get(client, base))
     await asyncio.sleep(0.4)
-    _assert_upstream_reply(await _get(client, port), 503)  # the trial fails ...
+    _assert_upstream_reply(await timed_get(client, base), 503)  # the trial fails ...
     assert behaviour.hits == 3
     for _ in range(3):
-        _assert_circuit_open(await _get(client, port))  # ... and the breaker is open again
+        _assert_circuit_open(await timed_get(client, base))  # ... and the breaker is open again
     assert behaviour.hits == 3
     behaviour.status = 200
     await asyncio.sleep(0.4)
-    _assert_upstream_reply(await _get(client, port), 200)
-    _assert_upstream_reply(await _get(client, port), 200)
+    _assert_upstream_reply(await timed_get(client, base), 200)
+    _assert_upstream_reply(await timed_get(client, base), 200)
     assert behaviour.hits == 5
 
 
 async def test_retries_stop_when_the_breaker_opens_and_the_app_gets_the_tripping_response(
-    upstream: tuple[Misbehaving, TestServer], start_proxy: StartProxy, client: aiohttp.ClientSession
+    upstream: tuple[Misbehaving, str], start_proxy: StartProxy, client: aiohttp.ClientSession
 ) -> None:
-    behaviour, server = upstream
-    _, port = await _start(
+    behaviour, url = upstream
+    base = await start_on_own_port(
         start_proxy,
-        server,
+        url,
         retries={"max_attempts": 5, "on": [503], "backoff": {"base": "10ms", "max": "20ms"}},
         circuit_breaker={"failure_threshold": 3, "reset_timeout": "30s", "failure_on": ["5xx"]},
     )
-    reply = await _get(client, port)
+    reply = await timed_get(client, base)
     _assert_upstream_reply(reply, 503)
     assert reply.headers["x-outrigger-attempts"] == "3", "retries stopped at the attempt that opened it"
     assert behaviour.hits == 3
-    second = await _get(client, port)
+    second = await timed_get(client, base)
     _assert_circuit_open(second)
     assert second.headers["x-outrigger-attempts"] == "0"
     assert behaviour.hits == 3
 
 
 async def test_a_hung_upstream_opens_the_breaker_through_per_try_timeouts(
-    upstream: tuple[Misbehaving, TestServer], start_proxy: StartProxy, client: aiohttp.ClientSession
+    upstream: tuple[Misbehaving, str], start_proxy: StartProxy, client: aiohttp.ClientSession
 ) -> None:
-    behaviour, server = upstream
+    behaviour, url = upstream
     behaviour.gate = asyncio.Event()  # never set during the test: the upstream hangs
-    _, port = await _start(
+    base = await start_on_own_port(
         start_proxy,
-        server,
+        url,
         timeouts={"connect": "100ms", "per_try": "150ms", "total": "5s"},
         circuit_breaker={"failure_threshold": 2, "reset_timeout": "30s", "failure_on": ["timeout"]},
     )
     for _ in range(2):
-        reply = await _get(client, port)
+        reply = await timed_get(client, base)
         assert reply.status == 504
         assert reply.error()["type"] == "timeout"
         assert reply.elapsed >= 0.14
     assert behaviour.hits == 2
-    reply = await _get(client, port)
+    reply = await timed_get(client, base)
     _assert_circuit_open(reply)
     assert reply.elapsed < 0.14, "failed fast instead of waiting for per_try"
     assert int(reply.headers["retry-after"]) in (29, 30)
@@ -247,18 +202,18 @@ async def test_a_hung_upstream_opens_the_breaker_through_per_try_timeouts(
 
 
 async def test_timeouts_do_not_open_a_breaker_that_does_not_list_them(
-    upstream: tuple[Misbehaving, TestServer], start_proxy: StartProxy, client: aiohttp.ClientSession
+    upstream: tuple[Misbehaving, str], start_proxy: StartProxy, client: aiohttp.ClientSession
 ) -> None:
-    behaviour, server = upstream
+    behaviour, url = upstream
     behaviour.gate = asyncio.Event()
-    _, port = await _start(
+    base = await start_on_own_port(
         start_proxy,
-        server,
+        url,
         timeouts={"connect": "100ms", "per_try": "100ms", "total": "5s"},
         circuit_breaker={"failure_threshold": 2, "reset_timeout": "30s", "failure_on": ["5xx"]},
     )
     for _ in range(3):
-        reply = await _get(client, port)
+        reply = await timed_get(client, base)
         assert reply.status == 504
         assert reply.error()["type"] == "timeout"
     assert behaviour.hits == 3, "every request still reached the upstream"
@@ -268,23 +223,13 @@ async def test_connect_failures_open_the_breaker(
     start_proxy: StartProxy, client: aiohttp.ClientSession
 ) -> None:
     closed_port = free_port()  # nothing listens there
-    port = free_port()
-    await start_proxy(
-        [
-            loopback_policy(
-                f"http://127.0.0.1:{closed_port}",
-                host=HOST,
-                listen=port,
-                circuit_breaker={
-                    "failure_threshold": 2,
-                    "reset_timeout": "30s",
-                    "failure_on": ["connect-failure"],
-                },
-            )
-        ]
+    base = await start_on_own_port(
+        start_proxy,
+        f"http://127.0.0.1:{closed_port}",
+        circuit_breaker={"failure_threshold": 2, "reset_timeout": "30s", "failure_on": ["connect-failure"]},
     )
     for _ in range(2):
-        reply = await _get(client, port)
+        reply = await timed_get(client, base)
         assert reply.status == 502
         assert reply.error()["type"] == "upstream_unreachable"
-    _assert_circuit_open(await _get(client, port))
+    _assert_circuit_open(await timed_get(client, base))

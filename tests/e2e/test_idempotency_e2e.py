@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from typing import Any
 
 import aiohttp
 
-from tests.conftest import StartProxy, free_port, loopback_policy
+from tests.conftest import StartProxy, start_on_own_port
 from tests.fakes import AiohttpServerFactory, ScriptedUpstream, call
 
 FAST_BACKOFF = {"base": "10ms", "max": "10ms"}
@@ -17,18 +16,12 @@ CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=20)
 CREATED = (201, {"Content-Type": "application/json", "Request-Id": "req_1"}, b'{"id": "ch_1", "amount": 100}')
 
 
-async def _proxy_for(start_proxy: StartProxy, upstream: ScriptedUpstream, **policy: Any) -> str:
-    port = free_port()
-    await start_proxy([loopback_policy(upstream.url, listen=port, **policy)])
-    return f"http://127.0.0.1:{port}"
-
-
 async def test_injected_key_is_the_same_on_every_attempt(
     aiohttp_server: AiohttpServerFactory, start_proxy: StartProxy
 ) -> None:
     upstream = await ScriptedUpstream(503, 503, CREATED).start(aiohttp_server)
-    base = await _proxy_for(
-        start_proxy, upstream, idempotency={}, retries={"on": [503], "backoff": FAST_BACKOFF}
+    base = await start_on_own_port(
+        start_proxy, upstream.url, idempotency={}, retries={"on": [503], "backoff": FAST_BACKOFF}
     )
     reply = await call("POST", f"{base}/v1/charges", data=b"amount=100")
     assert reply.status == 201
@@ -45,9 +38,9 @@ async def test_custom_header_name_is_injected_and_makes_post_retryable(
     aiohttp_server: AiohttpServerFactory, start_proxy: StartProxy
 ) -> None:
     upstream = await ScriptedUpstream(503, CREATED).start(aiohttp_server)
-    base = await _proxy_for(
+    base = await start_on_own_port(
         start_proxy,
-        upstream,
+        upstream.url,
         idempotency={"header": "X-Request-Key"},
         retries={"on": [503], "backoff": FAST_BACKOFF},
     )
@@ -62,8 +55,8 @@ async def test_custom_header_name_is_injected_and_makes_post_retryable(
 
 async def test_app_key_is_kept_as_sent(aiohttp_server: AiohttpServerFactory, start_proxy: StartProxy) -> None:
     upstream = await ScriptedUpstream(503, CREATED).start(aiohttp_server)
-    base = await _proxy_for(
-        start_proxy, upstream, idempotency={}, retries={"on": [503], "backoff": FAST_BACKOFF}
+    base = await start_on_own_port(
+        start_proxy, upstream.url, idempotency={}, retries={"on": [503], "backoff": FAST_BACKOFF}
     )
     key = "Order 42/attempt+A=="
     reply = await call("POST", f"{base}/v1/charges", data=b"a=1", headers={"Idempotency-Key": key})
@@ -75,7 +68,7 @@ async def test_repeat_is_replayed_without_an_upstream_call(
     aiohttp_server: AiohttpServerFactory, start_proxy: StartProxy
 ) -> None:
     upstream = await ScriptedUpstream(CREATED).start(aiohttp_server)
-    base = await _proxy_for(start_proxy, upstream, idempotency={"replay": {"ttl": "1h"}})
+    base = await start_on_own_port(start_proxy, upstream.url, idempotency={"replay": {"ttl": "1h"}})
     headers = {"Idempotency-Key": "order-7"}
     async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as client:
         async with client.post(f"{base}/v1/charges", data=b"amount=100", headers=headers) as resp:
@@ -96,7 +89,7 @@ async def test_concurrent_duplicates_reach_the_upstream_once(
     aiohttp_server: AiohttpServerFactory, start_proxy: StartProxy
 ) -> None:
     upstream = await ScriptedUpstream(CREATED, delay=0.3).start(aiohttp_server)
-    base = await _proxy_for(start_proxy, upstream, idempotency={"replay": {}})
+    base = await start_on_own_port(start_proxy, upstream.url, idempotency={"replay": {}})
 
     async def post(client: aiohttp.ClientSession) -> tuple[int, bytes, str | None]:
         async with client.post(
@@ -115,7 +108,7 @@ async def test_reused_key_with_another_body_is_422(
     aiohttp_server: AiohttpServerFactory, start_proxy: StartProxy
 ) -> None:
     upstream = await ScriptedUpstream(CREATED).start(aiohttp_server)
-    base = await _proxy_for(start_proxy, upstream, idempotency={"replay": {}})
+    base = await start_on_own_port(start_proxy, upstream.url, idempotency={"replay": {}})
     headers = {"Idempotency-Key": "order-8"}
     async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as client:
         async with client.post(f"{base}/v1/charges", data=b"amount=100", headers=headers) as resp:
@@ -131,7 +124,7 @@ async def test_reused_key_with_another_body_is_422(
 
 async def test_5xx_is_not_replayed(aiohttp_server: AiohttpServerFactory, start_proxy: StartProxy) -> None:
     upstream = await ScriptedUpstream(503, CREATED).start(aiohttp_server)
-    base = await _proxy_for(start_proxy, upstream, idempotency={"replay": {}})
+    base = await start_on_own_port(start_proxy, upstream.url, idempotency={"replay": {}})
     headers = {"Idempotency-Key": "order-9"}
     async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as client:
         async with client.post(f"{base}/v1/charges", data=b"amount=100", headers=headers) as resp:
@@ -147,7 +140,9 @@ async def test_large_response_passes_through_and_is_not_stored(
 ) -> None:
     big = bytes(range(256)) * 8192  # 2 MiB
     upstream = await ScriptedUpstream((200, {}, big)).start(aiohttp_server)
-    base = await _proxy_for(start_proxy, upstream, idempotency={"replay": {"max_body_bytes": "1MiB"}})
+    base = await start_on_own_port(
+        start_proxy, upstream.url, idempotency={"replay": {"max_body_bytes": "1MiB"}}
+    )
     headers = {"Idempotency-Key": "big-1"}
     async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as client:
         for _ in range(2):

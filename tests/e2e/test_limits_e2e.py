@@ -10,20 +10,19 @@
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import StartProxy, free_port, loopback_policy
+from tests.conftest import StartProxy, start_on_own_port
+from tests.e2e.upstreams import timed_get
+from tests.fakes import ScriptedUpstream
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
-HOST = "upstream.test"
 
 
 @dataclass
@@ -55,62 +54,6 @@ class Counting:
             self.in_flight -= 1
 
 
-async def _serve(aiohttp_server: AiohttpServer, behaviour: Counting) -> TestServer:
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", behaviour.handle)
-    return await aiohttp_server(app)
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    connector = aiohttp.TCPConnector(limit=100)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=20)) as session:
-        yield session
-
-
-@dataclass(frozen=True)
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    started: float
-    finished: float
-
-    @property
-    def elapsed(self) -> float:
-        return self.finished - self.started
-
-    def error_type(self) -> str | None:
-        """The SPEC 5 error type when Outrigger answered itself, else None (upstream's own answer)."""
-        kind = self.headers.get("x-outrigger-error")
-        if kind is None:
-            return None
-        assert self.headers.get("content-type", "").startswith("application/json")
-        error = json.loads(self.body)["error"]
-        assert set(error) == {"type", "message", "host"}
-        assert error["type"] == kind
-        assert error["host"] == HOST
-        assert error["message"]
-        return str(kind)
-
-
-async def _get(client: aiohttp.ClientSession, port: int) -> Reply:
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    async with client.get(f"http://127.0.0.1:{port}/v1/things") as response:
-        body = await response.read()
-        headers = {k.lower(): v for k, v in response.headers.items()}
-        return Reply(response.status, headers, body, started, loop.time())
-
-
-async def _proxy(start_proxy: StartProxy, server: TestServer, **sections: Any) -> int:
-    port = free_port()
-    await start_proxy(
-        [loopback_policy(f"http://127.0.0.1:{server.port}", host=HOST, listen=port, **sections)]
-    )
-    return port
-
-
 # --------------------------------------------------------------------------- bulkhead
 
 
@@ -118,13 +61,13 @@ async def test_bulkhead_serves_in_flight_plus_queued_and_sheds_the_rest(
     aiohttp_server: AiohttpServer, start_proxy: StartProxy, client: aiohttp.ClientSession
 ) -> None:
     behaviour = Counting(delay=0.1)
-    server = await _serve(aiohttp_server, behaviour)
-    port = await _proxy(
+    upstream = await ScriptedUpstream(behaviour.handle).start(aiohttp_server)
+    base = await start_on_own_port(
         start_proxy,
-        server,
+        upstream.url,
         concurrency={"max_in_flight": 2, "max_queued": 2, "queue_timeout": "300ms"},
     )
-    replies = await asyncio.gather(*(_get(client, port) for _ in range(8)))
+    replies = await asyncio.gather(*(timed_get(client, base) for _ in range(8)))
     served = [r for r in replies if r.status == 200]
     shed = [r for r in replies if r.status != 200]
     assert len(served) == 4, [r.status for r in replies]
@@ -145,13 +88,13 @@ async def test_bulkhead_queue_timeout_answers_overloaded(
     aiohttp_server: AiohttpServer, start_proxy: StartProxy, client: aiohttp.ClientSession
 ) -> None:
     behaviour = Counting(delay=1.0)
-    server = await _serve(aiohttp_server, behaviour)
-    port = await _proxy(
+    upstream = await ScriptedUpstream(behaviour.handle).start(aiohttp_server)
+    base = await start_on_own_port(
         start_proxy,
-        server,
+        upstream.url,
         concurrency={"max_in_flight": 1, "max_queued": 5, "queue_timeout": "200ms"},
     )
-    first, second = await asyncio.gather(_get(client, port), _get(client, port))
+    first, second = await asyncio.gather(timed_get(client, base), timed_get(client, base))
     slow, queued = (first, second) if first.status == 200 else (second, first)
     assert slow.status == 200
     assert queued.status == 503
@@ -172,9 +115,9 @@ async def test_rate_limit_accuracy_under_saturating_load(
 ) -> None:
     """rate 50/s, burst 1, 20 workers for 4 s: the upstream sees 200 +/- 10% attempts in that window."""
     behaviour = Counting()
-    server = await _serve(aiohttp_server, behaviour)
-    port = await _proxy(
-        start_proxy, server, rate_limit={"rate": RATE, "per": "1s", "burst": 1, "max_wait": "10s"}
+    upstream = await ScriptedUpstream(behaviour.handle).start(aiohttp_server)
+    base = await start_on_own_port(
+        start_proxy, upstream.url, rate_limit={"rate": RATE, "per": "1s", "burst": 1, "max_wait": "10s"}
     )
     loop = asyncio.get_running_loop()
     stop_at = loop.time() + WINDOW + 0.5
@@ -184,7 +127,7 @@ async def test_rate_limit_accuracy_under_saturating_load(
         for _ in range(1000):  # bounded: at most 1000 requests per worker
             if loop.time() >= stop_at:
                 return
-            reply = await _get(client, port)
+            reply = await timed_get(client, base)
             statuses.append(reply.status)
 
     await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(20))), timeout=WINDOW + 10)
@@ -200,11 +143,11 @@ async def test_a_burst_beyond_max_wait_is_answered_429_locally(
     aiohttp_server: AiohttpServer, start_proxy: StartProxy, client: aiohttp.ClientSession
 ) -> None:
     behaviour = Counting()
-    server = await _serve(aiohttp_server, behaviour)
-    port = await _proxy(
-        start_proxy, server, rate_limit={"rate": 5, "per": "1s", "burst": 2, "max_wait": "50ms"}
+    upstream = await ScriptedUpstream(behaviour.handle).start(aiohttp_server)
+    base = await start_on_own_port(
+        start_proxy, upstream.url, rate_limit={"rate": 5, "per": "1s", "burst": 2, "max_wait": "50ms"}
     )
-    replies = await asyncio.gather(*(_get(client, port) for _ in range(10)))
+    replies = await asyncio.gather(*(timed_get(client, base) for _ in range(10)))
     served = [r for r in replies if r.status == 200]
     limited = [r for r in replies if r.status == 429]
     assert len(served) + len(limited) == 10
@@ -245,13 +188,15 @@ async def test_provider_pause_holds_concurrent_requests_until_the_reset(
     headers: dict[str, str],
 ) -> None:
     behaviour = Counting(script=[(status, headers)])
-    server = await _serve(aiohttp_server, behaviour)
-    port = await _proxy(start_proxy, server, rate_limit={**GENEROUS, "max_wait": "3s", "adaptive": True})
-    first = await _get(client, port)
+    upstream = await ScriptedUpstream(behaviour.handle).start(aiohttp_server)
+    base = await start_on_own_port(
+        start_proxy, upstream.url, rate_limit={**GENEROUS, "max_wait": "3s", "adaptive": True}
+    )
+    first = await timed_get(client, base)
     assert first.status == status
     assert first.error_type() is None, "the provider's own answer is passed on"
     signalled_at = first.finished
-    tasks = [asyncio.create_task(_get(client, port)) for _ in range(5)]
+    tasks = [asyncio.create_task(timed_get(client, base)) for _ in range(5)]
     await asyncio.sleep(0.5)
     assert behaviour.hits == 1, "nothing is sent upstream during the pause"
     assert not any(t.done() for t in tasks), "they wait (max_wait allows it)"
@@ -272,11 +217,13 @@ async def test_provider_pause_beyond_max_wait_is_refused_locally(
     headers: dict[str, str],
 ) -> None:
     behaviour = Counting(script=[(status, headers)])
-    server = await _serve(aiohttp_server, behaviour)
-    port = await _proxy(start_proxy, server, rate_limit={**GENEROUS, "max_wait": "200ms", "adaptive": True})
-    first = await _get(client, port)
+    upstream = await ScriptedUpstream(behaviour.handle).start(aiohttp_server)
+    base = await start_on_own_port(
+        start_proxy, upstream.url, rate_limit={**GENEROUS, "max_wait": "200ms", "adaptive": True}
+    )
+    first = await timed_get(client, base)
     assert first.status == status
-    replies = await asyncio.gather(*(_get(client, port) for _ in range(5)))
+    replies = await asyncio.gather(*(timed_get(client, base) for _ in range(5)))
     for reply in replies:
         assert reply.status == 429
         assert reply.error_type() == "rate_limited"
@@ -284,7 +231,7 @@ async def test_provider_pause_beyond_max_wait_is_refused_locally(
         assert reply.elapsed < 0.15, "refused at once: the pause is longer than max_wait"
     assert behaviour.hits == 1
     await asyncio.sleep(max(0.0, first.finished + 1.1 - asyncio.get_running_loop().time()))
-    after = await _get(client, port)
+    after = await timed_get(client, base)
     assert after.status == 200
     assert after.error_type() is None
     assert behaviour.hits == 2
@@ -294,11 +241,13 @@ async def test_without_adaptive_the_provider_429_does_not_pause(
     aiohttp_server: AiohttpServer, start_proxy: StartProxy, client: aiohttp.ClientSession
 ) -> None:
     behaviour = Counting(script=[(429, {"Retry-After": "1"})])
-    server = await _serve(aiohttp_server, behaviour)
-    port = await _proxy(start_proxy, server, rate_limit={**GENEROUS, "max_wait": "3s", "adaptive": False})
-    first = await _get(client, port)
+    upstream = await ScriptedUpstream(behaviour.handle).start(aiohttp_server)
+    base = await start_on_own_port(
+        start_proxy, upstream.url, rate_limit={**GENEROUS, "max_wait": "3s", "adaptive": False}
+    )
+    first = await timed_get(client, base)
     assert first.status == 429
-    replies = await asyncio.gather(*(_get(client, port) for _ in range(5)))
+    replies = await asyncio.gather(*(timed_get(client, base) for _ in range(5)))
     assert [r.status for r in replies] == [200] * 5
     assert all(r.elapsed < 0.5 for r in replies)
     assert behaviour.hits == 6

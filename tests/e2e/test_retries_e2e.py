@@ -6,30 +6,22 @@ import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 import requests
 
-from tests.conftest import StartProxy, free_port, loopback_policy
+from tests.conftest import StartProxy, free_port, start_on_own_port
 from tests.fakes import AiohttpServerFactory, ScriptedUpstream, call
 
 FAST_BACKOFF = {"base": "10ms", "max": "10ms"}
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=20)
 
 
-async def _proxy_for(start_proxy: StartProxy, upstream: ScriptedUpstream, **policy: Any) -> str:
-    """Start Outrigger with a dedicated port for `upstream`; returns that port's base URL."""
-    port = free_port()
-    await start_proxy([loopback_policy(upstream.url, listen=port, **policy)])
-    return f"http://127.0.0.1:{port}"
-
-
 async def test_503_503_200_get_is_retried_to_success(
     aiohttp_server: AiohttpServerFactory, start_proxy: StartProxy
 ) -> None:
     upstream = await ScriptedUpstream(503, 503, (200, {"X-From": "upstream"}, b"hello")).start(aiohttp_server)
-    base = await _proxy_for(start_proxy, upstream, retries={"on": [503], "backoff": FAST_BACKOFF})
+    base = await start_on_own_port(start_proxy, upstream.url, retries={"on": [503], "backoff": FAST_BACKOFF})
     reply = await call("GET", f"{base}/v1/things?id=1")
     assert reply.status == 200
     assert reply.body == b"hello"
@@ -44,9 +36,9 @@ async def test_requests_post_without_key_is_sent_exactly_once(
 ) -> None:
     unavailable = (503, {"X-Upstream-Trace": "t-42", "Content-Type": "application/json"}, b'{"down": true}')
     upstream = await ScriptedUpstream(unavailable).start(aiohttp_server)
-    base = await _proxy_for(
+    base = await start_on_own_port(
         start_proxy,
-        upstream,
+        upstream.url,
         retries={"on": ["connect-failure", "reset", "timeout", "5xx", "429"], "backoff": FAST_BACKOFF},
     )
 
@@ -72,7 +64,9 @@ async def test_connection_reset_then_200_is_retried(
     # A keyed POST: aiohttp's own hidden retry (see the xfail below) does not touch POST, so this
     # isolates Outrigger's "reset" condition.
     upstream = await ScriptedUpstream("reset", (200, {}, b"second time lucky")).start(aiohttp_server)
-    base = await _proxy_for(start_proxy, upstream, retries={"on": ["reset"], "backoff": FAST_BACKOFF})
+    base = await start_on_own_port(
+        start_proxy, upstream.url, retries={"on": ["reset"], "backoff": FAST_BACKOFF}
+    )
     reply = await call("POST", f"{base}/v1/charges", data=b"amount=1", headers={"Idempotency-Key": "reset-1"})
     assert reply.status == 200
     assert reply.body == b"second time lucky"
@@ -94,7 +88,9 @@ async def test_reset_get_upstream_sees_exactly_the_counted_attempts(
     aiohttp_server: AiohttpServerFactory, start_proxy: StartProxy
 ) -> None:
     upstream = await ScriptedUpstream("reset", 200).start(aiohttp_server)
-    base = await _proxy_for(start_proxy, upstream, retries={"on": ["reset"], "backoff": FAST_BACKOFF})
+    base = await start_on_own_port(
+        start_proxy, upstream.url, retries={"on": ["reset"], "backoff": FAST_BACKOFF}
+    )
     reply = await call("GET", f"{base}/v1/things")
     assert reply.status == 200
     assert upstream.count == int(reply.headers["x-outrigger-attempts"]) == 2
@@ -104,7 +100,9 @@ async def test_reset_not_in_on_is_answered_502(
     aiohttp_server: AiohttpServerFactory, start_proxy: StartProxy
 ) -> None:
     upstream = await ScriptedUpstream("reset", 200).start(aiohttp_server)
-    base = await _proxy_for(start_proxy, upstream, retries={"on": ["5xx"], "backoff": FAST_BACKOFF})
+    base = await start_on_own_port(
+        start_proxy, upstream.url, retries={"on": ["5xx"], "backoff": FAST_BACKOFF}
+    )
     reply = await call("GET", f"{base}/v1/things")
     assert reply.status == 502
     assert reply.json()["error"]["type"] == "upstream_unreachable"
@@ -113,10 +111,9 @@ async def test_reset_not_in_on_is_answered_502(
 
 async def test_connect_failure_exhausts_attempts_then_502(start_proxy: StartProxy) -> None:
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    port = free_port()
     retries = {"on": ["connect-failure"], "max_attempts": 3, "backoff": FAST_BACKOFF}
-    await start_proxy([loopback_policy(closed, listen=port, retries=retries)])
-    reply = await call("GET", f"http://127.0.0.1:{port}/v1/things")
+    base = await start_on_own_port(start_proxy, closed, retries=retries)
+    reply = await call("GET", f"{base}/v1/things")
     assert reply.status == 502
     assert reply.headers["x-outrigger-error"] == "upstream_unreachable"
     assert reply.headers["x-outrigger-attempts"] == "3"
@@ -127,7 +124,7 @@ async def test_retry_after_one_second_is_waited_for(
 ) -> None:
     upstream = await ScriptedUpstream((503, {"Retry-After": "1"}, b"later"), 200).start(aiohttp_server)
     # The computed backoff is at most 10 ms, so a gap of >= 1 s can only come from Retry-After.
-    base = await _proxy_for(start_proxy, upstream, retries={"on": [503], "backoff": FAST_BACKOFF})
+    base = await start_on_own_port(start_proxy, upstream.url, retries={"on": [503], "backoff": FAST_BACKOFF})
     reply = await call("GET", f"{base}/v1/things")
     assert reply.status == 200
     assert reply.headers["x-outrigger-attempts"] == "2"
@@ -143,9 +140,9 @@ async def test_retry_after_above_max_is_passed_through_without_retry(
         upstream = await ScriptedUpstream((status, {"Retry-After": "30"}, b"go away"), 200).start(
             aiohttp_server
         )
-        base = await _proxy_for(
+        base = await start_on_own_port(
             start_proxy,
-            upstream,
+            upstream.url,
             retries={"on": [429, 503], "backoff": FAST_BACKOFF, "retry_after": {"max": "2s"}},
         )
         started = time.monotonic()
@@ -162,9 +159,9 @@ async def test_no_retry_past_the_total_deadline(
     aiohttp_server: AiohttpServerFactory, start_proxy: StartProxy
 ) -> None:
     upstream = await ScriptedUpstream((503, {"Retry-After": "2"}, b"busy"), 200).start(aiohttp_server)
-    base = await _proxy_for(
+    base = await start_on_own_port(
         start_proxy,
-        upstream,
+        upstream.url,
         timeouts={"connect": "500ms", "per_try": "1s", "total": "1s"},
         retries={"on": [503], "backoff": FAST_BACKOFF, "retry_after": {"max": "60s"}},
     )
@@ -183,9 +180,9 @@ async def test_per_try_timeouts_stop_at_the_total_deadline(
     aiohttp_server: AiohttpServerFactory, start_proxy: StartProxy
 ) -> None:
     upstream = await ScriptedUpstream(200, delay=2.0).start(aiohttp_server)
-    base = await _proxy_for(
+    base = await start_on_own_port(
         start_proxy,
-        upstream,
+        upstream.url,
         timeouts={"connect": "200ms", "per_try": "300ms", "total": "800ms"},
         retries={"on": ["timeout"], "max_attempts": 10, "backoff": FAST_BACKOFF, "budget": None},
     )
@@ -202,7 +199,7 @@ async def test_every_attempt_carries_the_full_body(
     aiohttp_server: AiohttpServerFactory, start_proxy: StartProxy
 ) -> None:
     upstream = await ScriptedUpstream(503, 503, 200).start(aiohttp_server)
-    base = await _proxy_for(start_proxy, upstream, retries={"on": [503], "backoff": FAST_BACKOFF})
+    base = await start_on_own_port(start_proxy, upstream.url, retries={"on": [503], "backoff": FAST_BACKOFF})
     payload = bytes(range(256)) * 400  # 100 KiB
 
     async def chunked() -> AsyncIterator[bytes]:
@@ -220,9 +217,9 @@ async def test_body_above_max_replay_bytes_is_sent_once_and_whole(
 ) -> None:
     payload = hashlib.sha256(b"seed").digest() * (2 * 1024 * 1024 // 32)  # 2 MiB
     upstream = await ScriptedUpstream(503).start(aiohttp_server)
-    base = await _proxy_for(
+    base = await start_on_own_port(
         start_proxy,
-        upstream,
+        upstream.url,
         retries={"on": [503, "reset"], "backoff": FAST_BACKOFF, "max_replay_bytes": "1MiB"},
     )
 
@@ -246,9 +243,9 @@ async def test_budget_bounds_retries_under_a_failing_upstream(
 ) -> None:
     upstream = await ScriptedUpstream(503).start(aiohttp_server)
     ratio, min_per_second, window = 0.2, 1, 10
-    base = await _proxy_for(
+    base = await start_on_own_port(
         start_proxy,
-        upstream,
+        upstream.url,
         retries={
             "on": [503],
             "max_attempts": 3,

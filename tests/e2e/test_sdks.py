@@ -20,7 +20,7 @@ import pytest
 import requests
 import stripe
 
-from tests.conftest import StartProxy, free_port, loopback_policy
+from tests.conftest import StartProxy, start_on_own_port
 from tests.fakes import AiohttpServerFactory, ScriptedUpstream
 
 FAST_BACKOFF = {"base": "10ms", "max": "10ms"}
@@ -55,12 +55,6 @@ def _json(status: int, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes
     return status, {"Content-Type": "application/json", "Request-Id": "req_test"}, json.dumps(body).encode()
 
 
-async def _dedicated_port(start_proxy: StartProxy, upstream: ScriptedUpstream, **policy: Any) -> int:
-    port = free_port()
-    await start_proxy([loopback_policy(upstream.url, host="api.provider.test", listen=port, **policy)])
-    return port
-
-
 @pytest.mark.parametrize("with_idempotency_policy", [False, True])
 async def test_stripe_sdk_post_retried_with_its_own_idempotency_key(
     aiohttp_server: AiohttpServerFactory, start_proxy: StartProxy, with_idempotency_policy: bool
@@ -73,7 +67,7 @@ async def test_stripe_sdk_post_retried_with_its_own_idempotency_key(
     policy: dict[str, Any] = {"retries": {"on": [503], "max_attempts": 3, "backoff": FAST_BACKOFF}}
     if with_idempotency_policy:
         policy["idempotency"] = {}  # the SDK's key must be kept, not replaced by an injected one
-    port = await _dedicated_port(start_proxy, upstream, **policy)
+    base = await start_on_own_port(start_proxy, upstream.url, host="api.provider.test", **policy)
 
     sent: list[requests.PreparedRequest] = []
 
@@ -86,7 +80,7 @@ async def test_stripe_sdk_post_retried_with_its_own_idempotency_key(
             session.hooks["response"].append(record)
             client = stripe.StripeClient(
                 api_key="sk_test_x",
-                base_addresses={"api": f"http://127.0.0.1:{port}"},
+                base_addresses={"api": base},
                 max_network_retries=0,
                 http_client=stripe.RequestsClient(session=session, timeout=10),
             )
@@ -115,9 +109,10 @@ async def test_openai_sdk_gets_one_injected_key_for_all_attempts(
         _json(503, {"error": {"message": "overloaded", "type": "server_error"}}),
         _json(200, CHAT_COMPLETION),
     ).start(aiohttp_server)
-    port = await _dedicated_port(
+    base = await start_on_own_port(
         start_proxy,
-        upstream,
+        upstream.url,
+        host="api.provider.test",
         idempotency={},  # header Idempotency-Key, methods POST and PATCH
         retries={"on": [503], "max_attempts": 3, "backoff": FAST_BACKOFF},
     )
@@ -129,9 +124,7 @@ async def test_openai_sdk_gets_one_injected_key_for_all_attempts(
         with openai.DefaultHttpxClient(
             trust_env=False, event_hooks={"request": [sent.append]}, timeout=10
         ) as http:
-            client = openai.OpenAI(
-                base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, http_client=http
-            )
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, http_client=http)
             return client.chat.completions.create(
                 model="gpt-test", messages=[{"role": "user", "content": "Say hello"}]
             )
@@ -160,15 +153,16 @@ async def test_openai_sdk_without_idempotency_policy_is_not_retried(
         _json(503, {"error": {"message": "overloaded", "type": "server_error"}}),
         _json(200, CHAT_COMPLETION),
     ).start(aiohttp_server)
-    port = await _dedicated_port(
-        start_proxy, upstream, retries={"on": [503], "max_attempts": 3, "backoff": FAST_BACKOFF}
+    base = await start_on_own_port(
+        start_proxy,
+        upstream.url,
+        host="api.provider.test",
+        retries={"on": [503], "max_attempts": 3, "backoff": FAST_BACKOFF},
     )
 
     def complete() -> None:
         with openai.DefaultHttpxClient(trust_env=False, timeout=10) as http:
-            client = openai.OpenAI(
-                base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, http_client=http
-            )
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, http_client=http)
             client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
 
     with pytest.raises(openai.InternalServerError) as raised:

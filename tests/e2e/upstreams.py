@@ -10,6 +10,8 @@ Nothing here mocks the network: every helper opens real sockets on 127.0.0.1.
   it mid-body — the misbehaviour aiohttp's server would never produce.
 - `RawConnection` / `raw_exchange`: a client that writes exact request bytes
   (no invented headers) and parses the response without hiding framing.
+- `timed_get` / `TimedReply`: a GET whose reply knows when it was sent and
+  finished, and checks an Outrigger error document (SPEC 5) for shape.
 - `TlsMaterial`: a trustme CA with server and client certificates written
   to files, for `tls.ca_file` / `client_cert` / `client_key`.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import ssl
 import struct
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import aiohttp
 import trustme
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -337,6 +341,52 @@ def chunked(parts: list[bytes]) -> bytes:
     """Chunked transfer-coding framing for `parts`, with the last-chunk."""
     framed = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts if part)
     return framed + b"0\r\n\r\n"
+
+
+# --------------------------------------------------------------------------- timed client
+
+
+@dataclass(frozen=True)
+class TimedReply:
+    """A response read whole (header names lower-cased), with its send and finish times (loop time)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    started: float
+    finished: float
+
+    @property
+    def elapsed(self) -> float:
+        return self.finished - self.started
+
+    def error(self, host: str = "upstream.test") -> dict[str, Any]:
+        """The SPEC 5 error document, checked for shape."""
+        assert self.headers.get("content-type", "").startswith("application/json"), self.headers
+        document = json.loads(self.body)
+        assert set(document) == {"error"}
+        error: dict[str, Any] = document["error"]
+        assert set(error) == {"type", "message", "host"}
+        assert error["message"]
+        assert error["host"] == host
+        assert self.headers.get("x-outrigger-error") == error["type"]
+        return error
+
+    def error_type(self, host: str = "upstream.test") -> str | None:
+        """The SPEC 5 error type when Outrigger answered itself, else None (upstream's own answer)."""
+        if self.headers.get("x-outrigger-error") is None:
+            return None
+        return str(self.error(host)["type"])
+
+
+async def timed_get(client: aiohttp.ClientSession, base: str, path: str = "/v1/things") -> TimedReply:
+    """GET `base``path` with `client` and read the whole body."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with client.get(f"{base}{path}") as response:
+        body = await response.read()
+        headers = {k.lower(): v for k, v in response.headers.items()}
+        return TimedReply(response.status, headers, body, started, loop.time())
 
 
 # --------------------------------------------------------------------------- TLS
