@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from proxy.config.loader import Config, load_config
 from proxy.reload import Reloader
 from proxy.server import ProxyServer
 from tests.e2e.otlp_receiver import OtlpReceiver
+from tests.e2e.procs import OutriggerProcess
 
 _handed_out: set[int] = set()
 
@@ -121,3 +122,21 @@ async def receiver() -> AsyncIterator[OtlpReceiver]:
     collector = await OtlpReceiver().start()
     yield collector
     await collector.close()
+
+
+Launch = Callable[..., OutriggerProcess]
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Launch]:
+    """Start `outrigger run -c CONFIG [EXTRA...]`; every process is killed at teardown if still alive."""
+    started: list[OutriggerProcess] = []
+
+    def start(config: Path, *extra: str) -> OutriggerProcess:
+        process = OutriggerProcess.for_config(config, tmp_path, *extra).start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()

@@ -1,6 +1,8 @@
 """Helpers for the end-to-end tests.
 
 - `OutriggerProcess`: `outrigger run -c CONFIG` as a real subprocess (signals, exit codes).
+  `config_ports` reads the main and admin ports a config file sets.
+- `wait_until` / `port_refuses`: bounded polling, and "nothing listens there any more".
 - `RawUpstream`: a tiny HTTP/1.1 upstream on asyncio streams that counts TCP connections
   (not just requests), so a test can prove the proxy never even connected.
 - `raw_exchange`: send exact bytes to a listener and parse one response.
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
+import yaml
 from multidict import CIMultiDict
 
 ERROR_HEADER = "x-outrigger-error"
@@ -238,6 +241,12 @@ async def port_refuses(port: int) -> bool:
     return False
 
 
+def config_ports(config: Path) -> tuple[int, int]:
+    """The main listener's and the admin API's port, as `config` (a main config file) sets them."""
+    settings = yaml.safe_load(config.read_text())
+    return settings["listen"]["port"], settings["admin"]["port"]
+
+
 class OutriggerProcess:
     """`outrigger run -c CONFIG` in a subprocess; output goes to files (no pipe can fill up)."""
 
@@ -248,6 +257,12 @@ class OutriggerProcess:
         self._stderr = workdir / "outrigger.stderr"
         self.args = [*outrigger_command(), "run", "-c", str(config), *extra]
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def for_config(cls, config: Path, workdir: Path, *extra: str) -> OutriggerProcess:
+        """With the admin port `config` sets (15000, the default, when it sets none)."""
+        settings = yaml.safe_load(config.read_text())
+        return cls(config, settings.get("admin", {}).get("port", 15000), workdir, *extra)
 
     @property
     def pid(self) -> int:
@@ -273,23 +288,28 @@ class OutriggerProcess:
         ):
             return response.status, await response.json()
 
-    async def wait_ready(self, within: float = 8.0) -> dict[str, Any]:
-        """Poll /readyz until 200; fail fast if the process exits."""
+    async def readyz(self) -> dict[str, Any] | None:
+        """The /readyz body when it answers 200, else None; fails if the process has exited."""
         assert self.proc is not None
-        body: dict[str, Any] = {}
+        if self.proc.poll() is not None:
+            raise AssertionError(f"outrigger exited with {self.proc.returncode}:\n{self.output}")
+        try:
+            status, body = await self.admin_get("/readyz")
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+        return body if status == 200 else None
+
+    async def wait_ready(self, within: float = 8.0) -> dict[str, Any]:
+        """Poll /readyz until 200 and return its body; fail fast if the process exits."""
+        body: dict[str, Any] | None = None
 
         async def ready() -> bool:
             nonlocal body
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"outrigger exited with {self.proc.returncode}:\n{self.output}")
-            try:
-                status, body = await self.admin_get("/readyz")
-            except (aiohttp.ClientError, TimeoutError):
-                return False
-            return status == 200
+            body = await self.readyz()
+            return body is not None
 
         assert await wait_until(ready, within=within, interval=0.05), f"not ready:\n{self.output}"
+        assert body is not None
         return body
 
     def send(self, sig: signal.Signals) -> None:

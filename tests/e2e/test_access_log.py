@@ -26,12 +26,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 
 from tests.conftest import StartProxy, free_port, loopback_policy, write_config
 from tests.e2e.otlp_receiver import OtlpReceiver
-from tests.e2e.procs import OutriggerProcess, outrigger_command, raw_exchange, wait_until
+from tests.e2e.procs import OutriggerProcess, config_ports, outrigger_command, raw_exchange, wait_until
 from tests.e2e.upstreams import Seen, start_recording
 from tests.fakes import AiohttpServerFactory, ScriptedUpstream, app_request, call
 
@@ -314,14 +313,14 @@ async def test_outrigger_run_writes_json_access_lines_to_stdout(
 ) -> None:
     upstream = await ScriptedUpstream(200).start(aiohttp_server)
     config = write_config(tmp_path, [loopback_policy(upstream.url)])
-    settings = yaml.safe_load(config.read_text())
-    proc = OutriggerProcess(config, settings["admin"]["port"], tmp_path)
+    main_port, admin_port = config_ports(config)
+    proc = OutriggerProcess(config, admin_port, tmp_path)
     stdout = tmp_path / "outrigger.stdout"
     stderr = tmp_path / "outrigger.stderr"
     proc.start()
     try:
         await proc.wait_ready()
-        main = f"http://127.0.0.1:{settings['listen']['port']}"
+        main = f"http://127.0.0.1:{main_port}"
         replies = [
             await call("GET", f"{main}/v1/a?k=v", headers={"Host": HOST, "x-request-id": "sub-1"}),
             await call("GET", f"{main}/v1/b", headers={"Host": "nobody.test", "x-request-id": "sub-2"}),

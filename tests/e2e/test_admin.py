@@ -16,10 +16,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
 from tests.conftest import RunningProxy, StartProxy, loopback_policy, write_config
-from tests.e2e.procs import OutriggerProcess
+from tests.e2e.procs import OutriggerProcess, config_ports
 from tests.fakes import AiohttpServerFactory, Gate, ScriptedUpstream, app_request
 
 HOST = "upstream.test"
@@ -324,8 +323,7 @@ def _refused(host: str, port: int) -> bool:
 
 async def test_admin_listens_on_its_own_loopback_port_only(tmp_path: Path) -> None:
     config = write_config(tmp_path, [loopback_policy("http://127.0.0.1:9")])
-    settings = yaml.safe_load(config.read_text())
-    admin_port, main_port = settings["admin"]["port"], settings["listen"]["port"]
+    main_port, admin_port = config_ports(config)
     proc = OutriggerProcess(config, admin_port, tmp_path).start()
     control = socket.socket()
     try:

@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import StartProxy, free_port, loopback_policy, write_config
-from tests.e2e.procs import OutriggerProcess, outrigger_command
+from tests.e2e.procs import OutriggerProcess, config_ports, outrigger_command
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 
@@ -313,11 +313,11 @@ async def test_secrets_never_appear_in_the_output_of_outrigger_run(
 ) -> None:
     upstream = await _echo(aiohttp_server)
     config = _secret_config(tmp_path, monkeypatch, f"http://127.0.0.1:{upstream.port}")
-    settings = yaml.safe_load(config.read_text())
-    process = OutriggerProcess(config, settings["admin"]["port"], tmp_path, "--log-level", "DEBUG").start()
+    main_port, admin_port = config_ports(config)
+    process = OutriggerProcess(config, admin_port, tmp_path, "--log-level", "DEBUG").start()
     try:
         await process.wait_ready()
-        base = f"http://127.0.0.1:{settings['listen']['port']}"
+        base = f"http://127.0.0.1:{main_port}"
         for path in ("/v1/x", "/v1/special/1"):
             echo = await _request(f"{base}{path}", headers=[("Host", "upstream.test")])
             assert _values(echo, "X-Api-Key") == [FILE_SECRET]

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.config.loader import load_config
-from tests.conftest import free_port, loopback_policy, write_config
-from tests.e2e.procs import OutriggerProcess, outrigger_command, port_refuses, wait_until
+from tests.conftest import Launch, free_port, loopback_policy, write_config
+from tests.e2e.procs import config_ports, outrigger_command, port_refuses, wait_until
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
-Launch = Callable[..., OutriggerProcess]
 
 
 class SlowUpstream:
@@ -59,28 +58,6 @@ async def upstream(aiohttp_server: AiohttpServer) -> SlowUpstream:
     return slow
 
 
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Launch]:
-    """Start `outrigger run -c CONFIG`; every process is killed at teardown if still alive."""
-    started: list[OutriggerProcess] = []
-
-    def start(config: Path, *extra: str) -> OutriggerProcess:
-        settings = yaml.safe_load(config.read_text())
-        admin_port = settings.get("admin", {}).get("port", 15000)
-        process = OutriggerProcess(config, admin_port, tmp_path, *extra).start()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
-
-
-def _ports(config: Path) -> tuple[int, int]:
-    settings = yaml.safe_load(config.read_text())
-    return settings["listen"]["port"], settings["admin"]["port"]
-
-
 async def _get(url: str, host: str = "upstream.test") -> tuple[int, str]:
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client,
@@ -104,7 +81,7 @@ async def _settle(task: asyncio.Task[tuple[int, str]], within: float = 2) -> tup
 
 async def test_healthz_and_readyz_once_up(upstream: SlowUpstream, launch: Launch, tmp_path: Path) -> None:
     config = write_config(tmp_path, [loopback_policy(upstream.url)])
-    main_port, _ = _ports(config)
+    main_port, _ = config_ports(config)
     process = launch(config)
     ready = await process.wait_ready()
     assert ready == {"status": "ready", "config_version": load_config(config).version}
@@ -117,7 +94,7 @@ async def test_listeners_are_bound_to_loopback_only(
 ) -> None:
     dedicated = free_port()
     config = write_config(tmp_path, [loopback_policy(upstream.url, listen=dedicated)])
-    main_port, admin_port = _ports(config)
+    main_port, admin_port = config_ports(config)
     process = launch(config)
     await process.wait_ready()
     listening = {
@@ -171,7 +148,7 @@ async def test_idle_process_stops_cleanly_on_signal(
     upstream: SlowUpstream, launch: Launch, tmp_path: Path, sig: signal.Signals
 ) -> None:
     config = write_config(tmp_path, [loopback_policy(upstream.url)])
-    main_port, admin_port = _ports(config)
+    main_port, admin_port = config_ports(config)
     process = launch(config)
     await process.wait_ready()
     process.send(sig)
@@ -185,7 +162,7 @@ async def test_sigterm_drains_the_in_flight_request(
 ) -> None:
     dedicated = free_port()
     config = write_config(tmp_path, [loopback_policy(upstream.url, listen=dedicated)], drain_timeout="5s")
-    main_port, _ = _ports(config)
+    main_port, _ = config_ports(config)
     process = launch(config)
     await process.wait_ready()
 
@@ -214,7 +191,7 @@ async def test_sigterm_drains_the_in_flight_request(
 
 async def test_drain_timeout_bounds_shutdown(upstream: SlowUpstream, launch: Launch, tmp_path: Path) -> None:
     config = write_config(tmp_path, [loopback_policy(upstream.url)], drain_timeout="500ms")
-    main_port, _ = _ports(config)
+    main_port, _ = config_ports(config)
     process = launch(config)
     await process.wait_ready()
 
@@ -237,7 +214,7 @@ async def test_exit_is_bounded_by_one_drain_timeout(
     upstream: SlowUpstream, launch: Launch, tmp_path: Path
 ) -> None:
     config = write_config(tmp_path, [loopback_policy(upstream.url)], drain_timeout="1500ms")
-    main_port, _ = _ports(config)
+    main_port, _ = config_ports(config)
     process = launch(config)
     await process.wait_ready()
     in_flight = asyncio.create_task(_get(f"http://127.0.0.1:{main_port}/slow?delay=8"))

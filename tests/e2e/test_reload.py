@@ -8,17 +8,13 @@ way a careful operator or Kubernetes would, so the content-hash watcher never se
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +29,8 @@ from proxy.admin import build_admin_app
 from proxy.config.loader import load_config
 from proxy.reload import Reloader
 from proxy.server import ProxyServer
-from tests.conftest import free_port, loopback_policy, write_config
+from tests.conftest import Launch, free_port, loopback_policy, write_config
+from tests.e2e.procs import OutriggerProcess, config_ports, port_refuses, wait_until
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 HOST = "upstream.test"
@@ -45,18 +42,6 @@ WITHIN = 5.0
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-async def wait_until(condition: Callable[[], Awaitable[bool]], within: float = WITHIN) -> bool:
-    """Poll `condition` every 20 ms; bounded in time and iterations."""
-    deadline = time.monotonic() + within
-    for _ in range(int(within / 0.02) + 2):
-        if await condition():
-            return True
-        if time.monotonic() >= deadline:
-            break
-        await asyncio.sleep(0.02)
-    return False
 
 
 def write_atomically(path: Path, text: str | bytes) -> None:
@@ -82,16 +67,6 @@ def edit_main(config_path: Path, **changes: Any) -> None:
     settings = yaml.safe_load(config_path.read_text())
     settings.update(changes)
     write_atomically(config_path, yaml.safe_dump(settings))
-
-
-async def port_refuses(port: int) -> bool:
-    try:
-        async with asyncio.timeout(1):
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except (ConnectionRefusedError, TimeoutError):
-        return True
-    writer.close()
-    return False
 
 
 @dataclass
@@ -280,7 +255,7 @@ async def test_watcher_picks_up_an_edit_without_any_signal(
     async def reloaded() -> bool:
         return live.version != before
 
-    assert await wait_until(reloaded), "the watcher did not reload the edited policy"
+    assert await wait_until(reloaded, within=WITHIN), "the watcher did not reload the edited policy"
     assert (await live.get())[0] == 200
     assert upstream.values("X-Config") == ["v1", "v2"]
     assert live.reloader.last is not None
@@ -302,7 +277,7 @@ async def test_watcher_sees_a_new_policy_file_in_a_policy_folder(
     async def allowed() -> bool:
         return (await live.get(host="other.test"))[0] == 200
 
-    assert await wait_until(allowed), "a policy file added to the folder was not picked up"
+    assert await wait_until(allowed, within=WITHIN), "a policy file added to the folder was not picked up"
 
 
 async def test_raised_poll_interval_applies_to_the_running_watcher(
@@ -315,7 +290,7 @@ async def test_raised_poll_interval_applies_to_the_running_watcher(
     async def applied() -> bool:
         return live.server.runtime.config.main.reload_poll_interval == 3600
 
-    assert await wait_until(applied)
+    assert await wait_until(applied, within=WITHIN)
     await asyncio.sleep(0.3)  # the watcher's last 100 ms sleep ends; the next one is an hour
     before = live.version
     write_policies(tmp_path, [header_policy(upstream, "v2")])
@@ -381,7 +356,7 @@ async def test_configmap_symlink_swap_of_a_policy_folder(
     async def reloaded() -> bool:
         return live.version != before
 
-    assert await wait_until(reloaded), "the ..data symlink swap was not noticed"
+    assert await wait_until(reloaded, within=WITHIN), "the ..data symlink swap was not noticed"
     assert (await live.get())[0] == 200
     assert upstream.values("X-Config") == ["v1", "v2"]
     assert live.reloader.last is not None
@@ -438,68 +413,6 @@ async def test_configmap_symlink_swap_of_the_whole_config_folder(
 # --------------------------------------------------------------------------- subprocess: SIGHUP, polling
 
 
-class OutriggerProcess:
-    """`outrigger run -c CONFIG`; output to files so no pipe fills up; killed at teardown."""
-
-    def __init__(self, config: Path, workdir: Path) -> None:
-        settings = yaml.safe_load(config.read_text())
-        self.port: int = settings["listen"]["port"]
-        self.admin_port: int = settings["admin"]["port"]
-        self.stderr = workdir / "outrigger.stderr"
-        script = Path(sys.executable).parent / "outrigger"
-        command = [str(script)] if script.exists() else [sys.executable, "-m", "proxy"]
-        with (workdir / "outrigger.stdout").open("wb") as out, self.stderr.open("wb") as err:
-            self.proc = subprocess.Popen(
-                [*command, "run", "-c", str(config)], stdout=out, stderr=err, stdin=subprocess.DEVNULL
-            )
-
-    async def admin(self, path: str) -> tuple[int, Any]:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as client,
-            client.get(f"http://127.0.0.1:{self.admin_port}{path}") as response,
-        ):
-            return response.status, await response.json()
-
-    async def readyz(self) -> dict[str, Any] | None:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"outrigger exited with {self.proc.returncode}:\n{self.stderr.read_text()}")
-        try:
-            status, body = await self.admin("/readyz")
-        except (aiohttp.ClientError, TimeoutError):
-            return None
-        return body if status == 200 else None
-
-    async def wait_ready(self) -> str:
-        async def ready() -> bool:
-            return await self.readyz() is not None
-
-        assert await wait_until(ready, within=20), f"not ready:\n{self.stderr.read_text()}"
-        body = await self.readyz()
-        assert body is not None
-        version: str = body["config_version"]
-        return version
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(5)
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Callable[[Path], OutriggerProcess]]:
-    started: list[OutriggerProcess] = []
-
-    def start(config: Path) -> OutriggerProcess:
-        process = OutriggerProcess(config, tmp_path)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
-
-
 async def _get_via(port: int) -> int:
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as client,
@@ -517,51 +430,52 @@ async def _wait_version_change(process: OutriggerProcess, before: str) -> str:
         current = body["config_version"] if body else before
         return current != before
 
-    assert await wait_until(changed, within=WITHIN), f"still version {before}:\n{process.stderr.read_text()}"
+    assert await wait_until(changed, within=WITHIN), f"still version {before}:\n{process.output}"
     return current
 
 
-async def test_sighup_reloads_a_running_process(
-    launch: Callable[[Path], OutriggerProcess], upstream: Upstream, tmp_path: Path
-) -> None:
+async def test_sighup_reloads_a_running_process(launch: Launch, upstream: Upstream, tmp_path: Path) -> None:
     # The watcher polls hourly here, so only the signal can explain a reload within the test.
     config = write_config(tmp_path, [header_policy(upstream, "v1")], reload_poll_interval="1h")
+    port, _ = config_ports(config)
     process = launch(config)
-    before = await process.wait_ready()
-    assert await _get_via(process.port) == 200
+    before = (await process.wait_ready(within=20))["config_version"]
+    assert await _get_via(port) == 200
 
     write_policies(tmp_path, [header_policy(upstream, "v2")])
     await asyncio.sleep(0.3)
-    status, _ = await process.admin("/readyz")
+    status, _ = await process.admin_get("/readyz")
     assert status == 200
     assert (await process.readyz() or {}).get("config_version") == before  # nothing without the signal
 
-    process.proc.send_signal(signal.SIGHUP)
+    process.send(signal.SIGHUP)
     after = await _wait_version_change(process, before)
 
     assert after == load_config(config).version
-    _, shown = await process.admin("/config")
+    _, shown = await process.admin_get("/config")
     assert shown["last_reload"]["trigger"] == "SIGHUP"
     assert shown["last_reload_error"] is None
-    assert await _get_via(process.port) == 200
+    assert await _get_via(port) == 200
     assert upstream.values("X-Config") == ["v1", "v2"]
+    assert process.proc is not None
     assert process.proc.poll() is None  # SIGHUP reloads, it does not stop the process
 
 
 async def test_running_process_polls_files_by_content_hash(
-    launch: Callable[[Path], OutriggerProcess], upstream: Upstream, tmp_path: Path
+    launch: Launch, upstream: Upstream, tmp_path: Path
 ) -> None:
     config = write_config(tmp_path, [header_policy(upstream, "v1")], reload_poll_interval=POLL)
+    port, _ = config_ports(config)
     process = launch(config)
-    before = await process.wait_ready()
-    assert await _get_via(process.port) == 200
+    before = (await process.wait_ready(within=20))["config_version"]
+    assert await _get_via(port) == 200
 
     write_policies(tmp_path, [header_policy(upstream, "v2")])
     await _wait_version_change(process, before)
 
-    _, shown = await process.admin("/config")
+    _, shown = await process.admin_get("/config")
     assert shown["last_reload"]["trigger"] == "file change"
-    assert await _get_via(process.port) == 200
+    assert await _get_via(port) == 200
     assert upstream.values("X-Config") == ["v1", "v2"]
 
 
@@ -643,7 +557,7 @@ async def test_watcher_rejects_an_invalid_edit_then_applies_the_fix(
     async def rejected() -> bool:
         return await live.reloads("error") == 1
 
-    assert await wait_until(rejected), "the watcher did not report the invalid edit"
+    assert await wait_until(rejected, within=WITHIN), "the watcher did not report the invalid edit"
     assert live.version == before
     assert "unknown key" in (await live.admin_json("/config"))["last_reload_error"]
     assert (await live.get())[0] == 200
@@ -655,7 +569,7 @@ async def test_watcher_rejects_an_invalid_edit_then_applies_the_fix(
     async def applied() -> bool:
         return live.version != before
 
-    assert await wait_until(applied)
+    assert await wait_until(applied, within=WITHIN)
     assert (await live.admin_json("/config"))["last_reload_error"] is None
     assert (await live.get())[0] == 200
     assert upstream.values("X-Config") == ["v1", "v2"]
@@ -752,7 +666,9 @@ async def test_reload_with_50_requests_in_flight_loses_none(
     async def all_held() -> bool:
         return upstream.held == 50
 
-    assert await wait_until(all_held), f"only {upstream.held} of 50 requests reached the upstream"
+    assert await wait_until(all_held, within=WITHIN), (
+        f"only {upstream.held} of 50 requests reached the upstream"
+    )
 
     write_policies(tmp_path, [header_policy(upstream, "new")])
     status, body = await live.reload()
@@ -783,7 +699,7 @@ async def test_requests_in_flight_on_a_closed_listen_port_finish(
     async def all_held() -> bool:
         return upstream.held == 10
 
-    assert await wait_until(all_held)
+    assert await wait_until(all_held, within=WITHIN)
     write_policies(tmp_path, [header_policy(upstream, "new")])
     status, body = await live.reload()
     assert status == 200, body
@@ -1023,7 +939,7 @@ async def test_rotated_secret_file_is_used_after_the_watcher_notices(
     async def rotated() -> bool:
         return live.version != before
 
-    assert await wait_until(rotated), "the rotated secret file was not noticed"
+    assert await wait_until(rotated, within=WITHIN), "the rotated secret file was not noticed"
     assert live.server.runtime is not runtime
     assert (await live.get())[0] == 200
     assert upstream.values("Authorization") == ["Bearer first-token", "Bearer second-token"]
