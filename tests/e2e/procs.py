@@ -3,6 +3,7 @@
 - `OutriggerProcess`: `outrigger run -c CONFIG` as a real subprocess (signals, exit codes).
   `config_ports` reads the main and admin ports a config file sets.
 - `wait_until` / `port_refuses`: bounded polling, and "nothing listens there any more".
+- `wait_for_http_ok` / `stop_process`: start-up and shutdown of any server subprocess.
 - `RawUpstream`: a tiny HTTP/1.1 upstream on asyncio streams that counts TCP connections
   (not just requests), so a test can prove the proxy never even connected.
 - `raw_exchange`: send exact bytes to a listener and parse one response.
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
+import pytest
+import requests
 import yaml
 from multidict import CIMultiDict
 
@@ -239,6 +242,39 @@ async def port_refuses(port: int) -> bool:
         return True
     writer.close()
     return False
+
+
+def wait_for_http_ok(url: str, process: subprocess.Popen[bytes], log: Path, within: float = 20.0) -> None:
+    """Block until GET `url` (no proxy) answers 200; fail at once if `process` exits.
+
+    `log` is the file the process writes its output to; its tail goes into the failure message.
+    """
+    deadline = time.monotonic() + within
+    with requests.Session() as session:
+        session.trust_env = False
+        for _ in range(int(within / 0.05) + 100):  # bounded; the deadline normally ends it first
+            if process.poll() is not None:
+                pytest.fail(f"{process.args!r} exited with {process.returncode}: {log.read_text()[-2000:]}")
+            try:
+                if session.get(url, timeout=1).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    pytest.fail(f"{url} did not answer 200 within {within:g}s: {log.read_text()[-2000:]}")
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it is still running after 10 s; reaps the process either way."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
 
 
 def config_ports(config: Path) -> tuple[int, int]:

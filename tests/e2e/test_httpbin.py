@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
-import requests
 
 from tests.conftest import RunningProxy, StartProxy, free_port, loopback_policy
+from tests.e2e.procs import stop_process, wait_for_http_ok
 from tests.e2e.upstreams import raw_exchange, request_bytes
 
 STARTUP_TIMEOUT = 20.0
@@ -46,33 +46,16 @@ def _gunicorn_command(port: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def httpbin() -> Iterator[Httpbin]:
+def httpbin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Httpbin]:
     port = free_port()
-    process = subprocess.Popen(_gunicorn_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log_path = tmp_path_factory.mktemp("httpbin") / "gunicorn.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(_gunicorn_command(port), stdout=subprocess.DEVNULL, stderr=log)
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
-                pytest.fail(f"gunicorn exited with {process.returncode}: {stderr[-2000:]}")
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/get", timeout=1, proxies={"http": ""}).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"httpbin did not answer within {STARTUP_TIMEOUT:g}s")
-            time.sleep(0.1)
+        wait_for_http_ok(f"http://127.0.0.1:{port}/get", process, log_path, within=STARTUP_TIMEOUT)
         yield Httpbin(port)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-        if process.stderr:
-            process.stderr.close()
+        stop_process(process)
 
 
 @pytest.fixture

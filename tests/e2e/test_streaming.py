@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ import requests
 import yaml
 
 from tests.conftest import free_port, loopback_policy, write_config
+from tests.e2e.procs import outrigger_command, stop_process, wait_for_http_ok
 from tests.e2e.stream_upstream import pattern
 
 MiB = 1024 * 1024
@@ -50,48 +50,11 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def _wait_until_ok(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    with requests.Session() as session:
-        session.trust_env = False
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"{process.args!r} exited with {process.returncode}: {log.read_text()[-2000:]}")
-            try:
-                if session.get(url, timeout=1).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"{url} did not answer 200 within {STARTUP_TIMEOUT:g}s: {log.read_text()[-2000:]}"
-                )
-            time.sleep(0.05)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-
-
 @dataclass(frozen=True)
 class Processes:
     outrigger: psutil.Process
     proxy_url: str
     dedicated_url: str
-
-
-def _outrigger_command() -> list[str]:
-    script = Path(sys.executable).with_name("outrigger")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("outrigger")
-    return [found] if found else [sys.executable, "-m", "proxy"]
 
 
 FULL_STACK = {
@@ -124,7 +87,7 @@ def processes(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Proces
         upstream, upstream_log = spawn(
             [sys.executable, "-m", "tests.e2e.stream_upstream", "--port", str(upstream_port)], "upstream"
         )
-        _wait_until_ok(f"http://127.0.0.1:{upstream_port}/health", upstream, upstream_log)
+        wait_for_http_ok(f"http://127.0.0.1:{upstream_port}/health", upstream, upstream_log, STARTUP_TIMEOUT)
 
         dedicated = free_port()
         policy = loopback_policy(
@@ -136,9 +99,9 @@ def processes(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Proces
         )
         config = write_config(tmp_path, [policy])
         main = yaml.safe_load(config.read_text())
-        outrigger, outrigger_log = spawn([*_outrigger_command(), "run", "-c", str(config)], "outrigger")
-        admin = main["admin"]
-        _wait_until_ok(f"http://127.0.0.1:{admin['port']}/readyz", outrigger, outrigger_log)
+        outrigger, outrigger_log = spawn([*outrigger_command(), "run", "-c", str(config)], "outrigger")
+        readyz = f"http://127.0.0.1:{main['admin']['port']}/readyz"
+        wait_for_http_ok(readyz, outrigger, outrigger_log, STARTUP_TIMEOUT)
         yield Processes(
             outrigger=psutil.Process(outrigger.pid),
             proxy_url=f"http://127.0.0.1:{main['listen']['port']}",
@@ -146,7 +109,7 @@ def processes(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Proces
         )
     finally:
         for process, log in reversed(started):
-            _stop(process)
+            stop_process(process)
             log.close()
 
 
