@@ -12,6 +12,10 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from proxy.admin import build_admin_app
 from proxy.config.loader import Config, load_config
@@ -113,6 +117,16 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
     connector = aiohttp.TCPConnector(limit=100)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=20)) as session:
         yield session
+
+
+@pytest.fixture
+def span_exporter() -> Iterator[tuple[trace.Tracer, InMemorySpanExporter]]:
+    """A tracer of its own SDK provider, and the in-memory exporter its spans end in (no sockets)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider.get_tracer("test"), exporter
+    provider.shutdown()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ old code one test fails rather than the whole file failing to import.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,6 @@ import trustme
 import yaml
 from multidict import CIMultiDict
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from pydantic import ValidationError
@@ -129,15 +127,6 @@ async def test_body_write_error_message_has_no_url(monkeypatch: pytest.MonkeyPat
     assert os.strerror(104) in direct.message  # the errno text stays
     error = await _send_failing_with(exc, monkeypatch)
     assert SECRET not in error.message
-
-
-@pytest.fixture
-def span_exporter() -> Iterator[tuple[trace.Tracer, InMemorySpanExporter]]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield provider.get_tracer("test"), exporter
-    provider.shutdown()
 
 
 async def test_client_span_status_has_no_error_message(

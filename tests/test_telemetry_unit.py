@@ -10,16 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace import Tracer as SdkTracer
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
@@ -68,15 +66,6 @@ OTEL_VARIABLES = (
 def _clean_otel_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in OTEL_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def spans() -> Iterator[tuple[trace.Tracer, InMemorySpanExporter]]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield provider.get_tracer("test"), exporter
-    provider.shutdown()
 
 
 def headers(**values: str) -> CIMultiDictProxy[str]:
@@ -227,9 +216,9 @@ def test_start_survives_a_malformed_host(host: str) -> None:
 
 
 def test_start_splits_host_and_port_and_reads_absolute_form(
-    spans: tuple[trace.Tracer, InMemorySpanExporter],
+    span_exporter: tuple[trace.Tracer, InMemorySpanExporter],
 ) -> None:
-    tracer, exporter = spans
+    tracer, exporter = span_exporter
     telemetry = telemetry_with(tracer)
     for host, target in (("api.test:8443", "/v1?x=1"), ("ignored.test", "http://api.test:8443/v1?x=1")):
         observation = telemetry.start("GET", headers(), host, target)
@@ -253,8 +242,10 @@ def test_without_export_the_apps_trace_context_is_still_continued() -> None:
     assert carrier["traceparent"] == APP_TRACEPARENT
 
 
-def test_server_span_continues_the_apps_trace(spans: tuple[trace.Tracer, InMemorySpanExporter]) -> None:
-    tracer, exporter = spans
+def test_server_span_continues_the_apps_trace(
+    span_exporter: tuple[trace.Tracer, InMemorySpanExporter],
+) -> None:
+    tracer, exporter = span_exporter
     telemetry = telemetry_with(tracer)
     observation = telemetry.start(
         "POST", headers(traceparent=APP_TRACEPARENT, x_request_id="r-1"), "api.test", "/v1/pay?card=4242"
@@ -286,9 +277,9 @@ def test_server_span_continues_the_apps_trace(spans: tuple[trace.Tracer, InMemor
 
 
 def test_finish_records_every_outrigger_attribute_and_event(
-    spans: tuple[trace.Tracer, InMemorySpanExporter],
+    span_exporter: tuple[trace.Tracer, InMemorySpanExporter],
 ) -> None:
-    tracer, exporter = spans
+    tracer, exporter = span_exporter
     telemetry = telemetry_with(tracer)
     request = make_request("POST")
     request.attempts = 3
@@ -324,8 +315,10 @@ def test_finish_records_every_outrigger_attribute_and_event(
     assert span.status.status_code == StatusCode.ERROR
 
 
-def test_local_error_is_an_event_and_error_type(spans: tuple[trace.Tracer, InMemorySpanExporter]) -> None:
-    tracer, exporter = spans
+def test_local_error_is_an_event_and_error_type(
+    span_exporter: tuple[trace.Tracer, InMemorySpanExporter],
+) -> None:
+    tracer, exporter = span_exporter
     telemetry = telemetry_with(tracer)
     observation = telemetry.start("GET", headers(), "nobody.test", "/")
     telemetry.finish(
@@ -493,9 +486,9 @@ def test_access_log_off(access_records: pytest.LogCaptureFixture) -> None:
 
 
 async def test_each_attempt_span_is_a_child_and_replaces_the_apps_traceparent(
-    spans: tuple[trace.Tracer, InMemorySpanExporter],
+    span_exporter: tuple[trace.Tracer, InMemorySpanExporter],
 ) -> None:
-    tracer, exporter = spans
+    tracer, exporter = span_exporter
     server = tracer.start_span("GET", kind=SpanKind.SERVER)
     request = make_request(path_qs="/v1/x?token=abc", headers={"traceparent": APP_TRACEPARENT})
     request.trace_context = trace.set_span_in_context(server)
@@ -532,9 +525,9 @@ async def test_each_attempt_span_is_a_child_and_replaces_the_apps_traceparent(
 
 
 async def test_failed_attempt_span_has_the_error_condition(
-    spans: tuple[trace.Tracer, InMemorySpanExporter],
+    span_exporter: tuple[trace.Tracer, InMemorySpanExporter],
 ) -> None:
-    tracer, exporter = spans
+    tracer, exporter = span_exporter
     request = make_request()
     layer = AttemptLayer(10.0, request.settings.headers, Path("."), tracer)
 
