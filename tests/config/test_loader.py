@@ -50,6 +50,11 @@ class Tree:
         return caught.value.problems
 
 
+def at(path: Path, *problems: tuple[int, str]) -> tuple[str, ...]:
+    """The problems ``FILE:LINE: key.path: message`` of `path`, from (LINE, "key.path: message") pairs."""
+    return tuple(f"{path}:{line}: {message}" for line, message in problems)
+
+
 @pytest.fixture
 def tree(tmp_path: Path) -> Tree:
     t = Tree(tmp_path.resolve())
@@ -156,32 +161,75 @@ def test_several_policy_dirs_are_read_in_order(tree: Tree) -> None:
 # --- unknown keys --------------------------------------------------------------------------------
 
 
-def test_unknown_key_at_top_level_of_the_main_config(tree: Tree) -> None:
-    tree.main("bogus: 1\n")
-    assert tree.problems() == (f"{tree.config}:4: bogus: unknown key",)
+UNKNOWN_KEYS_IN_THE_MAIN_CONFIG = [
+    pytest.param("bogus: 1\n", [(4, "bogus: unknown key")], id="unknown-key-top-level"),
+    pytest.param(
+        """\
+        defaults:
+          timeouts: {total: 20s}
+          nope: 2
+        """,
+        [(6, "defaults.nope: unknown key")],
+        id="unknown-key-in-defaults",
+    ),
+]
 
 
-def test_unknown_key_at_top_level_of_a_policy(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
+UNKNOWN_KEYS_IN_A_POLICY = [
+    pytest.param(
         """\
         hosts: [a.example.com]
         upstream: https://a.example.com
         timeout: 5s
         """,
-    )
-    assert tree.problems() == (f"{a}:3: timeout: unknown key",)
-
-
-def test_unknown_key_in_defaults(tree: Tree) -> None:
-    tree.main(
+        [(3, "timeout: unknown key")],
+        id="unknown-key-top-level",
+    ),
+    pytest.param(
         """\
-        defaults:
-          timeouts: {total: 20s}
-          nope: 2
-        """
-    )
-    assert tree.problems() == (f"{tree.config}:6: defaults.nope: unknown key",)
+        hosts: [a.example.com]
+        timeouts:
+          per_try: 5s
+          bogus: 1
+        """,
+        [(4, "timeouts.bogus: unknown key")],
+        id="unknown-key-in-a-nested-section",
+    ),
+    pytest.param(
+        """\
+        hosts: [a.example.com]
+        routes:
+          - match: {method: POST}
+            timeouts: {per_try: 5s}
+            retry: 3
+        """,
+        [(5, "routes[0].retry: unknown key")],
+        id="unknown-key-inside-a-route",
+    ),
+    pytest.param(
+        """\
+        hosts: [a.example.com]
+        routes:
+          - match: {path: /v1/*}
+          - match: {method: POST}
+            timeouts:
+              nope: 1
+        """,
+        [(6, "routes[1].timeouts.nope: unknown key")],
+        id="unknown-key-nested-inside-a-route",
+    ),
+    pytest.param(
+        """\
+        hosts: [a.example.com]
+        routes:
+          - match:
+              method: POST
+              query: a=1
+        """,
+        [(5, "routes[0].match.query: unknown key")],
+        id="unknown-key-inside-a-route-match",
+    ),
+]
 
 
 def test_unknown_key_in_a_nested_section_of_defaults(tree: Tree) -> None:
@@ -196,62 +244,6 @@ def test_unknown_key_in_a_nested_section_of_defaults(tree: Tree) -> None:
     tree.policy("b.yaml", "hosts: [b.example.com]\n")
     # reported once, at the defaults, although every policy inherits it
     assert tree.problems() == (f"{tree.config}:6: defaults.timeouts.bogus: unknown key",)
-
-
-def test_unknown_key_in_a_nested_section_of_a_policy(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
-        """\
-        hosts: [a.example.com]
-        timeouts:
-          per_try: 5s
-          bogus: 1
-        """,
-    )
-    assert tree.problems() == (f"{a}:4: timeouts.bogus: unknown key",)
-
-
-def test_unknown_key_inside_a_route(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
-        """\
-        hosts: [a.example.com]
-        routes:
-          - match: {method: POST}
-            timeouts: {per_try: 5s}
-            retry: 3
-        """,
-    )
-    assert tree.problems() == (f"{a}:5: routes[0].retry: unknown key",)
-
-
-def test_unknown_key_nested_inside_a_route(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
-        """\
-        hosts: [a.example.com]
-        routes:
-          - match: {path: /v1/*}
-          - match: {method: POST}
-            timeouts:
-              nope: 1
-        """,
-    )
-    assert tree.problems() == (f"{a}:6: routes[1].timeouts.nope: unknown key",)
-
-
-def test_unknown_key_inside_a_route_match(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
-        """\
-        hosts: [a.example.com]
-        routes:
-          - match:
-              method: POST
-              query: a=1
-        """,
-    )
-    assert tree.problems() == (f"{a}:5: routes[0].match.query: unknown key",)
 
 
 # retries, circuit_breaker, rate_limit, concurrency and idempotency were rejected as unknown keys
@@ -276,156 +268,166 @@ def test_misspelt_sections_are_rejected_as_unknown_keys(tree: Tree, section: str
 # --- wrong types and bad values ---------------------------------------------------------------
 
 
-def test_wrong_type_for_a_boolean(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
+BAD_VALUES_IN_A_POLICY = [
+    pytest.param(
         """\
         hosts: [a.example.com]
         allow_private_addresses: maybe
         """,
-    )
-    assert tree.problems() == (
-        f"{a}:2: allow_private_addresses: Input should be a valid boolean, unable to interpret input",
-    )
-
-
-def test_wrong_type_for_a_section(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
+        [(2, "allow_private_addresses: Input should be a valid boolean, unable to interpret input")],
+        id="wrong-type-for-a-boolean",
+    ),
+    pytest.param(
         """\
         hosts: [a.example.com]
         timeouts: 5s
         """,
-    )
-    assert tree.problems() == (
-        f"{a}:2: timeouts: Input should be a valid dictionary or instance of Timeouts",
-    )
-
-
-def test_wrong_type_for_hosts_and_listen(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
+        [(2, "timeouts: Input should be a valid dictionary or instance of Timeouts")],
+        id="wrong-type-for-a-section",
+    ),
+    pytest.param(
         """\
         hosts: a.example.com
         listen: nine-thousand
         """,
-    )
-    assert tree.problems() == (
-        f"{a}:1: hosts: Input should be a valid tuple",
-        f"{a}:2: listen: Input should be a valid integer, unable to parse string as an integer",
-    )
-
-
-def test_missing_hosts(tree: Tree) -> None:
-    a = tree.policy("a.yaml", "upstream: https://a.example.com\n")
-    assert tree.problems() == (f"{a}:1: hosts: required key is missing",)
-
-
-def test_a_policy_file_holding_a_scalar(tree: Tree) -> None:
-    a = tree.policy("a.yaml", "42\n")
-    assert tree.problems() == (
-        f"{a}:1: (top level): a policy file must hold a policy (mapping) or a list of them",
-    )
-
-
-def test_a_list_item_that_is_not_a_mapping(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
+        [
+            (1, "hosts: Input should be a valid tuple"),
+            (2, "listen: Input should be a valid integer, unable to parse string as an integer"),
+        ],
+        id="wrong-type-for-hosts-and-listen",
+    ),
+    pytest.param(
+        "upstream: https://a.example.com\n",
+        [(1, "hosts: required key is missing")],
+        id="missing-hosts",
+    ),
+    pytest.param(
+        "42\n",
+        [(1, "(top level): a policy file must hold a policy (mapping) or a list of them")],
+        id="a-policy-file-holding-a-scalar",
+    ),
+    pytest.param(
         """\
         - hosts: [a.example.com]
         - just-a-string
         """,
-    )
-    assert tree.problems() == (f"{a}:2: [1]: a policy must be a mapping",)
-
-
-def test_a_main_config_that_is_not_a_mapping(tree: Tree) -> None:
-    tree.main(replace="- listen\n")
-    assert tree.problems() == (f"{tree.config}:1: (top level): the config file must be a mapping",)
-
-
-def test_bad_duration_unit(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
+        [(2, "[1]: a policy must be a mapping")],
+        id="a-list-item-that-is-not-a-mapping",
+    ),
+    pytest.param(
         """\
         hosts: [a.example.com]
         timeouts:
           connect: 5x
         """,
-    )
-    assert tree.problems() == (
-        f"{a}:3: timeouts.connect: invalid duration '5x': use a number with ms, s, m or h (e.g. 250ms)",
-    )
-
-
-def test_zero_and_negative_durations(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
+        [(3, "timeouts.connect: invalid duration '5x': use a number with ms, s, m or h (e.g. 250ms)")],
+        id="bad-duration-unit",
+    ),
+    pytest.param(
         """\
         hosts: [a.example.com]
         timeouts:
           connect: -1
           per_try: 0s
         """,
-    )
-    assert tree.problems() == (
-        f"{a}:3: timeouts.connect: a duration cannot be negative",
-        f"{a}:4: timeouts.per_try: Input should be greater than 0",
-    )
+        [
+            (3, "timeouts.connect: a duration cannot be negative"),
+            (4, "timeouts.per_try: Input should be greater than 0"),
+        ],
+        id="zero-and-negative-durations",
+    ),
+]
 
 
-def test_bad_size(tree: Tree) -> None:
-    tree.main(
+@pytest.mark.parametrize(
+    ("text", "problems"),
+    [
+        pytest.param(
+            "- listen\n",
+            [(1, "(top level): the config file must be a mapping")],
+            id="a-main-config-that-is-not-a-mapping",
+        ),
+        pytest.param(
+            """\
+            listen:
+              host: example.com
+              port: 15001
+            """,
+            [(2, "listen.host: listen host must be an IP address (e.g. 127.0.0.1) or localhost")],
+            id="listen-host-must-be-an-ip-address",
+        ),
+    ],
+)
+def test_bad_main_config_as_a_whole(tree: Tree, text: str, problems: list[tuple[int, str]]) -> None:
+    tree.main(replace=text)
+    assert tree.problems() == at(tree.config, *problems)
+
+
+BAD_VALUES_IN_THE_MAIN_CONFIG = [
+    pytest.param(
         """\
         limits:
           max_headers: 50
           max_header_bytes: 10XB
-        """
-    )
-    assert tree.problems() == (
-        f"{tree.config}:6: limits.max_header_bytes: invalid size '10XB':"
-        " use an integer with B, KiB, MiB or GiB (e.g. 1MiB)",
-    )
-
-
-def test_size_below_its_minimum(tree: Tree) -> None:
-    tree.main("limits: {max_header_bytes: 512B}\n")
-    assert tree.problems() == (
-        f"{tree.config}:4: limits.max_header_bytes: Input should be greater than or equal to 1024",
-    )
-
-
-def test_bad_unknown_hosts_value(tree: Tree) -> None:
-    tree.main("unknown_hosts: maybe\n")
-    assert tree.problems() == (f"{tree.config}:4: unknown_hosts: Input should be 'deny' or 'allow'",)
-
-
-def test_listen_host_must_be_an_ip_address(tree: Tree) -> None:
-    tree.main(
-        replace="""\
-        listen:
-          host: example.com
-          port: 15001
-        """
-    )
-    assert tree.problems() == (
-        f"{tree.config}:2: listen.host: listen host must be an IP address (e.g. 127.0.0.1) or localhost",
-    )
+        """,
+        [
+            (
+                6,
+                "limits.max_header_bytes: invalid size '10XB':"
+                " use an integer with B, KiB, MiB or GiB (e.g. 1MiB)",
+            )
+        ],
+        id="bad-size",
+    ),
+    pytest.param(
+        "limits: {max_header_bytes: 512B}\n",
+        [(4, "limits.max_header_bytes: Input should be greater than or equal to 1024")],
+        id="size-below-its-minimum",
+    ),
+    pytest.param(
+        "unknown_hosts: maybe\n",
+        [(4, "unknown_hosts: Input should be 'deny' or 'allow'")],
+        id="bad-unknown-hosts-value",
+    ),
+]
 
 
 # --- timeouts ordering, including after merging defaults --------------------------------------------
 
 
-def test_per_try_longer_than_total(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
+TIMEOUTS_OUT_OF_ORDER_IN_A_POLICY = [
+    pytest.param(
         """\
         hosts: [a.example.com]
         timeouts:
           per_try: 40s
         """,
-    )
-    assert tree.problems() == (f"{a}:2: timeouts: per_try (40s) is longer than total (30s)",)
+        [(2, "timeouts: per_try (40s) is longer than total (30s)")],
+        id="per-try-longer-than-total",
+    ),
+    pytest.param(
+        """\
+        hosts: [a.example.com]
+        timeouts: {total: 20s}
+        routes:
+          - match: {method: GET}
+          - match: {method: POST}
+            timeouts:
+              per_try: 25s
+        """,
+        [(6, "routes[1].timeouts: per_try (25s) is longer than total (20s)")],
+        id="per-try-longer-than-total-in-a-route-blames-the-route",
+    ),
+    pytest.param(
+        """\
+        hosts: [a.example.com]
+        timeouts:
+          connect: 11s
+        """,
+        [(2, "timeouts: connect (11s) is longer than per_try (10s)")],
+        id="connect-longer-than-per-try",
+    ),
+]
 
 
 def test_per_try_longer_than_total_only_after_merging_blames_the_policy(tree: Tree) -> None:
@@ -484,34 +486,6 @@ def test_bad_value_in_defaults_blames_the_defaults_even_when_a_policy_has_the_se
         f"{tree.config}:6: defaults.timeouts.per_try: invalid duration 'soon':"
         " use a number with ms, s, m or h (e.g. 250ms)",
     )
-
-
-def test_per_try_longer_than_total_in_a_route_blames_the_route(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
-        """\
-        hosts: [a.example.com]
-        timeouts: {total: 20s}
-        routes:
-          - match: {method: GET}
-          - match: {method: POST}
-            timeouts:
-              per_try: 25s
-        """,
-    )
-    assert tree.problems() == (f"{a}:6: routes[1].timeouts: per_try (25s) is longer than total (20s)",)
-
-
-def test_connect_longer_than_per_try(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
-        """\
-        hosts: [a.example.com]
-        timeouts:
-          connect: 11s
-        """,
-    )
-    assert tree.problems() == (f"{a}:2: timeouts: connect (11s) is longer than per_try (10s)",)
 
 
 # --- hosts, wildcards, claims and ports ---------------------------------------------------------
@@ -625,16 +599,26 @@ def test_listen_port_clash_with_the_main_and_admin_ports(tree: Tree, port: int, 
     assert tree.problems() == (f"{a}:2: listen: port {port} is already used by {owner}",)
 
 
-def test_listen_without_upstream_needs_an_exact_first_host(tree: Tree) -> None:
-    # a request on a dedicated port names no host: it goes to https://<first host>, which a wildcard is not
-    a = tree.policy(
-        "a.yaml",
+BAD_LISTEN_IN_A_POLICY = [
+    # a request on a dedicated port names no host: it goes to https://<first host>,
+    # which a wildcard is not
+    pytest.param(
         """\
         hosts: ["*.example.com", a.example.com]
         listen: 9001
         """,
-    )
-    assert tree.problems() == (f"{a}:2: listen: a policy with listen needs upstream or an exact first host",)
+        [(2, "listen: a policy with listen needs upstream or an exact first host")],
+        id="listen-without-upstream-needs-an-exact-first-host",
+    ),
+    pytest.param(
+        """\
+        hosts: [a.example.com]
+        listen: 70000
+        """,
+        [(2, "listen: Input should be less than or equal to 65535")],
+        id="listen-port-out-of-range",
+    ),
+]
 
 
 @pytest.mark.parametrize(
@@ -648,17 +632,6 @@ def test_listen_without_upstream_needs_an_exact_first_host(tree: Tree) -> None:
 def test_listen_with_upstream_or_an_exact_first_host_is_fine(tree: Tree, text: str) -> None:
     tree.policy("a.yaml", text)
     assert tree.load().policies[0].listen == 9001
-
-
-def test_listen_port_out_of_range(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
-        """\
-        hosts: [a.example.com]
-        listen: 70000
-        """,
-    )
-    assert tree.problems() == (f"{a}:2: listen: Input should be less than or equal to 65535",)
 
 
 def test_main_listen_port_equal_to_admin_port_is_an_error(tree: Tree) -> None:
@@ -752,35 +725,33 @@ def test_valid_upstreams_are_normalised(tree: Tree, upstream: str, expected: str
 # --- YAML itself --------------------------------------------------------------------------------
 
 
-def test_yaml_syntax_error_reports_its_line(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
+INVALID_YAML_IN_A_POLICY = [
+    pytest.param(
         """\
         hosts: [a.example.com]
         upstream: https://a.example.com
           timeouts: {}
         """,
-    )
-    assert tree.problems() == (f"{a}:3: (top level): invalid YAML: mapping values are not allowed here",)
-
-
-def test_yaml_syntax_error_in_the_main_config(tree: Tree) -> None:
-    tree.main("defaults: {timeouts: [\n")
-    (problem,) = tree.problems()
-    assert problem.startswith(f"{tree.config}:5: (top level): invalid YAML: ")
-
-
-def test_duplicate_yaml_key(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
+        [(3, "(top level): invalid YAML: mapping values are not allowed here")],
+        id="yaml-syntax-error-reports-its-line",
+    ),
+    pytest.param(
         """\
         hosts: [a.example.com]
         timeouts:
           total: 20s
           total: 25s
         """,
-    )
-    assert tree.problems() == (f"{a}:4: (top level): invalid YAML: duplicate key 'total'",)
+        [(4, "(top level): invalid YAML: duplicate key 'total'")],
+        id="yaml-duplicate-key",
+    ),
+]
+
+
+def test_yaml_syntax_error_in_the_main_config(tree: Tree) -> None:
+    tree.main("defaults: {timeouts: [\n")
+    (problem,) = tree.problems()
+    assert problem.startswith(f"{tree.config}:5: (top level): invalid YAML: ")
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
@@ -826,20 +797,48 @@ def test_header_referencing_an_unset_environment_variable(
     )
 
 
-def test_header_referencing_a_missing_file(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
+BAD_HEADER_RULES = [
+    pytest.param(
         """\
         hosts: [a.example.com]
         headers:
           set:
             Authorization: Bearer ${file:/nonexistent/outrigger/key}
         """,
-    )
-    assert tree.problems() == (
-        f"{a}:4: headers.set.Authorization: cannot read secret file /nonexistent/outrigger/key:"
-        " No such file or directory",
-    )
+        [
+            (
+                4,
+                "headers.set.Authorization: cannot read secret file /nonexistent/outrigger/key:"
+                " No such file or directory",
+            )
+        ],
+        id="header-referencing-a-missing-file",
+    ),
+    pytest.param(
+        """\
+        hosts: [a.example.com]
+        headers:
+          set:
+            X-A: "a\\r\\nInjected: 1"
+        """,
+        [(4, "headers.set.X-A: a header value may not contain CR, LF or NUL")],
+        id="header-value-with-a-newline-is-rejected",
+    ),
+    pytest.param(
+        """\
+        hosts: [a.example.com]
+        headers:
+          set:
+            "Bad Name": x
+          remove: [X-Ok, "no good"]
+        """,
+        [
+            (4, "headers.set.Bad Name: invalid header name 'Bad Name'"),
+            (5, "headers.remove[1]: invalid header name 'no good'"),
+        ],
+        id="invalid-header-names",
+    ),
+]
 
 
 def test_unresolvable_secret_points_at_the_header_line(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -856,36 +855,6 @@ def test_unresolvable_secret_points_at_the_header_line(tree: Tree, monkeypatch: 
     )
     (problem,) = tree.problems()
     assert problem.startswith(f"{a}:5: headers.set.Authorization: ")
-
-
-def test_header_value_with_a_newline_is_rejected(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
-        """\
-        hosts: [a.example.com]
-        headers:
-          set:
-            X-A: "a\\r\\nInjected: 1"
-        """,
-    )
-    assert tree.problems() == (f"{a}:4: headers.set.X-A: a header value may not contain CR, LF or NUL",)
-
-
-def test_invalid_header_names(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
-        """\
-        hosts: [a.example.com]
-        headers:
-          set:
-            "Bad Name": x
-          remove: [X-Ok, "no good"]
-        """,
-    )
-    assert tree.problems() == (
-        f"{a}:4: headers.set.Bad Name: invalid header name 'Bad Name'",
-        f"{a}:5: headers.remove[1]: invalid header name 'no good'",
-    )
 
 
 def test_tls_client_key_without_client_cert(tree: Tree) -> None:
@@ -942,9 +911,8 @@ def test_invalid_sni(tree: Tree) -> None:
 # --- lists of policies, several problems in one run -------------------------------------------------
 
 
-def test_a_policy_file_holding_a_list_prefixes_key_paths_with_the_index(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
+KEY_PATHS_IN_LISTS = [
+    pytest.param(
         """\
         - hosts: [a.example.com]
           timeouts: {total: 20s}
@@ -952,8 +920,26 @@ def test_a_policy_file_holding_a_list_prefixes_key_paths_with_the_index(tree: Tr
           timeouts:
             bogus: 1
         """,
-    )
-    assert tree.problems() == (f"{a}:5: [1].timeouts.bogus: unknown key",)
+        [(5, "[1].timeouts.bogus: unknown key")],
+        id="a-policy-file-holding-a-list-prefixes-key-paths-with-the-index",
+    ),
+    pytest.param(
+        """\
+        hosts: [a.example.com]
+        routes:
+          - match: {method: POST}
+            bogus: 1
+          - match: {path: /x}
+            timeouts:
+              per_try: 40s
+        """,
+        [
+            (4, "routes[0].bogus: unknown key"),
+            (6, "routes[1].timeouts: per_try (40s) is longer than total (30s)"),
+        ],
+        id="problems-in-every-route-are-reported",
+    ),
+]
 
 
 def test_all_problems_of_one_run_are_reported(tree: Tree) -> None:
@@ -1026,25 +1012,6 @@ def test_policy_port_clash_with_admin_is_reported_even_when_the_main_config_has_
     )
 
 
-def test_problems_in_every_route_are_reported(tree: Tree) -> None:
-    a = tree.policy(
-        "a.yaml",
-        """\
-        hosts: [a.example.com]
-        routes:
-          - match: {method: POST}
-            bogus: 1
-          - match: {path: /x}
-            timeouts:
-              per_try: 40s
-        """,
-    )
-    assert tree.problems() == (
-        f"{a}:4: routes[0].bogus: unknown key",
-        f"{a}:6: routes[1].timeouts: per_try (40s) is longer than total (30s)",
-    )
-
-
 def test_two_policies_on_one_line_keep_their_own_key_paths(tree: Tree) -> None:
     tree.policy("a.yaml", "hosts: [x.example.com]\n")
     b = tree.policy("b.yaml", "[{hosts: [q.example.com, x.example.com]}, {hosts: [y.example.com]}]\n")
@@ -1068,3 +1035,40 @@ def test_two_policies_on_one_line_keep_their_own_key_paths(tree: Tree) -> None:
 )
 def test_format_path(path: tuple[str | int, ...], text: str) -> None:
     assert format_path(path) == text
+
+
+# --- the tables above: one bad file each, and exactly the problems it must get -----------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "problems"),
+    [
+        *UNKNOWN_KEYS_IN_A_POLICY,
+        *BAD_VALUES_IN_A_POLICY,
+        *TIMEOUTS_OUT_OF_ORDER_IN_A_POLICY,
+        *BAD_LISTEN_IN_A_POLICY,
+        *INVALID_YAML_IN_A_POLICY,
+        *BAD_HEADER_RULES,
+        *KEY_PATHS_IN_LISTS,
+    ],
+)
+def test_a_bad_policy_file_gets_exactly_its_problems(
+    tree: Tree, text: str, problems: list[tuple[int, str]]
+) -> None:
+    a = tree.policy("a.yaml", text)
+    assert tree.problems() == at(a, *problems)
+
+
+@pytest.mark.parametrize(
+    ("extra", "problems"),
+    [
+        *UNKNOWN_KEYS_IN_THE_MAIN_CONFIG,
+        *BAD_VALUES_IN_THE_MAIN_CONFIG,
+    ],
+)
+def test_a_bad_main_config_gets_exactly_its_problems(
+    tree: Tree, extra: str, problems: list[tuple[int, str]]
+) -> None:
+    """`extra` is added to the default main config, so its first line is line 4."""
+    tree.main(extra)
+    assert tree.problems() == at(tree.config, *problems)
