@@ -22,7 +22,7 @@ from proxy.config.loader import Config, load_config
 from proxy.reload import Reloader
 from proxy.server import ProxyServer
 from tests.e2e.otlp_receiver import OtlpReceiver
-from tests.e2e.procs import OutriggerProcess
+from tests.e2e.procs import OutriggerProcess, RawUpstream
 
 _handed_out: set[int] = set()
 
@@ -127,6 +127,14 @@ def span_exporter() -> Iterator[tuple[trace.Tracer, InMemorySpanExporter]]:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     yield provider.get_tracer("test"), exporter
     provider.shutdown()
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[RawUpstream]:
+    """A `RawUpstream` answering 200 ``ok``, counting connections and request heads; closed after the test."""
+    server = await RawUpstream().start()
+    yield server
+    await server.close()
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ proxy's parser sees. After every refusal the proxy must still serve the next con
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
 from tests.conftest import RunningProxy, StartProxy, free_port, loopback_policy
@@ -18,16 +16,9 @@ MAX_HEADERS = 10
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[RawUpstream]:
-    server = await RawUpstream().start()
-    yield server
-    await server.close()
-
-
-@pytest.fixture
-async def proxy(start_proxy: StartProxy, upstream: RawUpstream) -> RunningProxy:
+async def proxy(start_proxy: StartProxy, raw_upstream: RawUpstream) -> RunningProxy:
     return await start_proxy(
-        [loopback_policy(f"http://{upstream.authority}")],
+        [loopback_policy(f"http://{raw_upstream.authority}")],
         limits={"max_header_bytes": "4KiB", "max_headers": MAX_HEADERS},
     )
 
@@ -62,74 +53,74 @@ def _assert_431(response: RawResponse) -> None:
     assert error["message"]
 
 
-async def _assert_still_serving(proxy: RunningProxy, upstream: RawUpstream) -> None:
-    before = len(upstream.heads)
+async def _assert_still_serving(proxy: RunningProxy, raw_upstream: RawUpstream) -> None:
+    before = len(raw_upstream.heads)
     response = await raw_exchange(proxy.port, _request(("X-Probe", "after")))
     assert (response.status, response.body) == (200, b"ok")
     assert response.headers["x-outrigger-attempts"] == "1"
-    assert len(upstream.heads) == before + 1
-    assert b"X-Probe: after" in upstream.heads[-1]
+    assert len(raw_upstream.heads) == before + 1
+    assert b"X-Probe: after" in raw_upstream.heads[-1]
 
 
 # --------------------------------------------------------------------------- 431
 
 
-async def test_headers_just_under_the_limit_pass(proxy: RunningProxy, upstream: RawUpstream) -> None:
+async def test_headers_just_under_the_limit_pass(proxy: RunningProxy, raw_upstream: RawUpstream) -> None:
     request = _request(*_padding(MAX_HEADER_BYTES - 300))
     assert MAX_HEADER_BYTES - 400 < len(request) < MAX_HEADER_BYTES
     response = await raw_exchange(proxy.port, request)
     assert (response.status, response.body) == (200, b"ok")
-    assert len(upstream.heads) == 1
-    assert b"X-Pad-2: ppp" in upstream.heads[0]
+    assert len(raw_upstream.heads) == 1
+    assert b"X-Pad-2: ppp" in raw_upstream.heads[0]
 
 
-async def test_headers_over_the_total_limit_get_431(proxy: RunningProxy, upstream: RawUpstream) -> None:
+async def test_headers_over_the_total_limit_get_431(proxy: RunningProxy, raw_upstream: RawUpstream) -> None:
     """Every line is short (so the parser accepts them); only the sum is over the limit."""
     headers = _padding(MAX_HEADER_BYTES + 200, per_header=900)
     assert all(len(name) + len(value) < 1000 for name, value in headers)
     response = await raw_exchange(proxy.port, _request(*headers))
     _assert_431(response)
-    assert upstream.heads == []
-    await _assert_still_serving(proxy, upstream)
+    assert raw_upstream.heads == []
+    await _assert_still_serving(proxy, raw_upstream)
 
 
 async def test_one_header_line_longer_than_the_limit_gets_431(
-    proxy: RunningProxy, upstream: RawUpstream
+    proxy: RunningProxy, raw_upstream: RawUpstream
 ) -> None:
     response = await raw_exchange(proxy.port, _request(("X-Big", "b" * (MAX_HEADER_BYTES + 100))))
     _assert_431(response)
-    assert upstream.heads == []
-    await _assert_still_serving(proxy, upstream)
+    assert raw_upstream.heads == []
+    await _assert_still_serving(proxy, raw_upstream)
 
 
 async def test_request_line_longer_than_the_limit_gets_431(
-    proxy: RunningProxy, upstream: RawUpstream
+    proxy: RunningProxy, raw_upstream: RawUpstream
 ) -> None:
     response = await raw_exchange(proxy.port, _request(target="/" + "a" * (MAX_HEADER_BYTES + 100)))
     _assert_431(response)
-    assert upstream.heads == []
-    await _assert_still_serving(proxy, upstream)
+    assert raw_upstream.heads == []
+    await _assert_still_serving(proxy, raw_upstream)
 
 
-async def test_header_count_at_the_limit_passes(proxy: RunningProxy, upstream: RawUpstream) -> None:
+async def test_header_count_at_the_limit_passes(proxy: RunningProxy, raw_upstream: RawUpstream) -> None:
     # Host plus MAX_HEADERS - 1 others = MAX_HEADERS header lines.
     response = await raw_exchange(proxy.port, _request(*((f"X-H{i}", "v") for i in range(MAX_HEADERS - 1))))
     assert (response.status, response.body) == (200, b"ok")
-    assert len(upstream.heads) == 1
+    assert len(raw_upstream.heads) == 1
 
 
-async def test_more_headers_than_the_limit_get_431(proxy: RunningProxy, upstream: RawUpstream) -> None:
+async def test_more_headers_than_the_limit_get_431(proxy: RunningProxy, raw_upstream: RawUpstream) -> None:
     response = await raw_exchange(proxy.port, _request(*((f"X-H{i}", "v") for i in range(MAX_HEADERS + 5))))
     _assert_431(response)
-    assert upstream.heads == []
-    await _assert_still_serving(proxy, upstream)
+    assert raw_upstream.heads == []
+    await _assert_still_serving(proxy, raw_upstream)
 
 
 async def test_default_limits_allow_ordinary_large_headers(
-    start_proxy: StartProxy, upstream: RawUpstream
+    start_proxy: StartProxy, raw_upstream: RawUpstream
 ) -> None:
     """The built-in limit (64 KiB) does not refuse a realistic 8 KiB cookie-heavy request."""
-    proxy = await start_proxy([loopback_policy(f"http://{upstream.authority}")])
+    proxy = await start_proxy([loopback_policy(f"http://{raw_upstream.authority}")])
     response = await raw_exchange(proxy.port, _request(("Cookie", "c" * 8000)))
     assert (response.status, response.body) == (200, b"ok")
 
@@ -167,7 +158,7 @@ MALFORMED = {
 
 @pytest.mark.parametrize("request_bytes", list(MALFORMED.values()), ids=list(MALFORMED))
 async def test_malformed_request_gets_400_json(
-    proxy: RunningProxy, upstream: RawUpstream, request_bytes: bytes
+    proxy: RunningProxy, raw_upstream: RawUpstream, request_bytes: bytes
 ) -> None:
     response = await raw_exchange(proxy.port, request_bytes)
     error = assert_error(
@@ -178,8 +169,8 @@ async def test_malformed_request_gets_400_json(
         error_type="bad_request",
     )
     assert error["host"] in ("", "upstream.test")
-    assert upstream.heads == [], "a malformed request must never reach the upstream"
-    await _assert_still_serving(proxy, upstream)
+    assert raw_upstream.heads == [], "a malformed request must never reach the upstream"
+    await _assert_still_serving(proxy, raw_upstream)
 
 
 @pytest.mark.xfail(
@@ -194,17 +185,17 @@ async def test_malformed_request_gets_400_json(
     ids=["http09-style", "http2-version"],
 )
 async def test_request_without_http1_version_gets_400(
-    proxy: RunningProxy, upstream: RawUpstream, request_bytes: bytes
+    proxy: RunningProxy, raw_upstream: RawUpstream, request_bytes: bytes
 ) -> None:
     response = await raw_exchange(proxy.port, request_bytes)
     assert_error(
         response.status, response.headers, response.body, expected_status=400, error_type="bad_request"
     )
     assert response.version in ("HTTP/1.0", "HTTP/1.1"), "Outrigger speaks HTTP/1.x only"
-    assert upstream.heads == []
+    assert raw_upstream.heads == []
 
 
-async def test_parser_errors_close_the_connection(proxy: RunningProxy, upstream: RawUpstream) -> None:
+async def test_parser_errors_close_the_connection(proxy: RunningProxy, raw_upstream: RawUpstream) -> None:
     """After a framing error the byte stream cannot be trusted: the proxy must not keep reading it."""
     response = await raw_exchange(
         proxy.port,
@@ -214,15 +205,15 @@ async def test_parser_errors_close_the_connection(proxy: RunningProxy, upstream:
     )
     assert response.status == 400
     assert response.closed
-    assert upstream.heads == []
+    assert raw_upstream.heads == []
 
 
 async def test_missing_host_is_fine_on_a_dedicated_port(
-    start_proxy: StartProxy, upstream: RawUpstream
+    start_proxy: StartProxy, raw_upstream: RawUpstream
 ) -> None:
     """The dedicated port names its policy, so an HTTP/1.0 request without Host is served there."""
     port = free_port()
-    await start_proxy([loopback_policy(f"http://{upstream.authority}", listen=port)])
+    await start_proxy([loopback_policy(f"http://{raw_upstream.authority}", listen=port)])
     response = await raw_exchange(port, b"GET /x HTTP/1.0\r\n\r\n")
     assert (response.status, response.body) == (200, b"ok")
-    assert f"\r\nHost: {upstream.authority}\r\n".encode() in upstream.heads[0]
+    assert f"\r\nHost: {raw_upstream.authority}\r\n".encode() in raw_upstream.heads[0]

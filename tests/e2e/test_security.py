@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,6 @@ from tests.conftest import RunningProxy, StartProxy, free_port, loopback_policy
 from tests.e2e.procs import RawUpstream, assert_error, assert_error_response, raw_exchange
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[RawUpstream]:
-    server = await RawUpstream().start()
-    yield server
-    await server.close()
 
 
 async def _get(
@@ -69,23 +62,23 @@ def _ipv6_loopback_available() -> bool:
 )
 async def test_unknown_host_is_refused_without_connecting(
     start_proxy: StartProxy,
-    upstream: RawUpstream,
+    raw_upstream: RawUpstream,
     mode: str,
     main: dict[str, Any],
     requested: str,
     reported: str,
 ) -> None:
-    proxy = await start_proxy([loopback_policy(f"http://{upstream.authority}")], **main)
+    proxy = await start_proxy([loopback_policy(f"http://{raw_upstream.authority}")], **main)
     status, headers, body = await _get(proxy, mode, requested)
     error = assert_error(
         status, headers, body, expected_status=403, error_type="host_not_allowed", host=reported
     )
     assert "unknown_hosts" in error["message"]
-    assert upstream.connections == 0
+    assert raw_upstream.connections == 0
     # The allowed host still works on the same proxy: the refusal was about the host.
     status, _, body = await _get(proxy, mode, "upstream.test")
     assert (status, body) == (200, b"ok")
-    assert upstream.connections == 1
+    assert raw_upstream.connections == 1
 
 
 @pytest.mark.parametrize(
@@ -99,25 +92,25 @@ async def test_unknown_host_is_refused_without_connecting(
     ],
 )
 async def test_wildcard_allowlist_matches_on_label_boundaries(
-    start_proxy: StartProxy, upstream: RawUpstream, requested: str, allowed: bool
+    start_proxy: StartProxy, raw_upstream: RawUpstream, requested: str, allowed: bool
 ) -> None:
-    proxy = await start_proxy([loopback_policy(f"http://{upstream.authority}", host="*.svc.test")])
+    proxy = await start_proxy([loopback_policy(f"http://{raw_upstream.authority}", host="*.svc.test")])
     status, headers, body = await _get(proxy, "host-header", requested)
     if allowed:
         assert (status, body) == (200, b"ok")
-        assert upstream.connections == 1
+        assert raw_upstream.connections == 1
     else:
         assert_error(
             status, headers, body, expected_status=403, error_type="host_not_allowed", host=requested
         )
-        assert upstream.connections == 0
+        assert raw_upstream.connections == 0
 
 
 async def test_absolute_target_decides_the_policy_not_the_host_header(
-    start_proxy: StartProxy, upstream: RawUpstream
+    start_proxy: StartProxy, raw_upstream: RawUpstream
 ) -> None:
     """A Host header naming an allowed host must not smuggle an absolute-form request elsewhere."""
-    proxy = await start_proxy([loopback_policy(f"http://{upstream.authority}")])
+    proxy = await start_proxy([loopback_policy(f"http://{raw_upstream.authority}")])
     async with aiohttp.ClientSession() as client:
         async with client.get(
             "http://unknown.example/x", proxy=proxy.url, headers={"Host": "upstream.test"}
@@ -125,31 +118,31 @@ async def test_absolute_target_decides_the_policy_not_the_host_header(
             await assert_error_response(
                 response, status=403, error_type="host_not_allowed", host="unknown.example"
             )
-        assert upstream.connections == 0
+        assert raw_upstream.connections == 0
         async with client.get(
             "http://upstream.test/x", proxy=proxy.url, headers={"Host": "unknown.example"}
         ) as response:
             assert response.status == 200
-    assert upstream.heads[0].startswith(b"GET /x HTTP/1.1\r\n")
-    assert f"\r\nHost: {upstream.authority}\r\n".encode() in upstream.heads[0]
+    assert raw_upstream.heads[0].startswith(b"GET /x HTTP/1.1\r\n")
+    assert f"\r\nHost: {raw_upstream.authority}\r\n".encode() in raw_upstream.heads[0]
 
 
 async def test_dedicated_port_only_reaches_its_own_upstream(
-    start_proxy: StartProxy, upstream: RawUpstream
+    start_proxy: StartProxy, raw_upstream: RawUpstream
 ) -> None:
     """On a policy's own port the request target's host cannot pick another upstream."""
     port = free_port()
-    await start_proxy([loopback_policy(f"http://{upstream.authority}", listen=port)])
+    await start_proxy([loopback_policy(f"http://{raw_upstream.authority}", listen=port)])
     async with (
         aiohttp.ClientSession() as client,
         client.get("http://elsewhere.example/y", proxy=f"http://127.0.0.1:{port}") as response,
     ):
         assert response.status == 200
         assert await response.read() == b"ok"
-    assert upstream.connections == 1
-    assert upstream.heads[0].startswith(b"GET /y HTTP/1.1\r\n")
-    assert f"\r\nHost: {upstream.authority}\r\n".encode() in upstream.heads[0]
-    assert b"elsewhere.example" not in upstream.heads[0]
+    assert raw_upstream.connections == 1
+    assert raw_upstream.heads[0].startswith(b"GET /y HTTP/1.1\r\n")
+    assert f"\r\nHost: {raw_upstream.authority}\r\n".encode() in raw_upstream.heads[0]
+    assert b"elsewhere.example" not in raw_upstream.heads[0]
 
 
 # --------------------------------------------------------------------------- unknown_hosts: allow
@@ -239,19 +232,19 @@ async def test_unknown_hosts_allow_still_verifies_tls_certificates(
     ],
 )
 async def test_unknown_hosts_allow_still_applies_the_ssrf_guard(
-    start_proxy: StartProxy, upstream: RawUpstream, requested: str, reported: str | set[str]
+    start_proxy: StartProxy, raw_upstream: RawUpstream, requested: str, reported: str | set[str]
 ) -> None:
     """The fallback policy for unknown hosts does not opt out of the SSRF guard."""
     proxy = await start_proxy(
         [loopback_policy("http://127.0.0.1:9", host="other.test")], unknown_hosts="allow"
     )
-    host = requested.format(port=upstream.port)
+    host = requested.format(port=raw_upstream.port)
     status, headers, body = await _get(proxy, "host-header", host)
     error = assert_error(
         status, headers, body, expected_status=403, error_type="address_not_allowed", host=reported
     )
     assert "allow_private_addresses" in error["message"]
-    assert upstream.connections == 0
+    assert raw_upstream.connections == 0
 
 
 # --------------------------------------------------------------------------- SSRF guard on policies
@@ -264,12 +257,12 @@ async def test_unknown_hosts_allow_still_applies_the_ssrf_guard(
 )
 @pytest.mark.parametrize("mode", ["absolute-form", "host-header", "dedicated-port"])
 async def test_private_upstream_refused_without_opt_in(
-    start_proxy: StartProxy, upstream: RawUpstream, upstream_host: str, mode: str
+    start_proxy: StartProxy, raw_upstream: RawUpstream, upstream_host: str, mode: str
 ) -> None:
     port = free_port()
     policy = {
         "hosts": ["upstream.test"],
-        "upstream": f"http://{upstream_host}:{upstream.port}",
+        "upstream": f"http://{upstream_host}:{raw_upstream.port}",
         "listen": port,
     }
     proxy = await start_proxy([policy])
@@ -282,29 +275,29 @@ async def test_private_upstream_refused_without_opt_in(
         status, headers, body, expected_status=403, error_type="address_not_allowed", host="upstream.test"
     )
     assert "allow_private_addresses" in error["message"]
-    assert upstream.connections == 0
-    assert upstream.heads == []
+    assert raw_upstream.connections == 0
+    assert raw_upstream.heads == []
 
 
 @pytest.mark.parametrize("upstream_host", ["127.0.0.1", "localhost"])
 async def test_private_upstream_allowed_with_opt_in(
-    start_proxy: StartProxy, upstream: RawUpstream, upstream_host: str
+    start_proxy: StartProxy, raw_upstream: RawUpstream, upstream_host: str
 ) -> None:
-    proxy = await start_proxy([loopback_policy(f"http://{upstream_host}:{upstream.port}")])
+    proxy = await start_proxy([loopback_policy(f"http://{upstream_host}:{raw_upstream.port}")])
     status, headers, body = await _get(proxy, "host-header", "upstream.test")
     assert (status, body) == (200, b"ok")
     assert headers["x-outrigger-attempts"] == "1"
-    assert upstream.connections == 1
+    assert raw_upstream.connections == 1
 
 
 @pytest.mark.skipif(not _ipv6_loopback_available(), reason="no IPv6 loopback here")
 async def test_ipv6_loopback_upstream_refused_without_opt_in_and_allowed_with_it(
     start_proxy: StartProxy,
 ) -> None:
-    upstream = await RawUpstream(host="::1").start()
+    raw_upstream = await RawUpstream(host="::1").start()
     try:
-        guarded = {"hosts": ["guarded.test"], "upstream": f"http://[::1]:{upstream.port}"}
-        opened = {**loopback_policy(f"http://[::1]:{upstream.port}", host="open.test")}
+        guarded = {"hosts": ["guarded.test"], "upstream": f"http://[::1]:{raw_upstream.port}"}
+        opened = {**loopback_policy(f"http://[::1]:{raw_upstream.port}", host="open.test")}
         proxy = await start_proxy([guarded, opened])
         status, headers, body = await _get(proxy, "host-header", "guarded.test")
         assert_error(
@@ -315,12 +308,12 @@ async def test_ipv6_loopback_upstream_refused_without_opt_in_and_allowed_with_it
             error_type="address_not_allowed",
             host="guarded.test",
         )
-        assert upstream.connections == 0
+        assert raw_upstream.connections == 0
         status, _, body = await _get(proxy, "host-header", "open.test")
         assert (status, body) == (200, b"ok")
-        assert upstream.connections == 1
+        assert raw_upstream.connections == 1
     finally:
-        await upstream.close()
+        await raw_upstream.close()
 
 
 # --------------------------------------------------------------------------- CONNECT
@@ -328,10 +321,10 @@ async def test_ipv6_loopback_upstream_refused_without_opt_in_and_allowed_with_it
 
 @pytest.mark.parametrize("target", ["upstream.test:443", "{authority}"], ids=["allowed-host", "raw-address"])
 async def test_connect_is_refused_with_405(
-    start_proxy: StartProxy, upstream: RawUpstream, target: str
+    start_proxy: StartProxy, raw_upstream: RawUpstream, target: str
 ) -> None:
-    proxy = await start_proxy([loopback_policy(f"http://{upstream.authority}")])
-    authority = target.format(authority=upstream.authority)
+    proxy = await start_proxy([loopback_policy(f"http://{raw_upstream.authority}")])
+    authority = target.format(authority=raw_upstream.authority)
     response = await raw_exchange(
         proxy.port, f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
     )
@@ -343,12 +336,14 @@ async def test_connect_is_refused_with_405(
         error_type="connect_not_supported",
     )
     assert "http://" in error["message"], "the message must tell the app to send http:// URLs"
-    assert upstream.connections == 0
+    assert raw_upstream.connections == 0
 
 
-async def test_connect_refused_on_dedicated_port_too(start_proxy: StartProxy, upstream: RawUpstream) -> None:
+async def test_connect_refused_on_dedicated_port_too(
+    start_proxy: StartProxy, raw_upstream: RawUpstream
+) -> None:
     port = free_port()
-    await start_proxy([loopback_policy(f"http://{upstream.authority}", listen=port)])
+    await start_proxy([loopback_policy(f"http://{raw_upstream.authority}", listen=port)])
     response = await raw_exchange(
         port, b"CONNECT upstream.test:443 HTTP/1.1\r\nHost: upstream.test:443\r\n\r\n"
     )
@@ -359,11 +354,13 @@ async def test_connect_refused_on_dedicated_port_too(start_proxy: StartProxy, up
         expected_status=405,
         error_type="connect_not_supported",
     )
-    assert upstream.connections == 0
+    assert raw_upstream.connections == 0
 
 
-async def test_connect_error_names_the_requested_host(start_proxy: StartProxy, upstream: RawUpstream) -> None:
-    proxy = await start_proxy([loopback_policy(f"http://{upstream.authority}")])
+async def test_connect_error_names_the_requested_host(
+    start_proxy: StartProxy, raw_upstream: RawUpstream
+) -> None:
+    proxy = await start_proxy([loopback_policy(f"http://{raw_upstream.authority}")])
     response = await raw_exchange(
         proxy.port, b"CONNECT upstream.test:443 HTTP/1.1\r\nHost: upstream.test:443\r\n\r\n"
     )
@@ -378,9 +375,9 @@ async def test_connect_error_names_the_requested_host(start_proxy: StartProxy, u
 
 
 async def test_connect_error_points_at_the_real_listener(
-    start_proxy: StartProxy, upstream: RawUpstream
+    start_proxy: StartProxy, raw_upstream: RawUpstream
 ) -> None:
-    proxy = await start_proxy([loopback_policy(f"http://{upstream.authority}")])
+    proxy = await start_proxy([loopback_policy(f"http://{raw_upstream.authority}")])
     assert proxy.port != 15001
     response = await raw_exchange(
         proxy.port, b"CONNECT upstream.test:443 HTTP/1.1\r\nHost: upstream.test:443\r\n\r\n"
@@ -398,24 +395,26 @@ async def test_connect_error_points_at_the_real_listener(
 # --------------------------------------------------------------------------- Host header validity
 
 
-async def test_invalid_host_header_is_a_bad_request(start_proxy: StartProxy, upstream: RawUpstream) -> None:
-    proxy = await start_proxy([loopback_policy(f"http://{upstream.authority}")])
+async def test_invalid_host_header_is_a_bad_request(
+    start_proxy: StartProxy, raw_upstream: RawUpstream
+) -> None:
+    proxy = await start_proxy([loopback_policy(f"http://{raw_upstream.authority}")])
     response = await raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: exa mple.test\r\n\r\n")
     assert_error(
         response.status, response.headers, response.body, expected_status=400, error_type="bad_request"
     )
-    assert upstream.connections == 0
+    assert raw_upstream.connections == 0
 
 
 async def test_duplicate_host_headers_are_a_bad_request(
-    start_proxy: StartProxy, upstream: RawUpstream
+    start_proxy: StartProxy, raw_upstream: RawUpstream
 ) -> None:
     """RFC 9112 3.2: more than one Host is a 400, never "use the first one"."""
-    proxy = await start_proxy([loopback_policy(f"http://{upstream.authority}")])
+    proxy = await start_proxy([loopback_policy(f"http://{raw_upstream.authority}")])
     response = await raw_exchange(
         proxy.port, b"GET / HTTP/1.1\r\nHost: upstream.test\r\nHost: unknown.example\r\n\r\n"
     )
     assert_error(
         response.status, response.headers, response.body, expected_status=400, error_type="bad_request"
     )
-    assert upstream.connections == 0
+    assert raw_upstream.connections == 0
