@@ -294,10 +294,10 @@ async def test_private_upstream_allowed_with_opt_in(
 async def test_ipv6_loopback_upstream_refused_without_opt_in_and_allowed_with_it(
     start_proxy: StartProxy,
 ) -> None:
-    raw_upstream = await RawUpstream(host="::1").start()
+    upstream = await RawUpstream(host="::1").start()
     try:
-        guarded = {"hosts": ["guarded.test"], "upstream": f"http://[::1]:{raw_upstream.port}"}
-        opened = {**loopback_policy(f"http://[::1]:{raw_upstream.port}", host="open.test")}
+        guarded = {"hosts": ["guarded.test"], "upstream": f"http://[::1]:{upstream.port}"}
+        opened = {**loopback_policy(f"http://[::1]:{upstream.port}", host="open.test")}
         proxy = await start_proxy([guarded, opened])
         status, headers, body = await _get(proxy, "host-header", "guarded.test")
         assert_error(
@@ -308,12 +308,12 @@ async def test_ipv6_loopback_upstream_refused_without_opt_in_and_allowed_with_it
             error_type="address_not_allowed",
             host="guarded.test",
         )
-        assert raw_upstream.connections == 0
+        assert upstream.connections == 0
         status, _, body = await _get(proxy, "host-header", "open.test")
         assert (status, body) == (200, b"ok")
-        assert raw_upstream.connections == 1
+        assert upstream.connections == 1
     finally:
-        await raw_upstream.close()
+        await upstream.close()
 
 
 # --------------------------------------------------------------------------- CONNECT
