@@ -128,8 +128,8 @@ async def serve(config: Config) -> None:
             "stopping: draining in-flight requests for up to %s", format_duration(config.main.drain_timeout)
         )
     finally:
-        if watcher is not None:
-            watcher.cancel()
+        for task in [*background, *([watcher] if watcher else [])]:
+            task.cancel()
         await proxy.stop()
         with contextlib.suppress(Exception):
             await admin.cleanup()

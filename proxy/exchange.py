@@ -71,7 +71,7 @@ class RequestBody:
         self._prefix: list[bytes] = []
         self._streamed = False
         self.failed = False
-        self._uploading = False
+        self._waiting_for_app = False
         """The app's side broke off (disconnect, bad chunking) while we read its body."""
 
     @property
@@ -80,9 +80,9 @@ class RequestBody:
         return self._buffered is not None
 
     @property
-    def uploading(self) -> bool:
-        """The app's streamed body started going upstream and has not finished (not buffered)."""
-        return self._uploading
+    def waiting_for_app(self) -> bool:
+        """Blocked on the app for its next body chunk (as opposed to on the upstream)."""
+        return self._waiting_for_app
 
     async def buffer(self, limit: int) -> bool:
         """Read the whole body if it fits in `limit` bytes; True when it is then replayable."""
@@ -113,24 +113,29 @@ class RequestBody:
 
     async def _stream(self) -> AsyncIterator[bytes]:
         assert self._source is not None
-        self._uploading = True  # stays set if the upload is cut short: it never finished
         for chunk in self._prefix:
             yield chunk
         self._prefix = []
         async for chunk in self._read():
             yield chunk
-        self._uploading = False
 
     async def _read(self) -> AsyncIterator[bytes]:
         assert self._source is not None
-        try:
-            async for chunk in self._source:
-                yield chunk
-        except Exception as exc:
-            self.failed = True
-            raise errors.ClientDisconnected(
-                f"the app broke off its request body ({type(exc).__name__})"
-            ) from exc
+        chunks = aiter(self._source)
+        while True:
+            self._waiting_for_app = True  # stays set if cancelled meanwhile: we were waiting on the app
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                self._waiting_for_app = False
+                return
+            except Exception as exc:
+                self.failed = True
+                raise errors.ClientDisconnected(
+                    f"the app broke off its request body ({type(exc).__name__})"
+                ) from exc
+            self._waiting_for_app = False
+            yield chunk
 
 
 class ResponseBody(Protocol):

@@ -165,7 +165,7 @@ class Pipelines:
             variants = [(None, policy.settings), *enumerate(r.settings for r in policy.routes)]
             for route, settings in variants:
                 layers = build_layers(settings, state, base_dir, clock, tracer)
-                self._handlers[(policy.source, route)] = compose(layers, upstream.send)
+                self._handlers[(policy.name, route)] = compose(layers, upstream.send)
 
     def state_of(self, name: str) -> tuple[Policy, PolicyState] | None:
         if name not in self.states:
@@ -173,4 +173,4 @@ class Pipelines:
         return self.policies[name], self.states[name]
 
     def handler(self, match: Match) -> Handler:
-        return self._handlers[(match.policy.source, match.route)]
+        return self._handlers[(match.policy.name, match.route)]

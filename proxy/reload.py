@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from proxy.config.loader import Config, ConfigError, current_fingerprint, load_config
-from proxy.server import ProxyServer
+from proxy.server import ProxyServer, ShuttingDown
 
 log = logging.getLogger("outrigger.reload")
 
@@ -61,7 +61,7 @@ class Reloader:
                 _check_restart_only(current, config)
                 if config.version != current.version:
                     await self.server.apply(config)
-            except (ConfigError, OSError, ValueError) as error:  # ValueError: e.g. a secret gone since load
+            except (ConfigError, OSError, ValueError, ShuttingDown) as error:  # ValueError: a secret gone
                 message = str(error)
                 self.last = ReloadResult(False, current.version, message, time.time(), trigger)
                 self.server.telemetry.metrics.reloads.labels("error").inc()

@@ -135,6 +135,10 @@ def _split_host(authority: str) -> tuple[str, int | None]:
     return host, explicit
 
 
+class ShuttingDown(Exception):
+    """A reload arrived after shutdown began."""
+
+
 class ProxyServer:
     """The proxy listeners (main and per-policy ports) and the current `Runtime`."""
 
@@ -146,6 +150,8 @@ class ProxyServer:
         self._sites: dict[int, web.TCPSite] = {}
         self.draining = False
         self._in_flight: set[asyncio.Task[object]] = set()
+        self._listeners_lock = asyncio.Lock()
+        """Serialises apply() and stop(): a reload must never reopen a port while shutting down."""
         self._drained = asyncio.Event()
         self.telemetry = Telemetry(config.main.telemetry, self._states)
 
@@ -186,23 +192,27 @@ class ProxyServer:
         """Swap in a validated config: open new policy ports, swap atomically, then close stale ports.
 
         Requests already running keep the runtime they started with; state of unchanged policy
-        sections carries over. Raises OSError (old config still serving) when a new port can't bind.
+        sections carries over. Raises OSError (old config still serving) when a new port can't
+        bind, and ShuttingDown once stop() has begun.
         """
-        self.upstream.forget_tls_contexts()  # rotated CA or client certificates are read again
-        runtime = Runtime.build(config, self.upstream, self.telemetry.tracer, previous=self.runtime)
-        wanted = {config.main.listen.port, *runtime.router.ports}
-        opened: list[int] = []
-        try:
-            for port in sorted(wanted - set(self._sites)):
-                await self._open(port)
-                opened.append(port)
-        except OSError:
-            for port in opened:
+        async with self._listeners_lock:
+            if self.draining:
+                raise ShuttingDown("shutting down: reload refused")
+            self.upstream.forget_tls_contexts()  # rotated CA or client certificates are read again
+            runtime = Runtime.build(config, self.upstream, self.telemetry.tracer, previous=self.runtime)
+            wanted = {config.main.listen.port, *runtime.router.ports}
+            opened: list[int] = []
+            try:
+                for port in sorted(wanted - set(self._sites)):
+                    await self._open(port)
+                    opened.append(port)
+            except OSError:
+                for port in opened:
+                    await self._close(port)
+                raise
+            self._runtime = runtime
+            for port in sorted(set(self._sites) - wanted):
                 await self._close(port)
-            raise
-        self._runtime = runtime
-        for port in sorted(set(self._sites) - wanted):
-            await self._close(port)
 
     @property
     def upstream(self) -> UpstreamClient:
@@ -228,9 +238,10 @@ class ProxyServer:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish up to drain_timeout, then cancel the rest."""
-        self.draining = True
-        for port in list(self._sites):
-            await self._close(port)
+        async with self._listeners_lock:
+            self.draining = True
+            for port in list(self._sites):
+                await self._close(port)
         if self._in_flight:
             log.info("draining %d in-flight request(s)", len(self._in_flight))
             with contextlib.suppress(TimeoutError):

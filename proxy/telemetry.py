@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
 
 from multidict import MultiMapping
 from opentelemetry import trace
@@ -73,8 +72,10 @@ def redact_query(path_qs: str) -> str:
     path, sep, query = path_qs.partition("?")
     if not sep:
         return path
-    names = [name for name, _ in parse_qsl(query, keep_blank_values=True)]
-    return path + "?" + "&".join(f"{name}={REDACTED_VALUE}" for name in names)
+    parts = (part.partition("=") for part in query.split("&") if part)
+    return (
+        path + "?" + "&".join(f"{name}={REDACTED_VALUE}" if eq else REDACTED_VALUE for name, eq, _ in parts)
+    )
 
 
 def _requested_url(host: str, raw_target: str) -> URL | None:
@@ -256,7 +257,8 @@ class Telemetry:
         attributes: dict[str, Any] = {"http.request.method": method, ATTR_REQUEST_ID: [request_id]}
         if url is not None and url.host:
             host, path_qs = url.host, url.raw_path_qs
-            attributes["url.full"] = f"{url.scheme}://{url.raw_authority}{redact_query(path_qs)}"
+            authority = url.with_user(None).raw_authority  # never user:password@
+            attributes["url.full"] = f"{url.scheme}://{authority}{redact_query(path_qs)}"
             attributes["server.address"] = url.host
             if url.port is not None:
                 attributes["server.port"] = url.port

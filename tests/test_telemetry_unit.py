@@ -88,7 +88,9 @@ def telemetry_with(tracer: trace.Tracer, **settings: Any) -> Telemetry:
         ("/v1/things?", "/v1/things?"),
         ("/v1/x?token=abc", f"/v1/x?token={REDACTED_VALUE}"),
         ("/v1/x?a=1&b=two&a=3", "/v1/x?a=REDACTED&b=REDACTED&a=REDACTED"),
-        ("/v1/x?flag&empty=", "/v1/x?flag=REDACTED&empty=REDACTED"),
+        ("/v1/x?flag&empty=", "/v1/x?REDACTED&empty=REDACTED"),  # a bare token may itself be a secret
+        ("/hook?sk_live_51Hx9SECRET", "/hook?REDACTED"),
+        ("/v1/x?a%3Dsecret", "/v1/x?REDACTED"),  # names are never decoded into a value
         ("/v1/x?email=a%40b.test&card=4242+4242", "/v1/x?email=REDACTED&card=REDACTED"),
         ("/search?q=a=b=c", "/search?q=REDACTED"),
     ],

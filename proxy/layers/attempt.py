@@ -56,7 +56,7 @@ class AttemptLayer:
                 response = await next(request)
         except TimeoutError:
             error: errors.OutriggerError
-            if request.body.uploading:  # the app is slow to send, not the upstream to answer
+            if request.body.waiting_for_app:  # the app is slow to send, not the upstream to answer
                 error = errors.Timeout(
                     f"the app's request body did not arrive within per_try {format_duration(self.per_try)}"
                 )

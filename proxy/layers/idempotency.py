@@ -60,12 +60,14 @@ class ReplayCache:
         # are never more than max_entries, and the bodies never add up past max_total_bytes.
         unit = settings.max_total_bytes / settings.max_entries
 
-        def weight(entry: StoredResponse | _Pending) -> float:
-            return max(unit, len(entry.body)) if isinstance(entry, StoredResponse) else unit
+        def weight(entry: StoredResponse) -> float:
+            return max(unit, len(entry.body) + sum(len(k) + len(v) for k, v in entry.headers))
 
-        self._entries: TTLCache[str, StoredResponse | _Pending] = TTLCache(
+        self._entries: TTLCache[str, StoredResponse] = TTLCache(
             maxsize=settings.max_total_bytes, ttl=settings.ttl, timer=clock.now, getsizeof=weight
         )
+        self._pending: dict[str, _Pending] = {}
+        """Requests in flight by key: never evicted, so a concurrent duplicate always finds them."""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -75,7 +77,7 @@ class ReplayCache:
             return await next(request)
         fingerprint = _fingerprint(request)
         while True:
-            entry = self._entries.get(key)
+            entry: StoredResponse | _Pending | None = self._pending.get(key) or self._entries.get(key)
             if entry is None:
                 return await self._lead(key, fingerprint, request, next)
             if entry.fingerprint != fingerprint:
@@ -88,18 +90,19 @@ class ReplayCache:
                 return stored.replay()
 
     async def _lead(self, key: str, fingerprint: str, request: ProxyRequest, next: Handler) -> ProxyResponse:
-        pending = _Pending(fingerprint, asyncio.get_running_loop().create_future())
-        self._entries[key] = pending
+        pending = self._pending[key] = _Pending(fingerprint, asyncio.get_running_loop().create_future())
         stored: StoredResponse | None = None
         try:
             response = await next(request)
             response, stored = await self._capture(response, fingerprint)
             return response
         finally:
+            del self._pending[key]
             if stored is not None:
-                self._entries[key] = stored
-            elif self._entries.get(key) is pending:
-                del self._entries[key]
+                try:
+                    self._entries[key] = stored
+                except ValueError:  # cachetools: heavier than the whole cache (huge headers)
+                    stored = None
             pending.done.set_result(stored)
 
     async def _capture(

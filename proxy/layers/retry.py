@@ -9,6 +9,7 @@ upstream response, or the last error, goes back as it is.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -16,7 +17,7 @@ from proxy import errors
 from proxy.clock import Clock
 from proxy.config.defaults import KEYED_METHODS
 from proxy.config.model import OutcomeSet, Retries
-from proxy.exchange import Handler, ProxyRequest, ProxyResponse, RetryRecord, buffered
+from proxy.exchange import BytesBody, Handler, ProxyRequest, ProxyResponse, RetryRecord, buffered
 from proxy.layers.backoff import DEFAULT_UNIFORM, full_jitter
 from proxy.layers.budget import RetryBudget
 from proxy.provider_headers import retry_after_seconds
@@ -156,12 +157,19 @@ def _final(outcome: ProxyResponse | RetryableFailure | None) -> ProxyResponse:
 
 _SETTLE_LIMIT = 64 * 1024
 """A discarded response up to this size is read before the backoff, freeing its connection and span."""
+_SETTLE_TIMEOUT_S = 0.5
+"""How long that read may take; a body that stalls is dropped, keeping only status and headers."""
 
 
-async def _settle(response: ProxyResponse) -> ProxyResponse | RetryableFailure:
+async def _settle(response: ProxyResponse) -> ProxyResponse:
     """Keep a small copy of a response we may still have to return (if the retry is refused)."""
     try:
-        settled, _ = await buffered(response, _SETTLE_LIMIT)
-    except (errors.ConnectionReset, errors.AttemptTimeout) as failure:
-        return failure
+        async with asyncio.timeout(_SETTLE_TIMEOUT_S):
+            settled, _ = await buffered(response, _SETTLE_LIMIT)
+    except (TimeoutError, errors.ConnectionReset, errors.AttemptTimeout):
+        response.body.release()
+        headers = response.headers.copy()
+        headers.popall("Content-Length", None)
+        headers["Content-Length"] = "0"
+        return ProxyResponse(response.status, headers, BytesBody(b""), response.reason)
     return settled
