@@ -37,7 +37,7 @@ from proxy.layers.idempotency import IdempotencyLayer, ReplayCache
 from proxy.layers.ratelimit import RateLimiter, RateLimitLayer
 from proxy.layers.retry import RetryLayer
 from proxy.routing import Match, Router
-from proxy.upstream import UpstreamClient
+from proxy.transport import UpstreamClient
 
 
 @dataclass

@@ -34,7 +34,7 @@ from proxy.exchange import (
 from proxy.pipeline import Pipelines, PolicyState
 from proxy.routing import Router, dedicated_upstream, upstream_for
 from proxy.telemetry import REQUEST_ID_HEADER, RequestObservation, Telemetry
-from proxy.upstream import UpstreamClient
+from proxy.transport import UpstreamClient
 
 log = logging.getLogger("outrigger.server")
 
@@ -374,9 +374,12 @@ class ProxyServer:
         local_port = sockname[1] if sockname else None
         dedicated = runtime.router.policy_for_port(local_port) if local_port is not None else None
         if raw_target.lower().startswith(("http://", "https://")):
-            url = URL(raw_target, encoded=True)
-            host, port = _split_host(url.raw_authority)
-            path_qs = url.raw_path_qs or "/"
+            after_scheme = raw_target.partition("//")[2]
+            end = next((i for i, c in enumerate(after_scheme) if c in "/?#"), len(after_scheme))
+            host, port = _split_host(after_scheme[:end])
+            path_qs = after_scheme[end:].partition("#")[0]  # as sent: yarl drops an empty query's '?'
+            if not path_qs.startswith("/"):
+                path_qs = "/" + path_qs
         elif raw_target.startswith("/"):
             path_qs = raw_target
             host_header = request.headers.get("Host")

@@ -16,7 +16,7 @@ from opentelemetry import trace
 from proxy.config.loader import ConfigError, current_fingerprint, load_config
 from proxy.reload import RESTART_ONLY, _check_restart_only
 from proxy.server import Runtime
-from proxy.upstream import UpstreamClient
+from proxy.transport import UpstreamClient
 from tests.conftest import free_port, write_config
 
 HOST = "api.test"

@@ -27,10 +27,11 @@ TOTAL_TIMEOUT_S = 30.0
 
 DNS_CACHE_TTL_S = 10.0
 """How long a checked DNS answer is reused before resolving again."""
-POOL_LIMIT_PER_HOST = 0
-"""Upstream connections per host; 0 = unlimited (the concurrency layer bounds work)."""
-POOL_LIMIT_TOTAL = 1000
+POOL_MAX_PER_UPSTREAM = 1000
+"""Open connections per pool key (checked address, port, TLS context, SNI); requests beyond it wait
+for a free one within `connect`. The concurrency layer is where a policy bounds its work."""
 KEEPALIVE_TIMEOUT_S = 30.0
+"""An idle upstream connection is closed after this long."""
 
 RETRY_MAX_ATTEMPTS = 3
 """Attempts including the first."""

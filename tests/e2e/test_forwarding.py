@@ -53,15 +53,7 @@ PATHS = [
     pytest.param("/a%2Fb?x=%20&y=1", id="encoded-slash-and-space"),
     pytest.param("/%7Euser/a%2fb;p=1?q=%2B+x&&z=&q=2", id="lowercase-escapes-params-repeats"),
     pytest.param("/caf%C3%A9/%25/a/../b//c?redirect=http%3A%2F%2Fx%2Fy%3Fz", id="utf8-dot-segments-nested"),
-    pytest.param(
-        "/path?",
-        id="empty-query",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG: an empty query ('/path?') reaches the upstream as '/path' — yarl drops the"
-            " bare '?' when upstream.py rebuilds the URL (proxy/upstream.py UpstreamClient.send)",
-        ),
-    ),
+    pytest.param("/path?", id="empty-query"),
 ]
 
 
@@ -172,13 +164,6 @@ async def test_hop_by_hop_request_headers_are_dropped_end_to_end_ones_kept(
             b"",
             ["host", "x-only"],
             id="delete-without-body",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG (minor): a body-less DELETE reaches the upstream with an invented"
-                " 'Content-Length: 0' (aiohttp ClientRequest.update_body_from_data adds it for every"
-                " method outside GET/HEAD/OPTIONS/TRACE when data is None; proxy/upstream.py"
-                " UpstreamClient.send)",
-            ),
         ),
     ],
 )

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.upstream import UpstreamClient
+from proxy.transport import resolver
 from tests.conftest import StartProxy, loopback_policy
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
@@ -66,10 +66,10 @@ async def test_a_refused_address_falls_back_to_the_next_one(
     upstream = await _echo_upstream(aiohttp_server, seen)
     dead = "127.0.0.2"  # loopback, but nothing listens on that port there
 
-    async def two_addresses(self: UpstreamClient, host: str, port: int) -> tuple[str, ...]:
+    async def two_addresses(host: str, port: int) -> tuple[str, ...]:
         return (dead, "127.0.0.1")
 
-    monkeypatch.setattr(UpstreamClient, "_resolve", two_addresses)
+    monkeypatch.setattr(resolver, "system_lookup", two_addresses)
     proxy = await start_proxy(
         [loopback_policy(f"http://multi.test:{upstream.port}", retries={"max_attempts": 2, "on": ["503"]})]
     )
@@ -93,10 +93,10 @@ async def test_without_a_replayable_body_only_the_first_address_is_tried(
     seen: list[int] = []
     upstream = await _echo_upstream(aiohttp_server, seen)
 
-    async def two_addresses(self: UpstreamClient, host: str, port: int) -> tuple[str, ...]:
+    async def two_addresses(host: str, port: int) -> tuple[str, ...]:
         return ("127.0.0.2", "127.0.0.1")
 
-    monkeypatch.setattr(UpstreamClient, "_resolve", two_addresses)
+    monkeypatch.setattr(resolver, "system_lookup", two_addresses)
     proxy = await start_proxy([loopback_policy(f"http://multi.test:{upstream.port}")])
     async with (
         aiohttp.ClientSession() as client,

@@ -1,0 +1,141 @@
+"""The upstream client the pipeline's last layer calls: one attempt, one exchange.
+
+Resolve and check the host (`resolver.py`), take a pooled connection to a
+checked address or open one (`pool.py`), write the request exactly as the
+app sent it (target, header order and repeats; nothing invented), and
+return at the response head with the body still streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+
+from multidict import CIMultiDict
+
+from proxy import errors
+from proxy.config import defaults
+from proxy.config.model import TlsSettings, UpstreamTarget
+from proxy.exchange import CONTROL_PREFIX, ProxyRequest, ProxyResponse, end_to_end_headers
+from proxy.transport import failures
+from proxy.transport.connection import UpstreamConnection
+from proxy.transport.pool import ConnectionPool, PoolKey
+from proxy.transport.resolver import CheckedResolver
+
+
+class UpstreamClient:
+    def __init__(
+        self,
+        max_header_bytes: int = defaults.MAX_HEADER_BYTES,
+        resolver: CheckedResolver | None = None,
+        *,
+        max_connections_per_upstream: int = defaults.POOL_MAX_PER_UPSTREAM,
+        keepalive: float = defaults.KEEPALIVE_TIMEOUT_S,
+    ) -> None:
+        self.resolver = resolver or CheckedResolver()
+        self._max_head_bytes = max_header_bytes
+        self.pool = ConnectionPool(max_connections_per_upstream, keepalive)
+        self._ssl_contexts: dict[TlsSettings, ssl.SSLContext] = {}
+
+    async def close(self) -> None:
+        self.pool.close_all()
+
+    async def send(self, request: ProxyRequest) -> ProxyResponse:
+        """One attempt: resolve, check, connect and return once the response head has arrived.
+
+        When a connection cannot be made, the next checked address is tried (within the same
+        attempt) as long as the body can be sent again.
+        """
+        target, settings = request.target, request.settings
+        addresses = self.resolver.cached(target.host, target.port, settings.allow_private_addresses)
+        if addresses is None:
+            try:
+                async with asyncio.timeout(settings.timeouts.connect):
+                    addresses = await self.resolver.resolve(
+                        target.host, target.port, settings.allow_private_addresses
+                    )
+            except TimeoutError:
+                raise errors.ConnectFailure(f"resolving {target.host} took longer than connect") from None
+        if not request.body.replayable:
+            addresses = addresses[:1]  # a streamed body can go out only once
+        for address in addresses[:-1]:
+            with contextlib.suppress(errors.ConnectFailure):
+                return await self._send_to(address, request)
+        return await self._send_to(addresses[-1], request)
+
+    async def _send_to(self, address: str, request: ProxyRequest) -> ProxyResponse:
+        target, settings = request.target, request.settings
+        if target.scheme == "https":
+            key = PoolKey(
+                address, target.port, self._ssl_context(settings.tls), settings.tls.sni or target.host
+            )
+        else:
+            key = PoolKey(address, target.port, None, None)
+        connection = self.pool.idle(key)
+        if connection is None:
+            connection = await self._connect(key, target, settings.timeouts.connect)
+        body = request.body.for_attempt()
+        chunked = body is not None and request.body.length is None
+        try:
+            head = await connection.exchange(
+                _request_head(request, chunked), body, chunked, head_only=request.method == "HEAD"
+            )
+        except BaseException as exc:
+            connection.done_with_exchange()
+            self.pool.give_back(connection)
+            if request.body.failed and not isinstance(exc, errors.ClientDisconnected):
+                raise errors.ClientDisconnected("the app broke off its request body") from exc
+            raise
+        return ProxyResponse(
+            status=head.status,
+            headers=end_to_end_headers(CIMultiDict(head.headers), drop_prefix=CONTROL_PREFIX),
+            body=connection.stream(settings.timeouts.per_try, self.pool.give_back),
+            reason=head.reason,
+        )
+
+    async def _connect(self, key: PoolKey, target: UpstreamTarget, within: float) -> UpstreamConnection:
+        """A connection for `key` within `connect`: pool wait, TCP and the TLS handshake."""
+        loop = asyncio.get_running_loop()
+        authority = target.authority
+
+        async def open_connection() -> UpstreamConnection:
+            _, connection = await loop.create_connection(
+                lambda: UpstreamConnection(authority, self._max_head_bytes, self.pool.closed),
+                host=key.address,
+                port=key.port,
+                ssl=key.tls,
+                server_hostname=key.server_name,
+            )
+            return connection
+
+        try:
+            async with asyncio.timeout(within):
+                return await self.pool.connect(key, open_connection)
+        except TimeoutError:
+            raise failures.connect_timed_out(authority, within) from None
+        except OSError as exc:
+            raise failures.cannot_connect(authority, exc) from exc
+
+    def forget_tls_contexts(self) -> None:
+        """New attempts build their contexts (and so their pool keys) from the files as they are now."""
+        self._ssl_contexts.clear()
+
+    def _ssl_context(self, tls: TlsSettings) -> ssl.SSLContext:
+        """One context per distinct TLS section: pooled connections are keyed by it."""
+        context = self._ssl_contexts.get(tls)
+        if context is None:
+            context = self._ssl_contexts[tls] = tls.ssl_context()
+        return context
+
+
+def _request_head(request: ProxyRequest, chunked: bool) -> bytes:
+    """Request line and headers as the app sent them; Host names the upstream (SPEC 4)."""
+    headers = request.headers
+    headers.popall("Host", None)
+    lines = [f"{request.method} {request.path_qs} HTTP/1.1\r\nHost: {request.target.authority}\r\n"]
+    lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+    if chunked:
+        lines.append("Transfer-Encoding: chunked\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
