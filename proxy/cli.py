@@ -15,6 +15,7 @@ from logging.handlers import QueueHandler, QueueListener
 
 from aiohttp import web
 
+from proxy import event_loop
 from proxy.admin import build_admin_app
 from proxy.config.lint import lint
 from proxy.config.loader import Config, ConfigError, load_config
@@ -34,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     run = verbs.add_parser("run", help="serve until SIGTERM/SIGINT, then drain")
     run.add_argument("-c", "--config", required=True)
     run.add_argument("--log-level", default="INFO")
+    run.add_argument(
+        "--loop",
+        choices=event_loop.CHOICES,
+        default="auto",
+        help="event loop: uvloop when installed (auto, the default), or asyncio's own",
+    )
     check = verbs.add_parser("check", help="validate config and policies")
     check.add_argument("-c", "--config", required=True)
     check.add_argument("--strict", action="store_true", help="exit 1 on lint warnings too (for CI)")
@@ -74,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     listener = _setup_logging(args.log_level.upper())
     try:
-        asyncio.run(serve(config))
+        event_loop.run(serve(config), args.loop)
     finally:
         listener.stop()
     return 0
@@ -122,7 +129,12 @@ async def serve(config: Config) -> None:
         await proxy.start()
         loop.add_signal_handler(signal.SIGHUP, reload_on_signal)
         watcher = asyncio.create_task(reloader.watch())
-        log.info("outrigger ready (config version %s, %d policies)", config.version, len(config.policies))
+        log.info(
+            "outrigger ready (config version %s, %d policies, %s loop)",
+            config.version,
+            len(config.policies),
+            event_loop.current(),
+        )
         await stop.wait()
         log.info(
             "stopping: draining in-flight requests for up to %s", format_duration(config.main.drain_timeout)

@@ -13,6 +13,7 @@ import asyncio
 import collections
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import cast
 
 import httptools
 
@@ -77,8 +78,7 @@ class UpstreamConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's do not subclass asyncio's
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
