@@ -71,18 +71,12 @@ class RequestBody:
         self._prefix: list[bytes] = []
         self._streamed = False
         self.failed = False
-        self._waiting_for_app = False
         """The app's side broke off (disconnect, bad chunking) while we read its body."""
 
     @property
     def replayable(self) -> bool:
         """The same bytes can be sent again (buffered, or no body at all)."""
         return self._buffered is not None
-
-    @property
-    def waiting_for_app(self) -> bool:
-        """Blocked on the app for its next body chunk (as opposed to on the upstream)."""
-        return self._waiting_for_app
 
     async def buffer(self, limit: int) -> bool:
         """Read the whole body if it fits in `limit` bytes; True when it is then replayable."""
@@ -123,18 +117,15 @@ class RequestBody:
         assert self._source is not None
         chunks = aiter(self._source)
         while True:
-            self._waiting_for_app = True  # stays set if cancelled meanwhile: we were waiting on the app
             try:
                 chunk = await anext(chunks)
             except StopAsyncIteration:
-                self._waiting_for_app = False
                 return
             except Exception as exc:
                 self.failed = True
                 raise errors.ClientDisconnected(
                     f"the app broke off its request body ({type(exc).__name__})"
                 ) from exc
-            self._waiting_for_app = False
             yield chunk
 
 
@@ -225,7 +216,7 @@ class ProxyRequest:
     timeout_override: float | None = None
     """x-outrigger-timeout-ms, in seconds: may only lower `timeouts.total`."""
     deadline: float | None = None
-    """Loop time by which everything, including the response body, must be done."""
+    """Loop time by which the response head must have arrived (`total`)."""
     request_id: str = ""
     trace_context: Context | None = None
     """The SERVER span's context: each attempt's CLIENT span is its child."""

@@ -6,8 +6,8 @@
     retry        conditions, backoff with jitter, Retry-After, budget, replay buffer
     breaker      counts every attempt; open = fail fast (and retries stop)
     rate limit   every attempt takes a token; obeys the provider's rate-limit headers
-    attempt      header rules with rendered secrets, per_try timeout
-    upstream     SSRF-checked connect, TLS origination, pooled connection
+    attempt      header rules with rendered secrets, CLIENT span
+    transport    SSRF-checked connect, TLS, pooled connection; connect, per_try and idle timeouts
 
 A layer whose section is absent from the settings is not in the stack. State
 that must outlive one request (budget, replay cache, breaker, bulkhead,
@@ -130,7 +130,7 @@ def build_layers(
         layers.append(BreakerLayer(state.breaker))
     if state.limiter is not None:
         layers.append(RateLimitLayer(state.limiter))
-    layers.append(AttemptLayer(settings.timeouts.per_try, settings.headers, base_dir, tracer))
+    layers.append(AttemptLayer(settings.headers, base_dir, tracer))
     return layers
 
 

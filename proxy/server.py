@@ -410,8 +410,8 @@ class ProxyServer:
         has_body = request.method != "HEAD" and response.status not in _NO_BODY_STATUSES
         try:
             await out.prepare(request)
-            if has_body:
-                async with asyncio.timeout_at(proxy_request.deadline):
+            if has_body:  # idle bounds each silence (in the transport); stream, if set, the whole body
+                async with asyncio.timeout(proxy_request.settings.timeouts.stream):
                     async for chunk in response.body.chunks():
                         await out.write(chunk)
             await out.write_eof()

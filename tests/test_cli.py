@@ -196,7 +196,7 @@ def test_explain_exact_host(capsys: pytest.CaptureFixture[str], config: Path) ->
     assert report["upstream"] == "https://api.stripe.com"
     assert report["config_version"] == load_config(config).version
     settings = report["settings"]
-    assert settings["timeouts"] == {"connect": "2s", "per_try": "10s", "total": "20s"}
+    assert settings["timeouts"] == {"connect": "2s", "per_try": "10s", "total": "20s", "idle": "1m"}
     assert settings["tls"]["verify"] is True
     assert settings["allow_private_addresses"] is False
     headers = settings["headers"]["set"]
@@ -210,7 +210,7 @@ def test_explain_route_and_merged_settings(capsys: pytest.CaptureFixture[str], c
     report = explain(capsys, config, "post", "http://api.stripe.com/v1/payment_intents/pi_1/confirm")
     assert report["request"] == "POST http://api.stripe.com/v1/payment_intents/pi_1/confirm"
     assert report["route"] == {"index": 0, "method": ["POST"], "path": "/v1/payment_intents*"}
-    assert report["settings"]["timeouts"] == {"connect": "2s", "per_try": "15s", "total": "20s"}
+    assert report["settings"]["timeouts"] == {"connect": "2s", "per_try": "15s", "total": "20s", "idle": "1m"}
     assert report["settings"]["headers"]["set"]["X-Api-Key"] == "<redacted>"
 
 
@@ -227,7 +227,7 @@ def test_explain_wildcard(capsys: pytest.CaptureFixture[str], config: Path) -> N
     assert report["source"] == f"{config.parent / 'policies' / 'more.yaml'}:1"
     assert report["matched_by"] == "wildcard *.example.com"
     assert report["upstream"] == "https://a.b.example.com:8443"
-    assert report["settings"]["timeouts"] == {"connect": "1s", "per_try": "10s", "total": "20s"}
+    assert report["settings"]["timeouts"] == {"connect": "1s", "per_try": "10s", "total": "20s", "idle": "1m"}
 
 
 def test_explain_dedicated_port(capsys: pytest.CaptureFixture[str], config: Path) -> None:

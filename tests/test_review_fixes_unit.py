@@ -88,7 +88,7 @@ async def test_client_span_status_has_no_error_message(
 ) -> None:
     tracer, exporter = span_exporter
     request = make_request("GET", "/x?token=SECRET")
-    layer = AttemptLayer(10.0, request.settings.headers, Path("."), tracer)
+    layer = AttemptLayer(request.settings.headers, Path("."), tracer)
     failing = fake_upstream(
         errors.ConnectFailure(f"cannot connect: Connection timeout to host {URL_WITH_SECRET}")
     )

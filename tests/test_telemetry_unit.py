@@ -494,7 +494,7 @@ async def test_each_attempt_span_is_a_child_and_replaces_the_apps_traceparent(
     server = tracer.start_span("GET", kind=SpanKind.SERVER)
     request = make_request(path_qs="/v1/x?token=abc", headers={"traceparent": APP_TRACEPARENT})
     request.trace_context = trace.set_span_in_context(server)
-    layer = AttemptLayer(10.0, request.settings.headers, Path("."), tracer)
+    layer = AttemptLayer(request.settings.headers, Path("."), tracer)
     upstream = fake_upstream(503, 200)
 
     first = await layer(request, upstream)
@@ -531,7 +531,7 @@ async def test_failed_attempt_span_has_the_error_condition(
 ) -> None:
     tracer, exporter = span_exporter
     request = make_request()
-    layer = AttemptLayer(10.0, request.settings.headers, Path("."), tracer)
+    layer = AttemptLayer(request.settings.headers, Path("."), tracer)
 
     with pytest.raises(errors.ConnectFailure):
         await layer(request, fake_upstream(errors.ConnectFailure))

@@ -24,6 +24,8 @@ ALLOW_PRIVATE_ADDRESSES = False
 CONNECT_TIMEOUT_S = 2.0
 PER_TRY_TIMEOUT_S = 10.0
 TOTAL_TIMEOUT_S = 30.0
+IDLE_TIMEOUT_S = 60.0
+"""Longest silence once bytes flow (upload chunks, response body chunks): SSE streams live on."""
 
 DNS_CACHE_TTL_S = 10.0
 """How long a checked DNS answer is reused before resolving again."""

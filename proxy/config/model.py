@@ -215,6 +215,8 @@ class Timeouts(Frozen):
     connect: Duration = Field(default=builtin.CONNECT_TIMEOUT_S, gt=0)
     per_try: Duration = Field(default=builtin.PER_TRY_TIMEOUT_S, gt=0)
     total: Duration = Field(default=builtin.TOTAL_TIMEOUT_S, gt=0)
+    idle: Duration = Field(default=builtin.IDLE_TIMEOUT_S, gt=0)
+    stream: Duration | None = Field(default=None, gt=0)
 
     @model_validator(mode="before")
     @classmethod

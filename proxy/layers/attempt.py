@@ -1,4 +1,4 @@
-"""One attempt: header rules (with rendered secrets), the per_try timeout and the CLIENT span.
+"""One attempt: header rules (with rendered secrets) and the CLIENT span (the transport times it).
 
 Each attempt gets its own span, child of the request's SERVER span, and its
 context is injected as ``traceparent`` so the provider's trace joins ours.
@@ -7,7 +7,6 @@ The span ends when the attempt's response body is released.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from proxy import errors, secrets
 from proxy.config.model import HeaderRules
-from proxy.config.units import format_duration
 from proxy.exchange import Handler, ProxyRequest, ProxyResponse, ReleasingBody
 from proxy.telemetry import (
     ATTR_RETRY_BACKOFF_MS,
@@ -30,10 +28,7 @@ _NOT_TRACED = trace.NoOpTracer()
 
 
 class AttemptLayer:
-    def __init__(
-        self, per_try: float, headers: HeaderRules, base_dir: Path, tracer: trace.Tracer = _NOT_TRACED
-    ) -> None:
-        self.per_try = per_try
+    def __init__(self, headers: HeaderRules, base_dir: Path, tracer: trace.Tracer = _NOT_TRACED) -> None:
         self.remove = headers.remove
         self.set = tuple((name, secrets.render(value, base_dir)) for name, value in headers.set.items())
         self.tracer = tracer
@@ -52,20 +47,7 @@ class AttemptLayer:
         )
         inject_context(request.headers, trace.set_span_in_context(span))
         try:
-            async with asyncio.timeout(self.per_try):
-                response = await next(request)
-        except TimeoutError:
-            error: errors.OutriggerError
-            if request.body.waiting_for_app:  # the app is slow to send, not the upstream to answer
-                error = errors.Timeout(
-                    f"the app's request body did not arrive within per_try {format_duration(self.per_try)}"
-                )
-            else:
-                error = errors.AttemptTimeout(
-                    f"no response head within per_try {format_duration(self.per_try)}"
-                )
-            _fail(request, span, error)
-            raise error from None
+            response = await next(request)
         except errors.OutriggerError as error:
             _fail(request, span, error)
             raise

@@ -79,7 +79,7 @@ class UpstreamClient:
         chunked = body is not None and request.body.length is None
         try:
             head = await connection.exchange(
-                _request_head(request, chunked), body, chunked, head_only=request.method == "HEAD"
+                _request_head(request, chunked), body, chunked, request.method == "HEAD", settings.timeouts
             )
         except BaseException as exc:
             connection.done_with_exchange()
@@ -90,7 +90,7 @@ class UpstreamClient:
         return ProxyResponse(
             status=head.status,
             headers=end_to_end_headers(CIMultiDict(head.headers), drop_prefix=CONTROL_PREFIX),
-            body=connection.stream(settings.timeouts.per_try, self.pool.give_back),
+            body=connection.stream(settings.timeouts.idle, self.pool.give_back),
             reason=head.reason,
         )
 

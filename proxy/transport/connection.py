@@ -18,6 +18,7 @@ from typing import cast
 import httptools
 
 from proxy import errors
+from proxy.config.model import Timeouts
 from proxy.transport import failures
 
 HIGH_WATER = 256 * 1024
@@ -179,9 +180,17 @@ class UpstreamConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ one exchange
 
     async def exchange(
-        self, head: bytes, body: bytes | AsyncIterator[bytes] | None, chunked: bool, head_only: bool
+        self,
+        head: bytes,
+        body: bytes | AsyncIterator[bytes] | None,
+        chunked: bool,
+        head_only: bool,
+        timeouts: Timeouts,
     ) -> ResponseHead:
-        """Send one request and return once its response head has arrived."""
+        """Send one request and return once its response head has arrived.
+
+        `per_try` runs from the moment the whole request was written; while a streamed body is
+        uploaded, `idle` bounds each silence instead (SPEC 4)."""
         transport = self.transport
         assert transport is not None, "not connected"
         assert self._parser is None, "one exchange at a time"
@@ -192,35 +201,65 @@ class UpstreamConnection(asyncio.Protocol):
         if body is None or isinstance(body, bytes):
             transport.write(head + _framed(body, chunked) if body is not None else head)
             self._request_written = True
-            return await waiter
+            return await self._head(waiter, timeouts.per_try)
         transport.write(head)
-        writer = asyncio.ensure_future(self._write_stream(body, chunked))
+        writer = asyncio.ensure_future(self._write_stream(body, chunked, timeouts.idle))
         try:
             await asyncio.wait((waiter, writer), return_when=asyncio.FIRST_COMPLETED)
             if not waiter.done():
-                writer.result()  # the body failed first (app gone, upstream closed): raise that
-                return await waiter
+                writer.result()  # the body failed first (app gone or stalled, upstream closed): raise that
+                return await self._head(waiter, timeouts.per_try)
         finally:
             if not writer.done():  # the upstream answered before reading the whole body
                 writer.cancel()
         return waiter.result()
 
-    async def _write_stream(self, body: AsyncIterator[bytes], chunked: bool) -> None:
+    async def _head(self, waiter: asyncio.Future[ResponseHead], per_try: float) -> ResponseHead:
+        if waiter.done():
+            return waiter.result()
+        timer = asyncio.get_running_loop().call_later(per_try, self._no_head, per_try)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+
+    def _no_head(self, per_try: float) -> None:
+        self._fail(failures.no_head(self.authority, per_try))
+        self.abort()
+
+    async def _write_stream(self, body: AsyncIterator[bytes], chunked: bool, idle: float) -> None:
         transport = self.transport
         assert transport is not None
-        async for chunk in body:
-            if self.closed:
+        chunks = aiter(body)
+        while not self.closed:
+            try:
+                async with asyncio.timeout(idle):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
                 break
+            except TimeoutError:
+                raise failures.upload_stalled(idle) from None
             if chunk:
                 transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
             if self._writing_paused:
-                self._drain_waiter = asyncio.get_running_loop().create_future()
-                await self._drain_waiter
+                await self._drained(idle)
         if self.closed:
             raise self._failure or failures.closed_before_response(self.authority, None)
         if chunked:
             transport.write(b"0\r\n\r\n")
         self._request_written = True
+
+    async def _drained(self, idle: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._drain_waiter = waiter = loop.create_future()
+        timer = loop.call_later(idle, _expire, waiter)
+        try:
+            await waiter
+        except TimeoutError:
+            raise failures.upload_not_read(self.authority, idle) from None
+        finally:
+            timer.cancel()
+            self._drain_waiter = None
 
     def stream(self, idle_timeout: float, on_done: Callable[[UpstreamConnection], None]) -> ResponseStream:
         return ResponseStream(self, idle_timeout, on_done)

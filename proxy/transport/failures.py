@@ -64,3 +64,18 @@ def invalid_response(authority: str, reason: str) -> errors.UpstreamUnreachable:
 
 def head_too_large(authority: str, limit: int) -> errors.UpstreamUnreachable:
     return errors.UpstreamUnreachable(f"{authority} sent a response head larger than {limit} bytes")
+
+
+def no_head(authority: str, per_try: float) -> errors.AttemptTimeout:
+    return errors.AttemptTimeout(
+        f"{authority} sent no response head within per_try {format_duration(per_try)}"
+    )
+
+
+def upload_not_read(authority: str, idle: float) -> errors.AttemptTimeout:
+    return errors.AttemptTimeout(f"{authority} stopped reading the request body for {format_duration(idle)}")
+
+
+def upload_stalled(idle: float) -> errors.Timeout:
+    """The app's fault, not the upstream's: answered 504, never retried, neutral for the breaker."""
+    return errors.Timeout(f"the app's request body stalled for longer than idle {format_duration(idle)}")

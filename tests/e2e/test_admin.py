@@ -130,7 +130,7 @@ async def test_config_is_the_effective_merged_config_with_secrets_redacted(
     assert shown["source"].endswith("policies/test.yaml:1")
     settings = shown["settings"]
     # merged: built-in connect, the policy's per_try, the defaults' total and retries
-    assert settings["timeouts"] == {"connect": "2s", "per_try": "2s", "total": "20s"}
+    assert settings["timeouts"] == {"connect": "2s", "per_try": "2s", "total": "20s", "idle": "1m"}
     assert settings["retries"]["max_attempts"] == 4
     assert settings["allow_private_addresses"] is True
     headers = settings["headers"]["set"]
@@ -140,7 +140,7 @@ async def test_config_is_the_effective_merged_config_with_secrets_redacted(
     assert headers["X-Client"] == "not-a-secret"
     (route,) = shown["routes"]
     assert route["match"] == {"method": ["POST"], "path": "/v1/slow/*"}
-    assert route["settings"]["timeouts"] == {"connect": "2s", "per_try": "15s", "total": "20s"}
+    assert route["settings"]["timeouts"] == {"connect": "2s", "per_try": "15s", "total": "20s", "idle": "1m"}
     assert route["settings"]["retries"]["max_attempts"] == 4
     assert route["settings"]["headers"]["set"]["X-Api-Key"] == "<redacted>"
     assert "sk_live_from_file_123" not in str(body)

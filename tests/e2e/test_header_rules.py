@@ -289,7 +289,7 @@ async def test_secrets_never_appear_in_log_records(
             loopback_policy(
                 f"http://127.0.0.1:{upstream.port}",
                 headers=rules,
-                timeouts={"connect": "200ms", "total": "300ms", "per_try": "300ms"},
+                timeouts={"connect": "200ms", "total": "300ms", "per_try": "300ms", "stream": "300ms"},
             ),
             loopback_policy(f"http://127.0.0.1:{free_port()}", host="dead.test", headers=rules),
         ]
@@ -301,7 +301,7 @@ async def test_secrets_never_appear_in_log_records(
             assert response.status == 502
         async with client.get(f"{proxy.url}/drip", headers={"Host": "upstream.test"}) as response:
             with pytest.raises(aiohttp.ClientPayloadError):
-                await response.read()  # cut short by total: a logged warning
+                await response.read()  # cut short by stream: a logged warning
     assert any(r.name.startswith("outrigger") for r in caplog.records), "log capture works"
     text = caplog.text + "\n".join(json.dumps(r.args, default=str) for r in caplog.records)
     for secret in ALL_SECRETS:

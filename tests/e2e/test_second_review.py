@@ -59,7 +59,7 @@ async def test_an_upstream_that_stops_reading_the_upload_is_an_upstream_timeout(
             [
                 loopback_policy(
                     f"http://127.0.0.1:{port}",
-                    timeouts={"per_try": "500ms", "total": "5s"},
+                    timeouts={"per_try": "2s", "idle": "500ms", "total": "5s"},
                     circuit_breaker={"failure_threshold": 1, "failure_on": ["timeout"]},
                 )
             ]

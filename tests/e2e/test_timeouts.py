@@ -29,7 +29,7 @@ SLACK = 0.5
 
 @dataclass
 class SlowUpstream:
-    """/hang never answers; /drip sends the head at once, then one byte every 100 ms;
+    """/hang never answers; /drip sends the head at once, then one byte every `gap` s (0.1);
     /status/N answers N itself."""
 
     server: TestServer
@@ -61,9 +61,10 @@ async def slow(aiohttp_server: AiohttpServer) -> SlowUpstream:
         if request.query.get("framing") == "length":
             response.content_length = count
         await response.prepare(request)
+        gap = float(request.query.get("gap", "0.1"))
         for _ in range(count):
             await response.write(b"x")
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(gap)
         await response.write_eof()
         return response
 
@@ -139,60 +140,68 @@ async def test_timeout_header_lowers_total(start_proxy: StartProxy, slow: SlowUp
     assert "x-outrigger-timeout-ms" not in slow.requests[0].headers, "control headers stay local"
 
 
-@pytest.mark.parametrize(
-    ("header", "cut_after"),
-    [(None, 1.0), ("300", 0.3), ("5000", 1.0)],
-    ids=["no-header", "header-lowers", "header-cannot-raise"],
-)
-async def test_total_cuts_a_slow_body_short(
-    start_proxy: StartProxy, slow: SlowUpstream, header: str | None, cut_after: float
-) -> None:
-    """The head arrives at once, the body drips for ~3 s: `total` (never raised) cuts it off."""
+async def _read_all(response: aiohttp.ClientResponse, into: bytearray | None = None) -> bytes:
+    """The body chunk by chunk; `into` keeps what arrived when reading fails midway."""
+    received = bytearray() if into is None else into
+    for _ in range(1000):
+        chunk = await response.content.readany()
+        if not chunk:
+            break
+        received += chunk
+    return bytes(received)
+
+
+async def test_total_ends_at_the_response_head(start_proxy: StartProxy, slow: SlowUpstream) -> None:
+    """A body that drips for ~2 s outlives `total: 1s`: total bounds only the wait for the head."""
     proxy = await _proxy(start_proxy, slow.url, per_try="500ms", total="1s")
-    received = b""
-    started = time.monotonic()
-    headers = {"Host": "upstream.test"}
-    if header is not None:
-        headers["x-outrigger-timeout-ms"] = header
-
-    async def read_all(response: aiohttp.ClientResponse) -> None:
-        nonlocal received
-        for _ in range(100):
-            chunk = await response.content.readany()
-            if not chunk:
-                return
-            received += chunk
-
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client,
-        client.get(f"{proxy.url}/drip?bytes=30", headers=headers) as response,
+        client.get(f"{proxy.url}/drip?bytes=20", headers={"Host": "upstream.test"}) as response,
     ):
         assert response.status == 200
-        assert response.headers["x-outrigger-attempts"] == "1"
+        assert await _read_all(response) == b"x" * 20
+
+
+async def test_stream_caps_the_whole_body(start_proxy: StartProxy, slow: SlowUpstream) -> None:
+    proxy = await start_proxy(
+        [loopback_policy(slow.url, timeouts={"per_try": "500ms", "total": "5s", "stream": "1s"})]
+    )
+    received = bytearray()
+    started = time.monotonic()
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client,
+        client.get(f"{proxy.url}/drip?bytes=30", headers={"Host": "upstream.test"}) as response,
+    ):
+        assert response.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):
-            await read_all(response)
+            await _read_all(response, received)
     elapsed = time.monotonic() - started
-    assert cut_after - 0.05 <= elapsed < cut_after + SLACK, elapsed
+    assert 0.95 <= elapsed < 1.0 + SLACK, elapsed
     assert 0 < len(received) < 30, "streamed while it lasted, then cut short (not a clean ending)"
 
 
 @pytest.mark.parametrize("framing", ["length", "chunked"])
-async def test_body_cut_short_is_never_a_clean_completion(
+async def test_idle_cuts_a_silent_body_and_never_as_a_clean_completion(
     start_proxy: StartProxy, slow: SlowUpstream, framing: str
 ) -> None:
-    """Both with Content-Length and chunked, a cut-off body must be visibly incomplete."""
-    proxy = await _proxy(start_proxy, slow.url, per_try="500ms", total="600ms")
+    """Both with Content-Length and chunked, a body cut by `idle` must be visibly incomplete."""
+    proxy = await start_proxy(
+        [loopback_policy(slow.url, timeouts={"per_try": "500ms", "total": "5s", "idle": "300ms"})]
+    )
+    started = time.monotonic()
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client,
         client.get(
-            f"{proxy.url}/drip?bytes=30&framing={framing}", headers={"Host": "upstream.test"}
+            f"{proxy.url}/drip?bytes=5&gap=1&framing={framing}", headers={"Host": "upstream.test"}
         ) as response,
     ):
         assert response.status == 200
         if framing == "length":
-            assert response.headers["Content-Length"] == "30"
+            assert response.headers["Content-Length"] == "5"
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
+    elapsed = time.monotonic() - started
+    assert 0.3 <= elapsed < 0.3 + SLACK, elapsed
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "-5", "1.5", ""])

@@ -38,7 +38,7 @@ async def test_slow_app_upload_is_a_timeout_but_not_an_upstream_failure(
         [
             loopback_policy(
                 f"http://127.0.0.1:{upstream.port}",
-                timeouts={"per_try": "300ms", "total": "5s"},
+                timeouts={"per_try": "300ms", "idle": "500ms", "total": "5s"},
                 circuit_breaker={"failure_threshold": 1, "failure_on": ["timeout", "5xx"]},
             )
         ]

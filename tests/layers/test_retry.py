@@ -186,7 +186,7 @@ async def test_last_failure_is_raised_when_attempts_run_out() -> None:
 
 async def test_attempts_are_counted_per_try() -> None:
     h = Harness(max_attempts=3, on=["5xx"])
-    attempt = AttemptLayer(per_try=5.0, headers=h.settings.headers, base_dir=Path.cwd())
+    attempt = AttemptLayer(headers=h.settings.headers, base_dir=Path.cwd())
     upstream = fake_upstream(503, 503, 200)
     request = h.request("GET")
     response = await compose([h.layer, attempt], upstream)(request)

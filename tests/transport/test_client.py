@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 
 from proxy import errors
 from proxy.config.model import UpstreamTarget
-from proxy.exchange import ProxyRequest, ProxyResponse
+from proxy.exchange import ProxyRequest, ProxyResponse, RequestBody
 from proxy.transport import UpstreamClient
 from proxy.transport.resolver import CheckedResolver
 from tests.e2e.procs import RawUpstream
@@ -254,13 +254,10 @@ async def test_a_refused_connection_is_a_connect_failure(transport: UpstreamClie
         await transport.send(get(port, "/x?token=SECRET"))
 
 
-async def test_a_silent_body_times_out_after_per_try(transport: UpstreamClient) -> None:
+async def test_a_silent_body_times_out_after_idle(transport: UpstreamClient) -> None:
     answer = response_bytes("HTTP/1.1 200 OK\nContent-Length: 10", b"half")
     async with ScriptedUpstream({"/x": Script(answer, pause=5.0)}) as upstream:
-        request = get(upstream.port)
-        request.settings = request.settings.model_copy(update={"timeouts": settings_from(
-            timeouts={"per_try": "200ms"}).timeouts})  # fmt: skip
-        response = await transport.send(request)
+        response = await transport.send(_with_timeouts(get(upstream.port), idle="200ms"))
         with pytest.raises(errors.AttemptTimeout, match="stopped sending the response body"):
             await read_all(response)
 
@@ -345,10 +342,7 @@ async def test_the_per_upstream_cap_makes_requests_wait_within_connect() -> None
         assert body == b"ok"
         assert upstream.connections == 1
         held = await client.send(get(upstream.port))
-        request = get(upstream.port)
-        request.settings = request.settings.model_copy(
-            update={"timeouts": settings_from(timeouts={"connect": "100ms", "per_try": "1s"}).timeouts}
-        )
+        request = _with_timeouts(get(upstream.port), connect="100ms", per_try="1s")
         with pytest.raises(errors.ConnectFailure, match=r"no connection to .* within connect 100ms"):
             await client.send(request)
         held.body.release()
@@ -444,3 +438,64 @@ async def test_a_rejected_certificate_is_a_connect_failure(tmp_path: Path) -> No
     finally:
         server.close()
         await client.close()
+
+
+# --------------------------------------------------------------------------- SPEC 4 timeouts
+
+
+def _with_timeouts(request: ProxyRequest, **timeouts: str) -> ProxyRequest:
+    request.settings = request.settings.model_copy(
+        update={"timeouts": settings_from(timeouts=timeouts).timeouts}
+    )
+    return request
+
+
+async def _slow_parts(parts: int, gap: float) -> AsyncIterator[bytes]:
+    for _ in range(parts):
+        await asyncio.sleep(gap)
+        yield b"p" * 1000
+
+
+async def test_per_try_starts_once_the_upload_is_written(transport: UpstreamClient) -> None:
+    """A 1 s upload under per_try 300ms succeeds: idle, not per_try, bounds the upload."""
+    received: list[int] = []
+
+    async def count(request: web.Request) -> web.Response:
+        received.append(len(await request.read()))
+        return web.Response(text="stored")
+
+    server = TestServer(web.Application(), host="127.0.0.1")
+    server.app.router.add_post("/up", count)
+    await server.start_server()
+    try:
+        request = _with_timeouts(get(server.port or 0, "/up", method="POST"), per_try="300ms", idle="1s")
+        request.body = RequestBody(_slow_parts(5, 0.2), 5000)
+        request.headers["Content-Length"] = "5000"
+        _, body = await exchange(transport, request)
+    finally:
+        await server.close()
+    assert (body, received) == (b"stored", [5000])
+
+
+async def test_an_app_upload_silent_for_idle_is_the_apps_timeout(transport: UpstreamClient) -> None:
+    upstream = await RawUpstream("hang").start()
+    try:
+        request = _with_timeouts(get(upstream.port, "/up", method="POST"), per_try="5s", idle="200ms")
+        request.body = RequestBody(_slow_parts(2, 1.0), 2000)
+        with pytest.raises(errors.Timeout, match="request body stalled") as raised:
+            await transport.send(request)
+        assert raised.value.condition is None, "not the upstream's fault: never retried, breaker-neutral"
+    finally:
+        await upstream.close()
+
+
+async def test_no_head_within_per_try_is_an_attempt_timeout(transport: UpstreamClient) -> None:
+    upstream = await RawUpstream("hang").start()
+    try:
+        request = _with_timeouts(get(upstream.port), per_try="200ms")
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(errors.AttemptTimeout, match="no response head within per_try 200ms"):
+            await transport.send(request)
+        assert asyncio.get_running_loop().time() - started < 1.0
+    finally:
+        await upstream.close()
