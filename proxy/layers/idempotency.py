@@ -47,6 +47,13 @@ class _Pending:
     done: asyncio.Future[StoredResponse | None]
 
 
+def present_key(headers: CIMultiDict[str], header: str) -> str | None:
+    """The app's key, or None when absent or blank: a blank key names no request, so it must
+    neither make a POST retryable nor share a replay slot with every other blank key."""
+    key = headers.get(header)
+    return key if key is not None and key.strip() else None
+
+
 def _storable(status: int) -> bool:
     return 200 <= status < 300 or (400 <= status < 500 and status not in _NOT_STORED_4XX)
 
@@ -137,7 +144,7 @@ class IdempotencyLayer:
     async def __call__(self, request: ProxyRequest, next: Handler) -> ProxyResponse:
         if request.method not in self.methods:
             return await next(request)
-        key = request.headers.get(self.header)
+        key = present_key(request.headers, self.header)
         if key is None:
             key = request.headers[self.header] = str(uuid.uuid4())
             request.idempotency_key = key

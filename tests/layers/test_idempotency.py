@@ -82,6 +82,30 @@ async def test_app_key_is_kept_byte_for_byte(key: str) -> None:
     assert request.idempotency_key_injected is False
 
 
+@pytest.mark.parametrize("blank", ["", "   ", "\t"])
+async def test_blank_app_key_counts_as_absent_and_a_fresh_one_is_injected(blank: str) -> None:
+    h = Harness()
+    upstream = fake_upstream(200)
+    request = make_request("POST", headers={"Idempotency-Key": blank}, body=b"a=1", settings=h.settings)
+    await h.layer(request, upstream)
+    [key] = upstream.attempts[0].headers.getall("Idempotency-Key")
+    assert uuid.UUID(key).version == 4
+    assert request.idempotency_key == key
+    assert request.idempotency_key_injected is True
+
+
+async def test_blank_keys_never_share_a_replay_slot() -> None:
+    h = Harness(**REPLAY)
+    upstream = fake_upstream(201, 201)
+    first = await h.send(upstream, key="")
+    second = await h.send(upstream, key=" ")
+    assert upstream.calls == 2
+    assert REPLAYED_HEADER not in second.headers
+    assert first.status == 201
+    assert h.cache is not None
+    assert len(h.cache) == 0, "an injected key is never stored"
+
+
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "HEAD"])
 async def test_methods_outside_the_list_are_untouched(method: str) -> None:
     h = Harness()
