@@ -55,6 +55,8 @@ REPLAY_TTL_S = 24 * 3600.0
 REPLAY_MAX_ENTRIES = 10_000
 REPLAY_MAX_BODY_BYTES = 1024 * 1024
 REPLAY_MAX_TOTAL_BYTES = 64 * 1024 * 1024
+REPLAY_STATUSES = ("2xx",)
+"""Responses the replay cache stores; a 4xx may be transient (401 token expired, 408, 409, 429)."""
 
 BREAKER_FAILURE_THRESHOLD = 5
 """Consecutive failed attempts that open the breaker."""

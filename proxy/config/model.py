@@ -302,6 +302,23 @@ OutcomeCondition = Annotated[
 """An attempt outcome: ``connect-failure``, ``reset``, ``timeout``, a status, a range or a class."""
 
 
+def _check_status_condition(value: object) -> str:
+    condition = _check_condition(value)
+    if condition in ERROR_CONDITIONS:
+        raise ValueError(
+            f"{condition!r} is not a status: use a status (201), a range (200-204) or a class (2xx)"
+        )
+    return condition
+
+
+StatusCondition = Annotated[
+    str,
+    BeforeValidator(_check_status_condition),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 100, "maximum": 599}]}),
+]
+"""A response status condition only: a status, a range or a class (no error kinds)."""
+
+
 class OutcomeSet:
     """Conditions compiled for the hot path: a status set and the error kinds."""
 
@@ -354,6 +371,8 @@ class Replay(Frozen):
     max_body_bytes: ByteSize = builtin.REPLAY_MAX_BODY_BYTES
     max_total_bytes: ByteSize = Field(default=builtin.REPLAY_MAX_TOTAL_BYTES, ge=1)
     """Memory bound of the whole cache (max_entries x max_body_bytes alone could reach 10 GiB)."""
+    statuses: tuple[StatusCondition, ...] = builtin.REPLAY_STATUSES
+    """Only these are stored: a 401/403/408 replayed for a day would outlive its cause."""
 
     @model_validator(mode="after")
     def _body_fits(self) -> Replay:

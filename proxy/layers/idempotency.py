@@ -19,12 +19,10 @@ from multidict import CIMultiDict
 
 from proxy import errors
 from proxy.clock import Clock
-from proxy.config.model import Idempotency, Replay
+from proxy.config.model import Idempotency, OutcomeSet, Replay
 from proxy.exchange import BytesBody, Handler, ProxyRequest, ProxyResponse, buffered
 
 REPLAYED_HEADER = "x-outrigger-replayed"
-_NOT_STORED_4XX = frozenset({409, 429})
-"""Conflict and rate-limit answers say "try again", so a repeat must reach the provider."""
 
 
 @dataclass(frozen=True)
@@ -54,15 +52,12 @@ def present_key(headers: CIMultiDict[str], header: str) -> str | None:
     return key if key is not None and key.strip() else None
 
 
-def _storable(status: int) -> bool:
-    return 200 <= status < 300 or (400 <= status < 500 and status not in _NOT_STORED_4XX)
-
-
 class ReplayCache:
     """Per-policy store of completed responses by idempotency key (state that survives reload)."""
 
     def __init__(self, settings: Replay, clock: Clock) -> None:
         self.settings = settings
+        self.statuses = OutcomeSet(settings.statuses).statuses
         # One size unit serves both bounds: every entry weighs at least total/max_entries, so there
         # are never more than max_entries, and the bodies never add up past max_total_bytes.
         unit = settings.max_total_bytes / settings.max_entries
@@ -116,7 +111,7 @@ class ReplayCache:
         self, response: ProxyResponse, fingerprint: str
     ) -> tuple[ProxyResponse, StoredResponse | None]:
         """Read the body to keep it when it is storable and small enough; else pass it on unread."""
-        if not _storable(response.status):
+        if response.status not in self.statuses:
             return response, None
         response, data = await buffered(response, self.settings.max_body_bytes)
         if data is None:
