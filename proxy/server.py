@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -120,19 +121,24 @@ class _PassThroughResponse(web.StreamResponse):
             self.headers.popall(name, None)
 
 
+_AUTHORITY_RE = re.compile(
+    r"^(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<name>[^\[\]:/?#@\s]+))(?::(?P<port>\d{0,5}))?$"
+)
+"""RFC 3986 ``host [":" port]`` with nothing else: no user-info, path, query, fragment or sign."""
+
+
 def _split_host(authority: str) -> tuple[str, int | None]:
-    """`host[:port]` (IPv6 in brackets) -> (host, port); raises BadRequest when malformed."""
-    try:
-        url = URL(f"http://{authority}")
-        host = url.raw_host
-        explicit = url.explicit_port
-    except ValueError:
-        host = None
-        explicit = None
-    host = (host or "").lower().rstrip(".")
-    if not host or url.raw_path not in ("", "/") or url.user is not None or not is_valid_host(host):
+    """`host[:port]` (IPv6 in brackets) -> (host, port); raises BadRequest when malformed.
+
+    Strict on purpose: a lenient URL parser reads ``h?x`` as host ``h`` and accepts port 0, which
+    then fails deep in the upstream call as a 500 instead of the app's 400."""
+    match = _AUTHORITY_RE.match(authority)
+    host = (match.group("ip6") or match.group("name") or "").lower().rstrip(".") if match else ""
+    port = int(match.group("port")) if match and match.group("port") else None
+    ip6_ok = not match or not match.group("ip6") or ":" in host
+    if not host or not ip6_ok or not is_valid_host(host) or (port is not None and not 1 <= port <= 65535):
         raise errors.BadRequest(f"invalid host {authority!r}")
-    return host, explicit
+    return host, port
 
 
 class ShuttingDown(Exception):
