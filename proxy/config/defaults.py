@@ -75,6 +75,9 @@ RATE_LIMIT_MAX_WAIT_S = 0.5
 RATE_LIMIT_ADAPTIVE = True
 RATE_LIMIT_MAX_PAUSE_S = 300.0
 
+REDACT_PATHS: tuple[str, ...] = ()
+"""No path is assumed to carry a secret; query values are always redacted."""
+
 SERVICE_NAME = "outrigger"
 TRACE_SAMPLE_RATIO = 1.0
 ACCESS_LOG = True

@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    PrivateAttr,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
@@ -30,6 +31,7 @@ from yarl import URL
 from proxy import secrets
 from proxy.config import defaults as builtin
 from proxy.config.units import ByteSize, Duration, format_duration, parse_duration
+from proxy.redaction import NO_REDACTION, PathRedactor, check_glob, compile_globs
 
 
 class Frozen(BaseModel):
@@ -414,6 +416,10 @@ class RateLimit(Frozen):
         return self.rate / self.per
 
 
+PathGlob = Annotated[str, AfterValidator(check_glob)]
+"""A ``redact_paths`` entry: ``/services/*/*/*``; each ``*`` matches within one path segment."""
+
+
 class PolicySettings(Frozen):
     """The part of a policy that merges: built-in < defaults < host policy < route."""
 
@@ -426,6 +432,18 @@ class PolicySettings(Frozen):
     circuit_breaker: CircuitBreakerSettings | None = None
     concurrency: Concurrency | None = None
     rate_limit: RateLimit | None = None
+    redact_paths: tuple[PathGlob, ...] = builtin.REDACT_PATHS
+    """Path globs whose ``*`` parts are secrets (Slack webhooks, Telegram bot tokens)."""
+    _redactor: PathRedactor = PrivateAttr(default=NO_REDACTION)
+
+    def model_post_init(self, context: Any) -> None:
+        """Compile ``redact_paths`` once, at load: requests only run the compiled patterns."""
+        if self.redact_paths:
+            self._redactor = compile_globs(self.redact_paths)
+
+    def redact_path(self, path_qs: str) -> str:
+        """`path_qs` as logs, spans and error bodies may show it (query values aside)."""
+        return self._redactor.redact(path_qs)
 
     @property
     def idempotency_header(self) -> str:
@@ -521,6 +539,10 @@ class Policy(Frozen):
     def name(self) -> str:
         """Bounded label for metrics and logs: the first host pattern."""
         return self.hosts[0]
+
+    def redact_path(self, path_qs: str) -> str:
+        """The request path with the secrets ``redact_paths`` names replaced (for logs and spans)."""
+        return self.settings.redact_path(path_qs)
 
 
 POLICY_TARGET_KEYS = frozenset(PolicyTarget.model_fields)
