@@ -194,18 +194,25 @@ class ProxyServer:
         for port in self.runtime.router.ports:
             await self._open(port)
 
-    async def apply(self, config: Config) -> None:
+    def build_runtime(self, config: Config) -> Runtime:
+        """The runtime for `config`, carrying state over from the running one. Blocking: it renders
+        ``${file:}`` secrets, so a reload calls it in a thread (the loop keeps serving)."""
+        return Runtime.build(config, self.upstream, self.telemetry.tracer, previous=self.runtime)
+
+    async def apply(self, config: Config, runtime: Runtime | None = None) -> None:
         """Swap in a validated config: open new policy ports, swap atomically, then close stale ports.
 
         Requests already running keep the runtime they started with; state of unchanged policy
         sections carries over. Raises OSError (old config still serving) when a new port can't
-        bind, and ShuttingDown once stop() has begun.
+        bind, and ShuttingDown once stop() has begun. `runtime` is `build_runtime(config)` when the
+        caller built it already.
         """
         async with self._listeners_lock:
             if self.draining:
                 raise ShuttingDown("shutting down: reload refused")
             self.upstream.forget_tls_contexts()  # rotated CA or client certificates are read again
-            runtime = Runtime.build(config, self.upstream, self.telemetry.tracer, previous=self.runtime)
+            if runtime is None:
+                runtime = self.build_runtime(config)
             wanted = {config.main.listen.port, *runtime.router.ports}
             opened: list[int] = []
             try:
