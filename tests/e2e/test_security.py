@@ -389,7 +389,8 @@ async def test_connect_error_points_at_the_real_listener(
         expected_status=405,
         error_type="connect_not_supported",
     )
-    assert "15001" not in error["message"] or f":{proxy.port}" in error["message"]
+    assert f"HTTP_PROXY=http://127.0.0.1:{proxy.port})" in error["message"]
+    assert "15001" not in error["message"]
 
 
 # --------------------------------------------------------------------------- Host header validity
