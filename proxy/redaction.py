@@ -42,9 +42,6 @@ class PathRedactor:
     globs: tuple[str, ...]
     patterns: tuple[re.Pattern[str], ...]
 
-    def __bool__(self) -> bool:
-        return bool(self.globs)
-
     def redact(self, path_qs: str) -> str:
         """`path_qs` with what the first matching glob's ``*`` matched replaced; the query is kept
         as it is (query values are redacted separately)."""
