@@ -87,6 +87,9 @@ async def state(request: web.Request) -> web.Response:
 
 async def reload(request: web.Request) -> web.Response:
     result = await request.app[RELOADER_KEY].reload("admin")
+    if result.unexpected:  # a bug, not a bad config: the SPEC 5 error shape, the old config serving
+        error = {"type": "internal_error", "message": result.error}
+        return web.json_response({**result.as_dict(), "error": error}, status=500)
     return web.json_response(result.as_dict(), status=200 if result.ok else 422)
 
 

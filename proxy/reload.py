@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from proxy.config.loader import Config, ConfigError, current_fingerprint, load_config
-from proxy.server import ProxyServer, ShuttingDown
+from proxy.server import ProxyServer, Runtime, ShuttingDown
 
 log = logging.getLogger("outrigger.reload")
 
@@ -30,6 +30,8 @@ class ReloadResult:
     error: str | None
     at: float
     trigger: str
+    unexpected: bool = False
+    """The reload failed on a bug, not on the config: the admin API answers 500, not 422."""
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -57,27 +59,37 @@ class Reloader:
                 self.last = ReloadResult(False, current.version, "shutting down", time.time(), trigger)
                 return self.last
             try:
-                config = await asyncio.to_thread(load_config, current.path)
-                _check_restart_only(current, config)
-                if config.version != current.version:
-                    await self.server.apply(config)
+                config, runtime = await asyncio.to_thread(self._prepare, current)
+                if runtime is not None:
+                    await self.server.apply(config, runtime)
             except (ConfigError, OSError, ValueError, ShuttingDown) as error:  # ValueError: a secret gone
-                message = str(error)
-                self.last = ReloadResult(False, current.version, message, time.time(), trigger)
-                self.server.telemetry.metrics.reloads.labels("error").inc()
-                log.error(
-                    "config reload (%s) rejected; still serving version %s:\n%s",
-                    trigger,
-                    current.version,
-                    message,
-                )
-                return self.last
+                return self._reject(trigger, current, str(error))
+            except Exception as error:  # a bug: the running config must outlive it
+                log.exception("config reload (%s) failed unexpectedly", trigger)
+                return self._reject(trigger, current, f"unexpected {type(error).__name__}: {error}", True)
             self.last = ReloadResult(True, config.version, None, time.time(), trigger)
             self._applied.set()
             self.server.telemetry.metrics.reloads.labels("success").inc()
             if config.version != current.version:
                 log.info("config reloaded (%s): version %s -> %s", trigger, current.version, config.version)
             return self.last
+
+    def _prepare(self, current: Config) -> tuple[Config, Runtime | None]:
+        """Everything that reads files — config, policies, ``${file:}`` secrets — runs here, in a
+        thread; the runtime is None when nothing changed."""
+        config = load_config(current.path)
+        _check_restart_only(current, config)
+        if config.version == current.version:
+            return config, None
+        return config, self.server.build_runtime(config)
+
+    def _reject(self, trigger: str, current: Config, message: str, unexpected: bool = False) -> ReloadResult:
+        self.last = ReloadResult(False, current.version, message, time.time(), trigger, unexpected)
+        self.server.telemetry.metrics.reloads.labels("error").inc()
+        log.error(
+            "config reload (%s) rejected; still serving version %s:\n%s", trigger, current.version, message
+        )
+        return self.last
 
     async def watch(self) -> None:
         """Poll file contents every `reload_poll_interval` (as currently configured); reload once per
@@ -97,10 +109,7 @@ class Reloader:
                 continue
             if fingerprint not in (seen, self.server.runtime.config.version):
                 seen = fingerprint
-                try:
-                    await self.reload("file change")
-                except Exception:
-                    log.exception("config reload failed unexpectedly; still serving the previous config")
+                await self.reload("file change")  # never raises: a failure is logged and kept
 
 
 def _check_restart_only(current: Config, new: Config) -> None:

@@ -58,6 +58,8 @@ REPLAY_TTL_S = 24 * 3600.0
 REPLAY_MAX_ENTRIES = 10_000
 REPLAY_MAX_BODY_BYTES = 1024 * 1024
 REPLAY_MAX_TOTAL_BYTES = 64 * 1024 * 1024
+REPLAY_STATUSES = ("2xx",)
+"""Responses the replay cache stores; a 4xx may be transient (401 token expired, 408, 409, 429)."""
 
 BREAKER_FAILURE_THRESHOLD = 5
 """Consecutive failed attempts that open the breaker."""
@@ -75,6 +77,9 @@ RATE_LIMIT_BURST = 100
 RATE_LIMIT_MAX_WAIT_S = 0.5
 RATE_LIMIT_ADAPTIVE = True
 RATE_LIMIT_MAX_PAUSE_S = 300.0
+
+REDACT_PATHS: tuple[str, ...] = ()
+"""No path is assumed to carry a secret; query values are always redacted."""
 
 SERVICE_NAME = "outrigger"
 TRACE_SAMPLE_RATIO = 1.0

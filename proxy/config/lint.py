@@ -158,6 +158,18 @@ def _shadowed_wildcards(policy: Policy, policies: Sequence[Policy]) -> Iterator[
                 )
 
 
+def _open_proxy(config: Config) -> Iterator[_Finding]:
+    """Any host plus private addresses for all of them: whoever can make the app send a URL
+    (an SSRF bug, a user-supplied webhook) reaches the cluster's internals and 169.254.169.254."""
+    if config.main.unknown_hosts == "allow" and config.main.defaults.allow_private_addresses:
+        yield _Finding(
+            "defaults.allow_private_addresses",
+            "open proxy: unknown_hosts: allow with allow_private_addresses: true in defaults lets"
+            " requests for any host reach loopback, private and link-local addresses (cloud metadata"
+            " at 169.254.169.254 included); set allow_private_addresses on the policies that need it",
+        )
+
+
 def _defaults_line(config_path: Path) -> int:
     """Line of the ``defaults:`` key in the main config (1 if it cannot be found)."""
     try:
@@ -181,6 +193,7 @@ def lint(config: Config) -> list[str]:
     inherited = _settings_findings(config.main.defaults)
     where = f"{config.path}:{_defaults_line(config.path)}"
     warnings += [_format(where, f"defaults.{f.path}", f.message) for f in inherited]
+    warnings += [_format(where, f.path, f.message) for f in _open_proxy(config)]
     for policy in config.policies:
         own = _settings_findings(policy.settings)
         findings = [f for f in own if f not in inherited]

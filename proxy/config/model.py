@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    PrivateAttr,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
@@ -30,6 +31,7 @@ from yarl import URL
 from proxy import secrets
 from proxy.config import defaults as builtin
 from proxy.config.units import ByteSize, Duration, format_duration, parse_duration
+from proxy.redaction import NO_REDACTION, PathRedactor, check_glob, compile_globs
 
 
 class Frozen(BaseModel):
@@ -304,6 +306,23 @@ OutcomeCondition = Annotated[
 """An attempt outcome: ``connect-failure``, ``reset``, ``timeout``, a status, a range or a class."""
 
 
+def _check_status_condition(value: object) -> str:
+    condition = _check_condition(value)
+    if condition in ERROR_CONDITIONS:
+        raise ValueError(
+            f"{condition!r} is not a status: use a status (201), a range (200-204) or a class (2xx)"
+        )
+    return condition
+
+
+StatusCondition = Annotated[
+    str,
+    BeforeValidator(_check_status_condition),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 100, "maximum": 599}]}),
+]
+"""A response status condition only: a status, a range or a class (no error kinds)."""
+
+
 class OutcomeSet:
     """Conditions compiled for the hot path: a status set and the error kinds."""
 
@@ -356,6 +375,8 @@ class Replay(Frozen):
     max_body_bytes: ByteSize = builtin.REPLAY_MAX_BODY_BYTES
     max_total_bytes: ByteSize = Field(default=builtin.REPLAY_MAX_TOTAL_BYTES, ge=1)
     """Memory bound of the whole cache (max_entries x max_body_bytes alone could reach 10 GiB)."""
+    statuses: tuple[StatusCondition, ...] = builtin.REPLAY_STATUSES
+    """Only these are stored: a 401/403/408 replayed for a day would outlive its cause."""
 
     @model_validator(mode="after")
     def _body_fits(self) -> Replay:
@@ -397,6 +418,10 @@ class RateLimit(Frozen):
         return self.rate / self.per
 
 
+PathGlob = Annotated[str, AfterValidator(check_glob)]
+"""A ``redact_paths`` entry: ``/services/*/*/*``; each ``*`` matches within one path segment."""
+
+
 class PolicySettings(Frozen):
     """The part of a policy that merges: built-in < defaults < host policy < route."""
 
@@ -409,6 +434,18 @@ class PolicySettings(Frozen):
     circuit_breaker: CircuitBreakerSettings | None = None
     concurrency: Concurrency | None = None
     rate_limit: RateLimit | None = None
+    redact_paths: tuple[PathGlob, ...] = builtin.REDACT_PATHS
+    """Path globs whose ``*`` parts are secrets (Slack webhooks, Telegram bot tokens)."""
+    _redactor: PathRedactor = PrivateAttr(default=NO_REDACTION)
+
+    def model_post_init(self, context: Any) -> None:
+        """Compile ``redact_paths`` once, at load: requests only run the compiled patterns."""
+        if self.redact_paths:
+            self._redactor = compile_globs(self.redact_paths)
+
+    def redact_path(self, path_qs: str) -> str:
+        """`path_qs` as logs, spans and error bodies may show it (query values aside)."""
+        return self._redactor.redact(path_qs)
 
     @property
     def idempotency_header(self) -> str:
@@ -504,6 +541,10 @@ class Policy(Frozen):
     def name(self) -> str:
         """Bounded label for metrics and logs: the first host pattern."""
         return self.hosts[0]
+
+    def redact_path(self, path_qs: str) -> str:
+        """The request path with the secrets ``redact_paths`` names replaced (for logs and spans)."""
+        return self.settings.redact_path(path_qs)
 
 
 POLICY_TARGET_KEYS = frozenset(PolicyTarget.model_fields)

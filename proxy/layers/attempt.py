@@ -67,7 +67,7 @@ def _attributes(request: ProxyRequest) -> dict[str, Any]:
     target = request.target
     attributes: dict[str, Any] = {
         "http.request.method": request.method,
-        "url.full": f"{target.scheme}://{target.authority}{redact_query(request.path_qs)}",
+        "url.full": f"{target.scheme}://{target.authority}{redact_query(request.policy.redact_path(request.path_qs))}",
         "server.address": target.host,
         "server.port": target.port,
     }

@@ -19,12 +19,10 @@ from multidict import CIMultiDict
 
 from proxy import errors
 from proxy.clock import Clock
-from proxy.config.model import Idempotency, Replay
+from proxy.config.model import Idempotency, OutcomeSet, Replay
 from proxy.exchange import BytesBody, Handler, ProxyRequest, ProxyResponse, buffered
 
 REPLAYED_HEADER = "x-outrigger-replayed"
-_NOT_STORED_4XX = frozenset({409, 429})
-"""Conflict and rate-limit answers say "try again", so a repeat must reach the provider."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +45,11 @@ class _Pending:
     done: asyncio.Future[StoredResponse | None]
 
 
-def _storable(status: int) -> bool:
-    return 200 <= status < 300 or (400 <= status < 500 and status not in _NOT_STORED_4XX)
+def present_key(headers: CIMultiDict[str], header: str) -> str | None:
+    """The app's key, or None when absent or blank: a blank key names no request, so it must
+    neither make a POST retryable nor share a replay slot with every other blank key."""
+    key = headers.get(header)
+    return key if key is not None and key.strip() else None
 
 
 class ReplayCache:
@@ -56,6 +57,7 @@ class ReplayCache:
 
     def __init__(self, settings: Replay, clock: Clock) -> None:
         self.settings = settings
+        self.statuses = OutcomeSet(settings.statuses).statuses
         # One size unit serves both bounds: every entry weighs at least total/max_entries, so there
         # are never more than max_entries, and the bodies never add up past max_total_bytes.
         unit = settings.max_total_bytes / settings.max_entries
@@ -109,7 +111,7 @@ class ReplayCache:
         self, response: ProxyResponse, fingerprint: str
     ) -> tuple[ProxyResponse, StoredResponse | None]:
         """Read the body to keep it when it is storable and small enough; else pass it on unread."""
-        if not _storable(response.status):
+        if response.status not in self.statuses:
             return response, None
         response, data = await buffered(response, self.settings.max_body_bytes)
         if data is None:
@@ -137,7 +139,7 @@ class IdempotencyLayer:
     async def __call__(self, request: ProxyRequest, next: Handler) -> ProxyResponse:
         if request.method not in self.methods:
             return await next(request)
-        key = request.headers.get(self.header)
+        key = present_key(request.headers, self.header)
         if key is None:
             key = request.headers[self.header] = str(uuid.uuid4())
             request.idempotency_key = key

@@ -20,6 +20,7 @@ from proxy.config.model import OutcomeSet, Retries
 from proxy.exchange import BytesBody, Handler, ProxyRequest, ProxyResponse, RetryRecord, buffered
 from proxy.layers.backoff import DEFAULT_UNIFORM, full_jitter
 from proxy.layers.budget import RetryBudget
+from proxy.layers.idempotency import present_key
 from proxy.provider_headers import retry_after_seconds
 
 log = logging.getLogger("outrigger.retry")
@@ -54,7 +55,8 @@ class RetryLayer:
     def _method_safe(self, request: ProxyRequest) -> bool:
         if request.method in self.methods:
             return True
-        return request.method in KEYED_METHODS and self.idempotency_header in request.headers
+        keyed = present_key(request.headers, self.idempotency_header) is not None
+        return request.method in KEYED_METHODS and keyed
 
     def _reason(self, response: ProxyResponse | None, failure: RetryableFailure | None) -> str | None:
         """The retry condition this outcome meets, or None."""

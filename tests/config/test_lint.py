@@ -168,6 +168,47 @@ def test_warnings_from_defaults_are_reported_once_on_defaults(tmp_path: Path) ->
     assert "tried up to 2 times" in warnings[1]
 
 
+# --- open proxy ---------------------------------------------------------------------------------
+
+OPEN_PROXY = (
+    "defaults.allow_private_addresses: warning: open proxy: unknown_hosts: allow with"
+    " allow_private_addresses: true in defaults lets requests for any host reach loopback, private"
+    " and link-local addresses (cloud metadata at 169.254.169.254 included); set"
+    " allow_private_addresses on the policies that need it"
+)
+
+
+def test_unknown_hosts_allowed_with_private_addresses_in_defaults_is_an_open_proxy(tmp_path: Path) -> None:
+    config = load(
+        tmp_path, [{"hosts": ["a.test"]}], unknown_hosts="allow", defaults={"allow_private_addresses": True}
+    )
+    assert lint(config) == [f"{defaults_where(config)}: {OPEN_PROXY}"]
+
+
+@pytest.mark.parametrize(
+    ("unknown_hosts", "defaults", "policy"),
+    [
+        ("deny", {"allow_private_addresses": True}, {}),
+        ("allow", {}, {"allow_private_addresses": True}),
+    ],
+    ids=["private-addresses-but-deny", "private-addresses-on-one-policy-only"],
+)
+def test_no_open_proxy_warning_when_either_half_is_missing(
+    tmp_path: Path, unknown_hosts: str, defaults: dict[str, Any], policy: dict[str, Any]
+) -> None:
+    config = load(tmp_path, [{"hosts": ["a.test"], **policy}], unknown_hosts=unknown_hosts, defaults=defaults)
+    assert lint(config) == []
+
+
+def test_check_strict_fails_on_an_open_proxy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(
+        tmp_path, [{"hosts": ["a.test"]}], unknown_hosts="allow", defaults={"allow_private_addresses": True}
+    )
+    assert main(["check", "-c", str(path)]) == 0
+    assert main(["check", "--strict", "-c", str(path)]) == 1
+    assert OPEN_PROXY in capsys.readouterr().out
+
+
 # --- 4. shadowed wildcards ---------------------------------------------------------------------
 
 

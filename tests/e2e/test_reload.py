@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from proxy import secrets
 from proxy.admin import build_admin_app
 from proxy.config.loader import load_config
 from proxy.reload import Reloader
@@ -982,3 +984,64 @@ async def test_unreadable_rotated_secret_keeps_the_old_one(
     assert "token.txt" in body["error"]
     assert (await live.get())[0] == 200
     assert upstream.values("Authorization") == ["Bearer first-token"]
+
+
+# --------------------------------------------------------------------------- unexpected failures
+
+
+def _boom(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("stage", ["proxy.reload.load_config", "proxy.pipeline.build_layers"])
+async def test_an_unexpected_error_during_reload_is_a_json_500_and_the_old_config_keeps_serving(
+    serve: Serve, upstream: Upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    live = await serve(make_config(tmp_path, [header_policy(upstream, "v1")]))
+    before = live.version
+    write_policies(tmp_path, [header_policy(upstream, "v2")])
+    monkeypatch.setattr(stage, _boom)
+
+    status, body = await live.reload()
+
+    assert status == 500, body
+    assert body["error"] == {"type": "internal_error", "message": "unexpected RuntimeError: boom"}
+    assert (body["ok"], body["version"], body["trigger"]) == (False, before, "admin")
+    assert live.version == before
+    assert (await live.get())[0] == 200
+    assert upstream.values("X-Config") == ["v1"]
+    assert (await live.admin_json("/config"))["last_reload_error"] == "unexpected RuntimeError: boom"
+    assert await live.reloads("error") == 1
+
+    monkeypatch.undo()
+    assert (await live.reload())[0] == 200
+    assert (await live.get())[0] == 200
+    assert upstream.values("X-Config") == ["v1", "v2"]
+
+
+async def test_a_reload_renders_secrets_off_the_event_loop(
+    serve: Serve, upstream: Upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading `${file:}` secrets (and policy files) blocks: the loop must keep serving meanwhile."""
+    secret = tmp_path / "token"
+    secret.write_text("t1\n")
+    policy = loopback_policy(upstream.url, headers={"set": {"Authorization": f"Bearer ${{file:{secret}}}"}})
+    live = await serve(make_config(tmp_path, [policy]))
+    secret.write_text("t2\n")
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    render = secrets.render
+
+    def recording(template: str, base_dir: Path) -> str:
+        threads.append(threading.get_ident())
+        return render(template, base_dir)
+
+    monkeypatch.setattr(secrets, "render", recording)
+
+    status, body = await live.reload()
+
+    assert status == 200, body
+    assert threads, "the secret was not rendered again"
+    assert loop_thread not in threads
+    assert (await live.get())[0] == 200
+    assert upstream.values("Authorization") == ["Bearer t2"]

@@ -19,8 +19,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from tests.conftest import RunningProxy, StartProxy, free_port, loopback_policy
-from tests.e2e.procs import RawUpstream, assert_error, assert_error_response, raw_exchange
+from tests.conftest import Launch, RunningProxy, StartProxy, free_port, loopback_policy, write_config
+from tests.e2e.procs import RawUpstream, assert_error, assert_error_response, config_ports, raw_exchange
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 
@@ -389,7 +389,8 @@ async def test_connect_error_points_at_the_real_listener(
         expected_status=405,
         error_type="connect_not_supported",
     )
-    assert "15001" not in error["message"] or f":{proxy.port}" in error["message"]
+    assert f"HTTP_PROXY=http://127.0.0.1:{proxy.port})" in error["message"]
+    assert "15001" not in error["message"]
 
 
 # --------------------------------------------------------------------------- Host header validity
@@ -418,3 +419,31 @@ async def test_duplicate_host_headers_are_a_bad_request(
         response.status, response.headers, response.body, expected_status=400, error_type="bad_request"
     )
     assert raw_upstream.connections == 0
+
+
+# --------------------------------------------------------------------------- malformed authorities
+
+BAD_PORTS = ["api.x:0", "upstream.test:0", "[::1]:0", "upstream.test:+80", "upstream.test:99999", "api.x:8o"]
+BAD_HOST_HEADERS = ["h?x", "upstream.test?x=1", "h#x", "upstream.test/x", *BAD_PORTS]
+"""In an absolute-form target ``?`` and ``#`` end the authority, so only the port cases apply."""
+
+
+async def test_a_malformed_authority_is_a_bad_request_from_a_real_outrigger(
+    raw_upstream: RawUpstream, launch: Launch, tmp_path: Path
+) -> None:
+    """Port 0, a query or fragment in Host, a signed port: 400 bad_request, never a 500."""
+    config = write_config(
+        tmp_path, [loopback_policy(f"http://{raw_upstream.authority}")], unknown_hosts="allow"
+    )
+    main_port, _ = config_ports(config)
+    process = launch(config)
+    await process.wait_ready()
+    targets = [("/v1/x", host) for host in BAD_HOST_HEADERS]
+    targets += [(f"http://{authority}/v1/x", "upstream.test") for authority in BAD_PORTS]
+    for target, host in targets:
+        request = f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        reply = await raw_exchange(main_port, request.encode())
+        assert reply.status == 400, (target, host, reply.body)
+        assert_error(reply.status, reply.headers, reply.body, expected_status=400, error_type="bad_request")
+    assert raw_upstream.connections == 0
+    assert "Traceback" not in process.output

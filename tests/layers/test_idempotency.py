@@ -82,6 +82,30 @@ async def test_app_key_is_kept_byte_for_byte(key: str) -> None:
     assert request.idempotency_key_injected is False
 
 
+@pytest.mark.parametrize("blank", ["", "   ", "\t"])
+async def test_blank_app_key_counts_as_absent_and_a_fresh_one_is_injected(blank: str) -> None:
+    h = Harness()
+    upstream = fake_upstream(200)
+    request = make_request("POST", headers={"Idempotency-Key": blank}, body=b"a=1", settings=h.settings)
+    await h.layer(request, upstream)
+    [key] = upstream.attempts[0].headers.getall("Idempotency-Key")
+    assert uuid.UUID(key).version == 4
+    assert request.idempotency_key == key
+    assert request.idempotency_key_injected is True
+
+
+async def test_blank_keys_never_share_a_replay_slot() -> None:
+    h = Harness(**REPLAY)
+    upstream = fake_upstream(201, 201)
+    first = await h.send(upstream, key="")
+    second = await h.send(upstream, key=" ")
+    assert upstream.calls == 2
+    assert REPLAYED_HEADER not in second.headers
+    assert first.status == 201
+    assert h.cache is not None
+    assert len(h.cache) == 0, "an injected key is never stored"
+
+
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "HEAD"])
 async def test_methods_outside_the_list_are_untouched(method: str) -> None:
     h = Harness()
@@ -235,14 +259,36 @@ async def test_retryable_answers_are_not_stored(status: int) -> None:
     assert upstream.calls == 2
 
 
-@pytest.mark.parametrize("status", [200, 201, 202, 204, 400, 402, 404, 422])
-async def test_success_and_final_client_errors_are_stored(status: int) -> None:
+@pytest.mark.parametrize("status", [200, 201, 202, 204])
+async def test_success_is_stored_by_default(status: int) -> None:
     h = Harness(**REPLAY)
     upstream = fake_upstream(status, 500)
     await h.send(upstream)
     second = await h.send(upstream)
     assert (second.status, second.headers.get(REPLAYED_HEADER)) == (status, "true")
     assert upstream.calls == 1
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 408, 422])
+async def test_client_errors_are_not_stored_by_default(status: int) -> None:
+    """A 401 (expired token) or 403 replayed for the whole ttl would outlive its cause."""
+    h = Harness(**REPLAY)
+    upstream = fake_upstream(status, 200)
+    assert (await h.send(upstream)).status == status
+    second = await h.send(upstream)
+    assert (second.status, REPLAYED_HEADER in second.headers) == (200, False)
+    assert upstream.calls == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "stored"), [(201, True), (404, True), (402, True), (403, False), (500, False)]
+)
+async def test_replay_statuses_choose_what_is_stored(status: int, stored: bool) -> None:
+    h = Harness(replay={**REPLAY["replay"], "statuses": ["2xx", 404, "400-402"]})
+    upstream = fake_upstream(status, 299)
+    await h.send(upstream)
+    second = await h.send(upstream)
+    assert (second.status, REPLAYED_HEADER in second.headers) == ((status, True) if stored else (299, False))
 
 
 @pytest.mark.parametrize("declared", [True, False])

@@ -239,6 +239,13 @@ async def test_post_and_patch_with_idempotency_key_are_retried(method: str) -> N
     assert [a.headers["Idempotency-Key"] for a in upstream.attempts] == ["k-1"] * 3
 
 
+@pytest.mark.parametrize("blank", ["", "  "])
+async def test_a_blank_idempotency_key_does_not_make_a_post_retryable(blank: str) -> None:
+    h = Harness(on=["503"])
+    response, upstream = await h.run(503, 200, method="POST", headers={"Idempotency-Key": blank}, body=b"x")
+    assert (response.status, upstream.calls) == (503, 1)
+
+
 async def test_idempotency_key_header_name_comes_from_the_idempotency_settings() -> None:
     h = Harness(on=["503"], idempotency={"header": "X-Request-Key"})
     response, upstream = await h.run(503, 200, method="POST", headers={"x-request-key": "abc"}, body=b"x")

@@ -2,8 +2,9 @@
 Named templates for the Outrigger sidecar.
 
 Public:
-  outrigger.sidecar   the container spec (one list item) for `containers:`
-                      (or `initContainers:` with nativeSidecar: true)
+  outrigger.sidecar   the container spec (one list item) for `initContainers:`
+                      (native sidecar, the default), or for `containers:` with
+                      nativeSidecar: false
   outrigger.volumes   the volumes it needs (list items) for `volumes:`
 
 Both take the root context `.`. They work when this chart is installed on
@@ -77,14 +78,30 @@ exec:
   imagePullPolicy: {{ $v.image.pullPolicy }}
   args: ["run", "-c", "/etc/outrigger/config.yaml"]
   {{- if $v.nativeSidecar }}
-  # Native sidecar (Kubernetes >= 1.29): list this under initContainers.
+  # Native sidecar (Kubernetes >= 1.29): list this under initContainers. It stops only
+  # after the app has exited, so no preStop hook is needed; on SIGTERM it drains itself.
   restartPolicy: Always
   {{- end }}
   {{- with $v.env }}
   env:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  # No preStop hook: on SIGTERM Outrigger drains in-flight requests itself.
+  {{- if not $v.nativeSidecar }}
+  # Classic sidecar: SIGTERM reaches the app and Outrigger together. Sleeping first keeps
+  # the listeners open while the app makes its last calls; then Outrigger drains.
+  lifecycle:
+    preStop:
+      exec:
+        command:
+          - python
+          - -c
+          - {{ printf "import time; time.sleep(%v)" (($v.classicSidecar | default dict).preStopSleepSeconds | default 10) | quote }}
+  {{- end }}
+  {{- if $v.nativeSidecar }}
+  # The app's containers start once this passes: Outrigger is ready before the app's first call.
+  startupProbe:
+    {{- include "outrigger.probe" (dict "ctx" . "path" "/readyz" "settings" $v.probes.startup) | nindent 4 }}
+  {{- end }}
   readinessProbe:
     {{- include "outrigger.probe" (dict "ctx" . "path" "/readyz" "settings" $v.probes.readiness) | nindent 4 }}
   livenessProbe:

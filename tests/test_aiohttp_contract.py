@@ -1,0 +1,125 @@
+"""aiohttp internals Outrigger relies on (outside proxy/upstream.py, which is being replaced).
+
+proxy/server.py subclasses aiohttp's `RequestHandler`, `web.Server` and `web.StreamResponse` and
+reaches into their private parts. aiohttp may change those in any release, so pyproject.toml
+pins a minor version and these tests fail loudly, naming the attribute, before a bump ships.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
+from aiohttp.test_utils import make_mocked_request
+from aiohttp.web_protocol import RequestHandler
+from packaging.requirements import Requirement
+
+from proxy.server import _PassThroughResponse, _ProxyRequestHandler, _ProxyServer
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+SERVER_KWARGS = {
+    "max_line_size": 4096,
+    "max_field_size": 4096,
+    "max_headers": 10,
+    "auto_decompress": False,
+    "access_log": None,
+}
+"""What ProxyServer.start passes through web.Server to every RequestHandler."""
+
+
+def _aiohttp_requirement() -> Requirement:
+    dependencies = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    return next(Requirement(d) for d in dependencies if Requirement(d).name == "aiohttp")
+
+
+def _parameters(function: object) -> list[str]:
+    assert callable(function)
+    return list(inspect.signature(function).parameters)
+
+
+def test_aiohttp_has_an_upper_bound_and_the_installed_version_is_within_it() -> None:
+    requirement = _aiohttp_requirement()
+    assert any(spec.operator == "<" for spec in requirement.specifier), (
+        "aiohttp needs an upper bound: Outrigger uses its private attributes (see this module)"
+    )
+    assert requirement.specifier.contains(version("aiohttp")), (requirement, version("aiohttp"))
+
+
+async def test_web_server_keeps_loop_and_handler_kwargs_as_private_attributes() -> None:
+    """_ProxyServer.__call__ builds its handler from `self._loop` and `self._kwargs`."""
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response()
+
+    server = web.Server(handler, handler_cancellation=True, **SERVER_KWARGS)  # type: ignore[arg-type]
+    assert server._loop is asyncio.get_running_loop()
+    assert server._kwargs == SERVER_KWARGS
+    assert server.handler_cancellation is True
+
+
+def test_web_server_call_builds_a_request_handler_from_manager_loop_and_kwargs() -> None:
+    source = inspect.getsource(web.Server.__call__)
+    assert "RequestHandler(self, loop=self._loop, **self._kwargs)" in source
+
+
+def test_request_handler_init_takes_manager_loop_and_the_server_kwargs() -> None:
+    parameters = inspect.signature(RequestHandler.__init__).parameters
+    assert list(parameters)[:2] == ["self", "manager"]
+    assert parameters["loop"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert set(SERVER_KWARGS) <= set(parameters), set(SERVER_KWARGS) - set(parameters)
+
+
+async def test_proxy_server_builds_our_handler_which_knows_its_manager() -> None:
+    """_ProxyRequestHandler.handle_error reads `self._manager` to record the refusal."""
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response()
+
+    server = _ProxyServer(handler, lambda request, error: "id", **SERVER_KWARGS)
+    built = server()
+    assert isinstance(built, _ProxyRequestHandler)
+    assert built._manager is server
+    assert "_manager" in RequestHandler.__slots__
+
+
+def test_request_handler_handle_error_signature() -> None:
+    """_ProxyRequestHandler overrides it and calls super() with these positional arguments."""
+    signature = inspect.signature(RequestHandler.handle_error)
+    assert list(signature.parameters) == ["self", "request", "status", "exc", "message"]
+    defaults = [p.default for p in list(signature.parameters.values())[2:]]
+    assert defaults == [500, None, None]
+    assert _parameters(_ProxyRequestHandler.handle_error) == _parameters(RequestHandler.handle_error)
+
+
+@pytest.mark.parametrize("parser", [HttpRequestParser, HttpRequestParserPy], ids=["c", "python"])
+async def test_too_many_headers_is_a_bad_http_message_saying_so(parser: type[HttpRequestParserPy]) -> None:
+    """handle_error tells 431 from 400 by this message (aiohttp has no exception class for it)."""
+    request = parser(mock.Mock(), asyncio.get_running_loop(), 2**16, max_headers=2)
+    with pytest.raises(BadHttpMessage, match=r"(?i)too many headers"):
+        request.feed_data(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n")
+
+
+def test_stream_response_prepare_headers_is_a_private_coroutine_method() -> None:
+    assert inspect.iscoroutinefunction(web.StreamResponse._prepare_headers)
+    assert _parameters(web.StreamResponse._prepare_headers) == ["self"]
+
+
+async def test_prepare_headers_is_where_content_type_and_server_are_invented() -> None:
+    """_PassThroughResponse strips exactly what `_prepare_headers` adds; both halves are checked."""
+    plain = web.StreamResponse()
+    await plain.prepare(make_mocked_request("GET", "/"))
+    assert {hdrs.CONTENT_TYPE, hdrs.SERVER} <= set(plain.headers)
+    passed = _PassThroughResponse()
+    await passed.prepare(make_mocked_request("GET", "/"))
+    assert hdrs.CONTENT_TYPE not in passed.headers
+    assert hdrs.SERVER not in passed.headers
+    assert hdrs.DATE in passed.headers
