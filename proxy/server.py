@@ -18,11 +18,10 @@ from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from opentelemetry import trace
-from yarl import URL
 
 from proxy import errors
 from proxy.config.loader import Config
-from proxy.config.model import Policy, UpstreamTarget, is_valid_host
+from proxy.config.model import Policy, UpstreamTarget
 from proxy.exchange import (
     CHUNK_SIZE,
     CONTROL_PREFIX,
@@ -33,6 +32,7 @@ from proxy.exchange import (
 )
 from proxy.pipeline import Pipelines, PolicyState
 from proxy.routing import Router, dedicated_upstream, upstream_for
+from proxy.target import RequestTarget, parse_target
 from proxy.telemetry import REQUEST_ID_HEADER, RequestObservation, Telemetry
 from proxy.upstream import UpstreamClient
 
@@ -118,21 +118,6 @@ class _PassThroughResponse(web.StreamResponse):
         await super()._prepare_headers()
         for name in invented:
             self.headers.popall(name, None)
-
-
-def _split_host(authority: str) -> tuple[str, int | None]:
-    """`host[:port]` (IPv6 in brackets) -> (host, port); raises BadRequest when malformed."""
-    try:
-        url = URL(f"http://{authority}")
-        host = url.raw_host
-        explicit = url.explicit_port
-    except ValueError:
-        host = None
-        explicit = None
-    host = (host or "").lower().rstrip(".")
-    if not host or url.raw_path not in ("", "/") or url.user is not None or not is_valid_host(host):
-        raise errors.BadRequest(f"invalid host {authority!r}")
-    return host, explicit
 
 
 class ShuttingDown(Exception):
@@ -256,7 +241,7 @@ class ProxyServer:
             await self._runner.cleanup()
         if self._upstream is not None:
             await self._upstream.close()
-        await asyncio.to_thread(self.telemetry.tracing.shutdown)
+        await asyncio.to_thread(self.telemetry.close)
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         task: asyncio.Task[object] | None = asyncio.current_task()
@@ -271,7 +256,8 @@ class ProxyServer:
 
     def _refused(self, request: web.BaseRequest, error: errors.OutriggerError) -> str:
         runtime = self.runtime
-        observation = self.telemetry.start(request.method, request.headers, request.host, request.raw_path)
+        target = parse_target(request.raw_path, request.host)
+        observation = self.telemetry.start(request.method, request.headers, target)
         self.telemetry.finish(
             observation,
             status=error.status,
@@ -285,13 +271,14 @@ class ProxyServer:
 
     async def _proxy(self, request: web.BaseRequest) -> web.StreamResponse:
         runtime = self.runtime
-        observation = self.telemetry.start(request.method, request.headers, request.host, request.raw_path)
+        target = parse_target(request.raw_path, request.host)
+        observation = self.telemetry.start(request.method, request.headers, target)
         proxy_request: ProxyRequest | None = None
         status: int = 499  # until the request gets further (client gone, or cancelled by drain)
         error_type: str | None = "cancelled"
         try:
             try:
-                proxy_request = self._build_request(request, runtime, observation)
+                proxy_request = self._build_request(request, runtime, target, observation)
                 match = runtime.router.resolve_route(
                     proxy_request.policy, request.method, proxy_request.path_qs.partition("?")[0]
                 )
@@ -330,7 +317,11 @@ class ProxyServer:
             raise errors.HeadersTooLarge(f"request line and headers are {size} bytes; the limit is {limit}")
 
     def _build_request(
-        self, request: web.BaseRequest, runtime: Runtime, observation: RequestObservation
+        self,
+        request: web.BaseRequest,
+        runtime: Runtime,
+        target: RequestTarget,
+        observation: RequestObservation,
     ) -> ProxyRequest:
         self._check_header_size(request, runtime)
         if request.version not in (HttpVersion10, HttpVersion11):
@@ -344,7 +335,7 @@ class ProxyServer:
                 f" (HTTP_PROXY=http://{listen.host}:{listen.port}) and it will originate TLS itself",
                 host=request.raw_path.rpartition(":")[0].strip("[]").lower(),
             )
-        policy, host, target, path_qs = self._target(request, runtime)
+        policy, host, upstream, path_qs = self._route(request, runtime, target)
         headers = end_to_end_headers(request.headers, frozenset({"host", "expect"}))
         timeout_override = None
         for name in [k for k in headers if k.lower().startswith(CONTROL_PREFIX)]:
@@ -356,7 +347,7 @@ class ProxyServer:
         return ProxyRequest(
             method=request.method,
             host=host,
-            target=target,
+            target=upstream,
             path_qs=path_qs,
             headers=headers,
             body=RequestBody(source, request.content_length),
@@ -365,26 +356,27 @@ class ProxyServer:
             timeout_override=timeout_override,
             request_id=observation.request_id,
             trace_context=observation.context,
+            traced=observation.context is not None,
+            traceparent=observation.traceparent,
         )
 
-    def _target(self, request: web.BaseRequest, runtime: Runtime) -> tuple[Policy, str, UpstreamTarget, str]:
+    def _route(
+        self, request: web.BaseRequest, runtime: Runtime, target: RequestTarget
+    ) -> tuple[Policy, str, UpstreamTarget, str]:
         """Which policy, which upstream and which path: by local port, absolute URL or Host header."""
-        raw_target = request.raw_path
         sockname: Any = request.transport.get_extra_info("sockname") if request.transport else None
         local_port = sockname[1] if sockname else None
         dedicated = runtime.router.policy_for_port(local_port) if local_port is not None else None
-        if raw_target.lower().startswith(("http://", "https://")):
-            url = URL(raw_target, encoded=True)
-            host, port = _split_host(url.raw_authority)
-            path_qs = url.raw_path_qs or "/"
-        elif raw_target.startswith("/"):
-            path_qs = raw_target
+        if target.problem is not None:
+            raise errors.BadRequest(target.problem)
+        path_qs = target.path_qs
+        if target.absolute:
+            host, port = target.host, target.port
+        else:
             host_header = request.headers.get("Host")
             if dedicated is None and not host_header:
                 raise errors.BadRequest("no Host header: Outrigger cannot tell which upstream to call")
-            host, port = _split_host(host_header) if host_header else ("", None)
-        else:
-            raise errors.BadRequest(f"unsupported request target {raw_target[:100]!r}")
+            host, port = (target.host, target.port) if host_header else ("", None)
         if dedicated is not None:
             return dedicated, dedicated.name, dedicated_upstream(dedicated), path_qs
         policy = runtime.router.policy_for_host(host)

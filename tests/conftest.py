@@ -76,7 +76,13 @@ StartProxy = Callable[..., Awaitable[RunningProxy]]
 
 
 @pytest.fixture
-async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
+def started_servers() -> list[ProxyServer]:
+    """Every `ProxyServer` that `start_proxy` started in this test, in order (e.g. to flush logs)."""
+    return []
+
+
+@pytest.fixture
+async def start_proxy(tmp_path: Path, started_servers: list[ProxyServer]) -> AsyncIterator[StartProxy]:
     """Start Outrigger (proxy + admin listeners) from policy dicts and main-config overrides."""
     started: list[tuple[ProxyServer, web.AppRunner]] = []
 
@@ -88,6 +94,7 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
         await web.TCPSite(admin, "127.0.0.1", config.main.admin.port).start()
         await server.start()
         started.append((server, admin))
+        started_servers.append(server)
         return RunningProxy(server, config)
 
     yield start
