@@ -28,6 +28,7 @@ from proxy.layers.attempt import AttemptLayer
 from proxy.target import RequestTarget, parse_target
 from proxy.telemetry import RequestObservation, Telemetry
 from proxy.telemetry.access_log import AccessLogWriter
+from proxy.telemetry.tracing import inject_context, server_attributes
 from tests.fakes import fake_upstream, make_request
 
 APP_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -63,10 +64,10 @@ class _Spy:
 @pytest.fixture
 def attribute_spies(monkeypatch: pytest.MonkeyPatch) -> dict[str, _Spy]:
     spies = {
-        "server": _Spy(telemetry_module.server_attributes),
+        "server": _Spy(server_attributes),
         "finish": _Spy(telemetry_module._attributes),
         "client": _Spy(attempt_module._attributes),
-        "inject": _Spy(attempt_module.inject_context),
+        "inject": _Spy(inject_context),
     }
     monkeypatch.setattr(telemetry_module, "server_attributes", spies["server"])
     monkeypatch.setattr(telemetry_module, "_attributes", spies["finish"])
