@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
-import io
 import json
 import logging
 import os
@@ -24,16 +22,12 @@ import subprocess
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy import server as server_module
-from proxy.server import ProxyServer
-from proxy.telemetry import Telemetry
-from tests.conftest import StartProxy, free_port, loopback_policy, write_config
+from tests.conftest import AccessLog, StartProxy, free_port, loopback_policy, write_config
 from tests.e2e.otlp_receiver import OtlpReceiver
 from tests.e2e.procs import OutriggerProcess, config_ports, outrigger_command, raw_exchange, wait_until
 from tests.e2e.upstreams import Seen, start_recording
@@ -54,43 +48,6 @@ SPEC_FIELDS = {
     "policy",
     "error_type",
 }
-
-
-@pytest.fixture
-def access_log(monkeypatch: pytest.MonkeyPatch, started_servers: list[ProxyServer]) -> AccessLog:
-    """The access log lines the in-process servers write during the test, parsed: their writers
-    get an in-memory stream instead of stdout (pytest owns ``sys.stdout`` while a test runs)."""
-    log = AccessLog(started_servers)
-    monkeypatch.setattr(server_module, "Telemetry", functools.partial(Telemetry, access_stream=log.captured))
-    return log
-
-
-class AccessLog:
-    def __init__(self, servers: list[ProxyServer]) -> None:
-        self.servers = servers
-        self.captured = io.BytesIO()
-
-    @property
-    def raw(self) -> list[str]:
-        """Every line so far (each server's writer flushed first: it writes from a thread)."""
-        for server in self.servers:
-            server.telemetry.access_log.flush()
-        return self.captured.getvalue().decode().splitlines()
-
-    @property
-    def entries(self) -> list[dict[str, Any]]:
-        parsed = []
-        for line in self.raw:
-            assert "\n" not in line, "an access log entry must be one line"
-            entry = json.loads(line)
-            assert isinstance(entry, dict)
-            parsed.append(entry)
-        return parsed
-
-    def for_request(self, request_id: str) -> dict[str, Any]:
-        found = [e for e in self.entries if e["request_id"] == request_id]
-        assert len(found) == 1, f"expected one line for {request_id}, got {found}"
-        return found[0]
 
 
 # --------------------------------------------------------------------------- the access log
