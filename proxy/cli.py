@@ -7,11 +7,9 @@ import asyncio
 import contextlib
 import json
 import logging
-import queue
 import signal
 import sys
 from collections.abc import Sequence
-from logging.handlers import QueueHandler, QueueListener
 
 from aiohttp import web
 
@@ -24,7 +22,6 @@ from proxy.config.units import format_duration
 from proxy.explain import explain
 from proxy.reload import Reloader
 from proxy.server import ProxyServer
-from proxy.telemetry import access_log
 
 log = logging.getLogger("outrigger")
 
@@ -79,29 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         return 0
-    listener = _setup_logging(args.log_level.upper())
-    try:
-        event_loop.run(serve(config), args.loop)
-    finally:
-        listener.stop()
-    return 0
-
-
-def _setup_logging(level: str) -> QueueListener:
-    """Diagnostics to stderr; the JSON access log to stdout, written by a thread so a slow
-    stdout pipe never blocks the event loop."""
+    # Diagnostics go to stderr; the JSON access log has stdout to itself (proxy/telemetry/access_log.py).
     logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    stdout = logging.StreamHandler(sys.stdout)
-    stdout.setFormatter(logging.Formatter("%(message)s"))
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    access_log.addHandler(QueueHandler(records))
-    access_log.setLevel(logging.INFO)
-    access_log.propagate = False
-    listener = QueueListener(records, stdout)
-    listener.start()
-    return listener
+    event_loop.run(serve(config), args.loop)
+    return 0
 
 
 async def serve(config: Config) -> None:

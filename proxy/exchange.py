@@ -220,6 +220,10 @@ class ProxyRequest:
     request_id: str = ""
     trace_context: Context | None = None
     """The SERVER span's context: each attempt's CLIENT span is its child."""
+    traced: bool = True
+    """False when the SERVER span does not record: attempts then make no span at all."""
+    traceparent: str | None = None
+    """When not traced: the ``traceparent`` every attempt sends (None: the app's own, untouched)."""
     attempts: int = 0
     attempt_outcomes: list[str] = field(default_factory=list)
     """Per attempt: a status class (``5xx``) or a failure kind (``connect-failure``), for metrics."""

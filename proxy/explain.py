@@ -11,7 +11,7 @@ from proxy import secrets
 from proxy.config.loader import Config
 from proxy.config.model import PolicySettings
 from proxy.routing import Router, dedicated_upstream, upstream_for
-from proxy.telemetry import redact_query
+from proxy.telemetry.names import redact_query
 
 
 def redacted_settings(settings: PolicySettings) -> dict[str, Any]:

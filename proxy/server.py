@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ from opentelemetry import trace
 
 from proxy import errors
 from proxy.config.loader import Config
-from proxy.config.model import Policy, UpstreamTarget, is_valid_host
+from proxy.config.model import Policy, UpstreamTarget
 from proxy.exchange import (
     CHUNK_SIZE,
     CONTROL_PREFIX,
@@ -33,6 +32,7 @@ from proxy.exchange import (
 )
 from proxy.pipeline import Pipelines, PolicyState
 from proxy.routing import Router, dedicated_upstream, upstream_for
+from proxy.target import RequestTarget, parse_target
 from proxy.telemetry import REQUEST_ID_HEADER, RequestObservation, Telemetry
 from proxy.transport import UpstreamClient
 
@@ -118,26 +118,6 @@ class _PassThroughResponse(web.StreamResponse):
         await super()._prepare_headers()
         for name in invented:
             self.headers.popall(name, None)
-
-
-_AUTHORITY_RE = re.compile(
-    r"^(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<name>[^\[\]:/?#@\s]+))(?::(?P<port>\d{0,5}))?$"
-)
-"""RFC 3986 ``host [":" port]`` with nothing else: no user-info, path, query, fragment or sign."""
-
-
-def _split_host(authority: str) -> tuple[str, int | None]:
-    """`host[:port]` (IPv6 in brackets) -> (host, port); raises BadRequest when malformed.
-
-    Strict on purpose: a lenient URL parser reads ``h?x`` as host ``h`` and accepts port 0, which
-    then fails deep in the upstream call as a 500 instead of the app's 400."""
-    match = _AUTHORITY_RE.match(authority)
-    host = (match.group("ip6") or match.group("name") or "").lower().rstrip(".") if match else ""
-    port = int(match.group("port")) if match and match.group("port") else None
-    ip6_ok = not match or not match.group("ip6") or ":" in host
-    if not host or not ip6_ok or not is_valid_host(host) or (port is not None and not 1 <= port <= 65535):
-        raise errors.BadRequest(f"invalid host {authority!r}")
-    return host, port
 
 
 class ShuttingDown(Exception):
@@ -268,7 +248,7 @@ class ProxyServer:
             await self._runner.cleanup()
         if self._upstream is not None:
             await self._upstream.close()
-        await asyncio.to_thread(self.telemetry.tracing.shutdown)
+        await asyncio.to_thread(self.telemetry.close)
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         task: asyncio.Task[object] | None = asyncio.current_task()
@@ -283,7 +263,8 @@ class ProxyServer:
 
     def _refused(self, request: web.BaseRequest, error: errors.OutriggerError) -> str:
         runtime = self.runtime
-        observation = self.telemetry.start(request.method, request.headers, request.host, request.raw_path)
+        target = parse_target(request.raw_path, request.host)
+        observation = self.telemetry.start(request.method, request.headers, target)
         self.telemetry.finish(
             observation,
             status=error.status,
@@ -297,13 +278,14 @@ class ProxyServer:
 
     async def _proxy(self, request: web.BaseRequest) -> web.StreamResponse:
         runtime = self.runtime
-        observation = self.telemetry.start(request.method, request.headers, request.host, request.raw_path)
+        target = parse_target(request.raw_path, request.host)
+        observation = self.telemetry.start(request.method, request.headers, target)
         proxy_request: ProxyRequest | None = None
         status: int = 499  # until the request gets further (client gone, or cancelled by drain)
         error_type: str | None = "cancelled"
         try:
             try:
-                proxy_request = self._build_request(request, runtime, observation)
+                proxy_request = self._build_request(request, runtime, target, observation)
                 match = runtime.router.resolve_route(
                     proxy_request.policy, request.method, proxy_request.path_qs.partition("?")[0]
                 )
@@ -342,7 +324,11 @@ class ProxyServer:
             raise errors.HeadersTooLarge(f"request line and headers are {size} bytes; the limit is {limit}")
 
     def _build_request(
-        self, request: web.BaseRequest, runtime: Runtime, observation: RequestObservation
+        self,
+        request: web.BaseRequest,
+        runtime: Runtime,
+        target: RequestTarget,
+        observation: RequestObservation,
     ) -> ProxyRequest:
         self._check_header_size(request, runtime)
         if request.version not in (HttpVersion10, HttpVersion11):
@@ -356,7 +342,7 @@ class ProxyServer:
                 f" (HTTP_PROXY=http://{listen.host}:{listen.port}) and it will originate TLS itself",
                 host=request.raw_path.rpartition(":")[0].strip("[]").lower(),
             )
-        policy, host, target, path_qs = self._target(request, runtime)
+        policy, host, upstream, path_qs = self._route(request, runtime, target)
         headers = end_to_end_headers(request.headers, frozenset({"host", "expect"}))
         timeout_override = None
         for name in [k for k in headers if k.lower().startswith(CONTROL_PREFIX)]:
@@ -368,7 +354,7 @@ class ProxyServer:
         return ProxyRequest(
             method=request.method,
             host=host,
-            target=target,
+            target=upstream,
             path_qs=path_qs,
             headers=headers,
             body=RequestBody(source, request.content_length),
@@ -377,29 +363,27 @@ class ProxyServer:
             timeout_override=timeout_override,
             request_id=observation.request_id,
             trace_context=observation.context,
+            traced=observation.context is not None,
+            traceparent=observation.traceparent,
         )
 
-    def _target(self, request: web.BaseRequest, runtime: Runtime) -> tuple[Policy, str, UpstreamTarget, str]:
+    def _route(
+        self, request: web.BaseRequest, runtime: Runtime, target: RequestTarget
+    ) -> tuple[Policy, str, UpstreamTarget, str]:
         """Which policy, which upstream and which path: by local port, absolute URL or Host header."""
-        raw_target = request.raw_path
         sockname: Any = request.transport.get_extra_info("sockname") if request.transport else None
         local_port = sockname[1] if sockname else None
         dedicated = runtime.router.policy_for_port(local_port) if local_port is not None else None
-        if raw_target.lower().startswith(("http://", "https://")):
-            after_scheme = raw_target.partition("//")[2]
-            end = next((i for i, c in enumerate(after_scheme) if c in "/?#"), len(after_scheme))
-            host, port = _split_host(after_scheme[:end])
-            path_qs = after_scheme[end:].partition("#")[0]  # as sent: yarl drops an empty query's '?'
-            if not path_qs.startswith("/"):
-                path_qs = "/" + path_qs
-        elif raw_target.startswith("/"):
-            path_qs = raw_target
+        if target.problem is not None:
+            raise errors.BadRequest(target.problem)
+        path_qs = target.path_qs
+        if target.absolute:
+            host, port = target.host, target.port
+        else:
             host_header = request.headers.get("Host")
             if dedicated is None and not host_header:
                 raise errors.BadRequest("no Host header: Outrigger cannot tell which upstream to call")
-            host, port = _split_host(host_header) if host_header else ("", None)
-        else:
-            raise errors.BadRequest(f"unsupported request target {raw_target[:100]!r}")
+            host, port = (target.host, target.port) if host_header else ("", None)
         if dedicated is not None:
             return dedicated, dedicated.name, dedicated_upstream(dedicated), path_qs
         policy = runtime.router.policy_for_host(host)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import io
+import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -19,10 +22,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from proxy import event_loop
+from proxy import server as server_module
 from proxy.admin import build_admin_app
 from proxy.config.loader import Config, load_config
 from proxy.reload import Reloader
 from proxy.server import ProxyServer
+from proxy.telemetry import Telemetry
 from tests.e2e.otlp_receiver import OtlpReceiver
 from tests.e2e.procs import OutriggerProcess, RawUpstream
 
@@ -89,7 +94,13 @@ StartProxy = Callable[..., Awaitable[RunningProxy]]
 
 
 @pytest.fixture
-async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
+def started_servers() -> list[ProxyServer]:
+    """Every `ProxyServer` that `start_proxy` started in this test, in order (e.g. to flush logs)."""
+    return []
+
+
+@pytest.fixture
+async def start_proxy(tmp_path: Path, started_servers: list[ProxyServer]) -> AsyncIterator[StartProxy]:
     """Start Outrigger (proxy + admin listeners) from policy dicts and main-config overrides."""
     started: list[tuple[ProxyServer, web.AppRunner]] = []
 
@@ -101,6 +112,7 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
         await web.TCPSite(admin, "127.0.0.1", config.main.admin.port).start()
         await server.start()
         started.append((server, admin))
+        started_servers.append(server)
         return RunningProxy(server, config)
 
     yield start
@@ -175,3 +187,41 @@ def launch(tmp_path: Path) -> Iterator[Launch]:
     yield start
     for process in started:
         process.kill()
+
+
+@pytest.fixture
+def access_log(monkeypatch: pytest.MonkeyPatch, started_servers: list[ProxyServer]) -> AccessLog:
+    """The access log lines the in-process servers write during the test, parsed: their writers
+    get an in-memory stream instead of stdout (pytest owns ``sys.stdout`` while a test runs)."""
+    log = AccessLog(started_servers)
+    monkeypatch.setattr(server_module, "Telemetry", functools.partial(Telemetry, access_stream=log.captured))
+    return log
+
+
+class AccessLog:
+    """The access log as the in-process servers wrote it."""
+
+    def __init__(self, servers: list[ProxyServer]) -> None:
+        self.servers = servers
+        self.captured = io.BytesIO()
+
+    @property
+    def raw(self) -> list[str]:
+        """Every line so far (each server's writer flushed first: it writes from a thread)."""
+        for server in self.servers:
+            server.telemetry.access_log.flush()
+        return self.captured.getvalue().decode().splitlines()
+
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        parsed = []
+        for line in self.raw:  # a line broken in two would not parse
+            entry = json.loads(line)
+            assert isinstance(entry, dict)
+            parsed.append(entry)
+        return parsed
+
+    def for_request(self, request_id: str) -> dict[str, Any]:
+        found = [e for e in self.entries if e["request_id"] == request_id]
+        assert len(found) == 1, f"expected one line for {request_id}, got {found}"
+        return found[0]

@@ -13,6 +13,7 @@ from proxy.config.model import Telemetry as TelemetrySettings
 from proxy.exchange import ProxyResponse
 from proxy.layers import retry as retry_module
 from proxy.layers.idempotency import IdempotencyLayer, ReplayCache
+from proxy.target import parse_target
 from proxy.telemetry import Telemetry
 from tests.fakes import FakeClock, fake_upstream, make_request, settings_from
 
@@ -23,9 +24,8 @@ def test_server_span_url_never_carries_user_info(
     tracer, exporter = span_exporter
     telemetry = Telemetry(TelemetrySettings(), dict)
     telemetry.tracing.tracer = tracer
-    observation = telemetry.start(
-        "GET", CIMultiDictProxy(CIMultiDict()), "a.example", "http://alice:s3cretpw@a.example/v1?token=x"
-    )
+    target = parse_target("http://alice:s3cretpw@a.example/v1?token=x", "a.example")
+    observation = telemetry.start("GET", CIMultiDictProxy(CIMultiDict()), target)
     telemetry.finish(
         observation, status=200, error_type=None, policy=None, request=None, state=None, config_version="v"
     )

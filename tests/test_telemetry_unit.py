@@ -1,14 +1,14 @@
-"""Unit tests for proxy/telemetry.py and the attempt layer's CLIENT span, without sockets.
+"""Unit tests for the proxy/telemetry package and the attempt layer's CLIENT span, without sockets.
 
 Spans go to the SDK's in-memory exporter (through the same `Telemetry` and
 `AttemptLayer` code the server uses); metrics are read back from the
-Prometheus registry; the access log is captured with caplog.
+Prometheus registry; the access log is read from an in-memory stream given to its writer.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import logging
 import uuid
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from proxy.config.model import Telemetry as TelemetrySettings
 from proxy.config.model import TracesSettings
 from proxy.exchange import RetryRecord
 from proxy.layers.attempt import AttemptLayer
+from proxy.target import parse_target
 from proxy.telemetry import (
     ATTR_ATTEMPTS,
     ATTR_BREAKER_STATE,
@@ -44,7 +45,6 @@ from proxy.telemetry import (
     Metrics,
     Telemetry,
     Tracing,
-    inject_context,
     method_label,
     outcome_label,
     redact_query,
@@ -70,6 +70,13 @@ def _clean_otel_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def headers(**values: str) -> CIMultiDictProxy[str]:
     return CIMultiDictProxy(CIMultiDict({k.replace("_", "-"): v for k, v in values.items()}))
+
+
+def start(
+    telemetry: Telemetry, method: str, headers: CIMultiDictProxy[str], host: str, raw_target: str
+) -> Any:
+    """`Telemetry.start` for a request line target and Host header, parsed as the server does."""
+    return telemetry.start(method, headers, parse_target(raw_target, host))
 
 
 def telemetry_with(tracer: trace.Tracer, **settings: Any) -> Telemetry:
@@ -203,8 +210,8 @@ def test_telemetry_defaults() -> None:
 
 def test_request_id_is_kept_or_generated() -> None:
     telemetry = Telemetry(TelemetrySettings(), dict)
-    kept = telemetry.start("GET", headers(x_request_id="abc-123"), "api.test", "/")
-    generated = [telemetry.start("GET", headers(), "api.test", "/").request_id for _ in range(3)]
+    kept = start(telemetry, "GET", headers(x_request_id="abc-123"), "api.test", "/")
+    generated = [start(telemetry, "GET", headers(), "api.test", "/").request_id for _ in range(3)]
     assert kept.request_id == "abc-123"
     assert all(uuid.UUID(value).version == 4 for value in generated)
     assert len(set(generated)) == 3
@@ -213,7 +220,7 @@ def test_request_id_is_kept_or_generated() -> None:
 @pytest.mark.parametrize("host", ["api.test:99999", "api.test:abc"])
 def test_start_survives_a_malformed_host(host: str) -> None:
     telemetry = Telemetry(TelemetrySettings(), dict)
-    observation = telemetry.start("GET", headers(), host, "/x?token=abc")
+    observation = start(telemetry, "GET", headers(), host, "/x?token=abc")
     assert observation.request_id
 
 
@@ -223,7 +230,7 @@ def test_start_splits_host_and_port_and_reads_absolute_form(
     tracer, exporter = span_exporter
     telemetry = telemetry_with(tracer)
     for host, target in (("api.test:8443", "/v1?x=1"), ("ignored.test", "http://api.test:8443/v1?x=1")):
-        observation = telemetry.start("GET", headers(), host, target)
+        observation = start(telemetry, "GET", headers(), host, target)
         assert (observation.host, observation.path_qs) == ("api.test", "/v1?x=1")
         observation.span.end()
     for span in exporter.get_finished_spans():
@@ -235,13 +242,13 @@ def test_start_splits_host_and_port_and_reads_absolute_form(
 
 def test_without_export_the_apps_trace_context_is_still_continued() -> None:
     telemetry = Telemetry(TelemetrySettings(), dict)
-    observation = telemetry.start("GET", headers(traceparent=APP_TRACEPARENT), "api.test", "/")
+    observation = start(telemetry, "GET", headers(traceparent=APP_TRACEPARENT), "api.test", "/")
     context = observation.span.get_span_context()
     assert format(context.trace_id, "032x") == APP_TRACE
     assert format(context.span_id, "016x") == APP_SPAN
-    carrier: dict[str, str] = {}
-    inject_context(carrier, observation.context)
-    assert carrier["traceparent"] == APP_TRACEPARENT
+    # nothing records: no context for attempt spans, and the app's own traceparent goes upstream
+    assert observation.context is None
+    assert observation.traceparent is None
 
 
 def test_server_span_continues_the_apps_trace(
@@ -249,8 +256,12 @@ def test_server_span_continues_the_apps_trace(
 ) -> None:
     tracer, exporter = span_exporter
     telemetry = telemetry_with(tracer)
-    observation = telemetry.start(
-        "POST", headers(traceparent=APP_TRACEPARENT, x_request_id="r-1"), "api.test", "/v1/pay?card=4242"
+    observation = start(
+        telemetry,
+        "POST",
+        headers(traceparent=APP_TRACEPARENT, x_request_id="r-1"),
+        "api.test",
+        "/v1/pay?card=4242",
     )
     telemetry.finish(
         observation,
@@ -291,7 +302,7 @@ def test_finish_records_every_outrigger_attribute_and_event(
     request.idempotency_key_injected = True
     request.ratelimit_wait = 0.0421
     request.events = ["retry_budget_exhausted"]
-    observation = telemetry.start("POST", headers(), "api.test", "/v1")
+    observation = start(telemetry, "POST", headers(), "api.test", "/v1")
 
     telemetry.finish(
         observation,
@@ -322,7 +333,7 @@ def test_local_error_is_an_event_and_error_type(
 ) -> None:
     tracer, exporter = span_exporter
     telemetry = telemetry_with(tracer)
-    observation = telemetry.start("GET", headers(), "nobody.test", "/")
+    observation = start(telemetry, "GET", headers(), "nobody.test", "/")
     telemetry.finish(
         observation,
         status=403,
@@ -381,7 +392,7 @@ def test_finish_moves_the_counters() -> None:
     request.events = ["circuit_open"]
 
     telemetry.finish(
-        telemetry.start("GET", headers(), "api.test", "/"),
+        start(telemetry, "GET", headers(), "api.test", "/"),
         status=200,
         error_type=None,
         policy="api.test",
@@ -391,7 +402,7 @@ def test_finish_moves_the_counters() -> None:
     )
     for error_type, status in (("host_not_allowed", 403), ("upstream_unreachable", 502), ("timeout", 504)):
         telemetry.finish(
-            telemetry.start("PURGE", headers(), "raw.host.test", "/"),
+            start(telemetry, "PURGE", headers(), "raw.host.test", "/"),
             status=status,
             error_type=error_type,
             policy=None,
@@ -422,26 +433,23 @@ def test_finish_moves_the_counters() -> None:
 # --------------------------------------------------------------------------- access log
 
 
-@pytest.fixture
-def access_records(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> pytest.LogCaptureFixture:
-    monkeypatch.setattr(logging.getLogger("outrigger.access"), "propagate", True)
-    caplog.set_level(logging.INFO, logger="outrigger.access")
-    return caplog
+def _lines(telemetry: Telemetry, stream: io.BytesIO) -> list[dict[str, Any]]:
+    telemetry.access_log.flush()
+    return [json.loads(line) for line in stream.getvalue().decode().splitlines()]
 
 
-def _lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
-    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "outrigger.access"]
-
-
-def test_access_log_line(access_records: pytest.LogCaptureFixture) -> None:
-    telemetry = Telemetry(TelemetrySettings(), dict)
+def test_access_log_line() -> None:
+    stream = io.BytesIO()
+    telemetry = Telemetry(TelemetrySettings(), dict, stream)
     request = make_request(path_qs="/v1/x?token=abc")
     request.attempts = 2
     request.retries = [RetryRecord("reset", 0.01)]
-    observation = telemetry.start(
-        "GET", headers(traceparent=APP_TRACEPARENT, x_request_id="rid"), "api.test", "/v1/x?token=abc"
+    observation = start(
+        telemetry,
+        "GET",
+        headers(traceparent=APP_TRACEPARENT, x_request_id="rid"),
+        "api.test",
+        "/v1/x?token=abc",
     )
 
     telemetry.finish(
@@ -454,7 +462,7 @@ def test_access_log_line(access_records: pytest.LogCaptureFixture) -> None:
         config_version="v3",
     )
 
-    (line,) = _lines(access_records)
+    (line,) = _lines(telemetry, stream)
     assert line["trace_id"] == APP_TRACE
     assert line["request_id"] == "rid"
     assert line["method"] == "GET"
@@ -467,13 +475,14 @@ def test_access_log_line(access_records: pytest.LogCaptureFixture) -> None:
     assert line["policy"] == "api.test"
     assert line["error_type"] is None
     assert line["config_version"] == "v3"
-    assert "abc" not in access_records.records[-1].getMessage()
+    assert b"abc" not in stream.getvalue()
 
 
-def test_access_log_off(access_records: pytest.LogCaptureFixture) -> None:
-    telemetry = Telemetry(TelemetrySettings(access_log=False), dict)
+def test_access_log_off() -> None:
+    stream = io.BytesIO()
+    telemetry = Telemetry(TelemetrySettings(access_log=False), dict, stream)
     telemetry.finish(
-        telemetry.start("GET", headers(), "api.test", "/"),
+        start(telemetry, "GET", headers(), "api.test", "/"),
         status=200,
         error_type=None,
         policy=None,
@@ -481,7 +490,7 @@ def test_access_log_off(access_records: pytest.LogCaptureFixture) -> None:
         state=None,
         config_version="v",
     )
-    assert _lines(access_records) == []
+    assert _lines(telemetry, stream) == []
 
 
 # --------------------------------------------------------------------------- the attempt layer's CLIENT span

@@ -2,7 +2,9 @@
 
 Each attempt gets its own span, child of the request's SERVER span, and its
 context is injected as ``traceparent`` so the provider's trace joins ours.
-The span ends when the attempt's response body is released.
+The span ends when the attempt's response body is released. When the SERVER
+span does not record (no exporter, or not sampled) an attempt makes no span
+at all: the request's one precomputed ``traceparent`` (or the app's own) goes upstream.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from opentelemetry.trace import SpanKind, StatusCode
 from proxy import errors, secrets
 from proxy.config.model import HeaderRules
 from proxy.exchange import Handler, ProxyRequest, ProxyResponse, ReleasingBody
-from proxy.telemetry import (
+from proxy.telemetry.names import (
     ATTR_RETRY_BACKOFF_MS,
     ATTR_RETRY_REASON,
-    inject_context,
+    TRACEPARENT_HEADER,
     outcome_label,
     redact_query,
 )
+from proxy.telemetry.tracing import inject_context
 
 _NOT_TRACED = trace.NoOpTracer()
 
@@ -39,28 +42,36 @@ class AttemptLayer:
         for name, value in self.set:
             request.headers[name] = value
         request.attempts += 1
-        span = self.tracer.start_span(
-            request.method,
-            context=request.trace_context,
-            kind=SpanKind.CLIENT,
-            attributes=_attributes(request),
-        )
-        inject_context(request.headers, trace.set_span_in_context(span))
+        span = self._start_span(request)
         try:
             response = await next(request)
         except errors.OutriggerError as error:
             _fail(request, span, error)
             raise
         except BaseException:
-            span.end()
+            if span is not None:
+                span.end()
             raise
         request.attempt_outcomes.append(outcome_label(response.status, None))
-        span.set_attribute("http.response.status_code", response.status)
-        if response.status >= 400:  # semconv: a CLIENT span is in error for 4xx too
-            span.set_attribute("error.type", str(response.status))
-            span.set_status(StatusCode.ERROR)
-        response.body = ReleasingBody(response.body, span.end)
+        if span is not None:
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 400:  # semconv: a CLIENT span is in error for 4xx too
+                span.set_attribute("error.type", str(response.status))
+                span.set_status(StatusCode.ERROR)
+            response.body = ReleasingBody(response.body, span.end)
         return response
+
+    def _start_span(self, request: ProxyRequest) -> trace.Span | None:
+        """The attempt's CLIENT span, injected upstream; None (and no span work) when not traced."""
+        if not request.traced:
+            if request.traceparent is not None:
+                request.headers[TRACEPARENT_HEADER] = request.traceparent
+            return None
+        span = self.tracer.start_span(request.method, context=request.trace_context, kind=SpanKind.CLIENT)
+        if span.is_recording():
+            span.set_attributes(_attributes(request))
+        inject_context(request.headers, trace.set_span_in_context(span))
+        return span
 
 
 def _attributes(request: ProxyRequest) -> dict[str, Any]:
@@ -79,8 +90,10 @@ def _attributes(request: ProxyRequest) -> dict[str, Any]:
     return attributes
 
 
-def _fail(request: ProxyRequest, span: trace.Span, error: errors.OutriggerError) -> None:
+def _fail(request: ProxyRequest, span: trace.Span | None, error: errors.OutriggerError) -> None:
     request.attempt_outcomes.append(outcome_label(None, error.condition or error.error_type))
+    if span is None:
+        return
     span.set_attribute("error.type", error.condition or error.error_type)
     span.set_status(StatusCode.ERROR)  # the message may name the upstream URL: the type says enough
     span.end()

@@ -24,8 +24,6 @@ from proxy.exchange import Handler, ProxyRequest, ProxyResponse
 log = logging.getLogger("outrigger.breaker")
 
 CLOSED, HALF_OPEN, OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_HALF_OPEN, pybreaker.STATE_OPEN
-STATE_VALUES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
-"""`outrigger_circuit_state` gauge values (SPEC 8)."""
 
 
 class _AttemptFailed(Exception):

@@ -1,7 +1,7 @@
 """Access log, request ids and secret hygiene, end to end.
 
-- The access log: one JSON line per request on logger ``outrigger.access``
-  (captured with caplog in-process), and on stdout of a real ``outrigger run``.
+- The access log: one JSON line per request on stdout (captured in-process by
+  swapping ``sys.stdout``), and on stdout of a real ``outrigger run``.
 - ``x-request-id``: kept or generated (uuid4), forwarded upstream, returned to
   the app, logged, also on errors Outrigger answers itself.
 - Secrets planted everywhere an app or an operator would put them (a
@@ -22,13 +22,12 @@ import subprocess
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import StartProxy, free_port, loopback_policy, write_config
+from tests.conftest import AccessLog, StartProxy, free_port, loopback_policy, write_config
 from tests.e2e.otlp_receiver import OtlpReceiver
 from tests.e2e.procs import OutriggerProcess, config_ports, outrigger_command, raw_exchange, wait_until
 from tests.e2e.upstreams import Seen, start_recording
@@ -36,7 +35,6 @@ from tests.fakes import AiohttpServerFactory, ScriptedUpstream, app_request, cal
 
 HOST = "upstream.test"
 FAST_BACKOFF = {"base": "10ms", "max": "10ms"}
-ACCESS_LOGGER = "outrigger.access"
 SPEC_FIELDS = {
     "time",
     "trace_id",
@@ -50,40 +48,6 @@ SPEC_FIELDS = {
     "policy",
     "error_type",
 }
-
-
-@pytest.fixture
-def access_log(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> AccessLog:
-    """The access log lines written during the test, parsed (caplog on `outrigger.access`)."""
-    logger = logging.getLogger(ACCESS_LOGGER)
-    # `outrigger run` turns propagation off to send the log to stdout only; caplog listens at the root.
-    monkeypatch.setattr(logger, "propagate", True)
-    caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
-    return AccessLog(caplog)
-
-
-class AccessLog:
-    def __init__(self, caplog: pytest.LogCaptureFixture) -> None:
-        self.caplog = caplog
-
-    @property
-    def raw(self) -> list[str]:
-        return [r.getMessage() for r in self.caplog.records if r.name == ACCESS_LOGGER]
-
-    @property
-    def entries(self) -> list[dict[str, Any]]:
-        parsed = []
-        for line in self.raw:
-            assert "\n" not in line, "an access log entry must be one line"
-            entry = json.loads(line)
-            assert isinstance(entry, dict)
-            parsed.append(entry)
-        return parsed
-
-    def for_request(self, request_id: str) -> dict[str, Any]:
-        found = [e for e in self.entries if e["request_id"] == request_id]
-        assert len(found) == 1, f"expected one line for {request_id}, got {found}"
-        return found[0]
 
 
 # --------------------------------------------------------------------------- the access log
@@ -355,12 +319,12 @@ async def test_planted_secrets_appear_nowhere(
     receiver: OtlpReceiver,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    access_log: AccessLog,
     monkeypatch: pytest.MonkeyPatch,
     aiohttp_server: AiohttpServerFactory,
     start_proxy: StartProxy,
 ) -> None:
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
-    monkeypatch.setattr(logging.getLogger(ACCESS_LOGGER), "propagate", True)
     caplog.set_level(logging.DEBUG)
     file_secret = "FILE-SECRET-" + secrets.token_hex(8)
     env_secret = "ENV-SECRET-" + secrets.token_hex(8)
@@ -447,9 +411,10 @@ async def test_planted_secrets_appear_nowhere(
     logs = "\n".join(
         " ".join([record.getMessage(), str(record.args), record.exc_text or ""]) for record in caplog.records
     )
-    assert sum(r.name == ACCESS_LOGGER for r in caplog.records) == 3
+    assert len(access_log.raw) == 3
     places = {
         "log records (DEBUG, all loggers)": logs,
+        "access log": "\n".join(access_log.raw),
         "exported span attributes and events": exported,
         **{f"admin {path}": text for path, text in admin.items()},
         **{f"explain {url}": text for url, text in explained.items()},

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,13 +21,12 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import RunningProxy, StartProxy, free_port, loopback_policy
+from tests.conftest import AccessLog, RunningProxy, StartProxy, free_port, loopback_policy
 from tests.e2e.procs import RawUpstream, assert_error, raw_exchange
 from tests.fakes import Gate, ScriptedUpstream
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 HOST = "upstream.test"
-ACCESS_LOGGER = "outrigger.access"
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=8)
 
 
@@ -68,17 +65,8 @@ async def upstream(aiohttp_server: AiohttpServer) -> Upstream:
 
 
 @pytest.fixture
-def access_lines(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> Callable[[], list[Any]]:
-    logger = logging.getLogger(ACCESS_LOGGER)
-    monkeypatch.setattr(logger, "propagate", True)
-    caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
-
-    def lines() -> list[Any]:
-        return [json.loads(r.getMessage()) for r in caplog.records if r.name == ACCESS_LOGGER]
-
-    return lines
+def access_lines(access_log: AccessLog) -> Callable[[], list[Any]]:
+    return lambda: access_log.entries
 
 
 async def get(proxy: RunningProxy, path: str, **headers: str) -> tuple[int, dict[str, str], bytes]:

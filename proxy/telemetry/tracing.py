@@ -1,0 +1,101 @@
+"""Spans by hand (ARCHITECTURE.md): one SERVER span per inbound request continuing the app's W3C
+``traceparent``, one CLIENT span per attempt (in the attempt layer) whose context goes upstream.
+
+Export is batched on the SDK's own thread, so a slow or absent collector never blocks a request.
+A span that does not record (no exporter, or not sampled) costs no attributes, URLs or redaction:
+callers start it bare and add attributes only when `is_recording()` says someone will read them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+from typing import Any
+
+from multidict import MultiMapping
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from proxy.config.model import Telemetry as TelemetrySettings
+from proxy.config.model import is_valid_host
+from proxy.target import RequestTarget
+from proxy.telemetry.names import ATTR_REQUEST_ID, TRACEPARENT_HEADER, redact_query
+
+_W3C = TraceContextTextMapPropagator()
+
+
+def _exporter(settings: TelemetrySettings) -> OTLPSpanExporter | None:
+    if settings.traces.endpoint:
+        return OTLPSpanExporter(endpoint=settings.traces.endpoint)
+    if os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return OTLPSpanExporter()
+    return None
+
+
+def _service_name(settings: TelemetrySettings) -> str:
+    if "service_name" in settings.model_fields_set:
+        return settings.service_name
+    return os.environ.get("OTEL_SERVICE_NAME") or settings.service_name
+
+
+class Tracing:
+    """The tracer: a real SDK provider when an exporter is configured, else a no-op one that still
+    continues the app's trace context (so logs carry its trace id)."""
+
+    def __init__(self, settings: TelemetrySettings) -> None:
+        exporter = _exporter(settings)
+        self._provider: TracerProvider | None = None
+        if exporter is None:
+            self.tracer: trace.Tracer = trace.NoOpTracer()
+            return
+        self._provider = TracerProvider(
+            resource=Resource.create({SERVICE_NAME: _service_name(settings)}),
+            sampler=ParentBased(TraceIdRatioBased(settings.traces.sample_ratio)),
+        )
+        self._provider.add_span_processor(BatchSpanProcessor(exporter))
+        self.tracer = self._provider.get_tracer("outrigger")
+
+    @property
+    def exporting(self) -> bool:
+        return self._provider is not None
+
+    def shutdown(self) -> None:
+        """Flush and stop the exporter thread (blocking: call from a worker thread)."""
+        if self._provider is not None:
+            self._provider.shutdown()
+
+
+def extract_context(headers: MultiMapping[str]) -> Context:
+    """The app's trace context from its ``traceparent``/``tracestate`` (empty when it sent none)."""
+    return _W3C.extract(headers)
+
+
+def inject_context(headers: MutableMapping[str, str] | Any, context: Context) -> None:
+    _W3C.inject(headers, context=context)
+
+
+def unrecorded_traceparent(span: trace.Span, parent: Context) -> str | None:
+    """What to send upstream for a request whose SERVER span does not record: None when the span is
+    the app's own context (the app's ``traceparent`` then goes upstream untouched), else ours,
+    formatted once per request (a sampled-out trace still tells the provider it was not sampled)."""
+    if not span.get_span_context().is_valid or trace.get_current_span(parent) is span:
+        return None
+    carrier: dict[str, str] = {}
+    inject_context(carrier, trace.set_span_in_context(span))
+    return carrier.get(TRACEPARENT_HEADER)
+
+
+def server_attributes(method: str, request_id: str, target: RequestTarget) -> dict[str, Any]:
+    """The SERVER span's request attributes (only built for a recording span)."""
+    attributes: dict[str, Any] = {"http.request.method": method, ATTR_REQUEST_ID: [request_id]}
+    if target.host and is_valid_host(target.host):
+        attributes["url.full"] = f"{target.scheme}://{target.authority}{redact_query(target.path_qs)}"
+        attributes["server.address"] = target.host
+        attributes["server.port"] = target.port or (443 if target.scheme == "https" else 80)
+    return attributes
