@@ -7,11 +7,11 @@ Every layer has the shape ``async def __call__(request, next) -> ProxyResponse``
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from multidict import CIMultiDict, MultiMapping
+from multidict import CIMultiDict
 from opentelemetry.context import Context
 
 from proxy import errors
@@ -39,22 +39,30 @@ CONTROL_PREFIX = "x-outrigger-"
 """Outrigger's own headers: never forwarded upstream, and an upstream's never passed to the app."""
 
 
+REQUEST_DROP = HOP_BY_HOP | {"host", "expect"}
+"""Not forwarded from the app: Host is the upstream's own; Outrigger answers Expect itself."""
+
+
 def end_to_end_headers(
-    headers: MultiMapping[str], extra_drop: frozenset[str] = frozenset(), drop_prefix: str | None = None
-) -> CIMultiDict[str]:
-    """Copy without hop-by-hop headers and those the Connection header names (RFC 9110 7.6.1)."""
-    named = {
-        token.strip().lower()
-        for value in headers.getall("Connection", [])
-        for token in value.split(",")
-        if token.strip()
-    }
-    drop = HOP_BY_HOP | named | extra_drop
-    return CIMultiDict(
-        (k, v)
-        for k, v in headers.items()
-        if (lower := k.lower()) not in drop and not (drop_prefix and lower.startswith(drop_prefix))
-    )
+    pairs: Iterable[tuple[str, str]], drop: frozenset[str] = HOP_BY_HOP
+) -> tuple[CIMultiDict[str], list[tuple[str, str]]]:
+    """The headers to pass on, without hop-by-hop ones and those Connection names (RFC 9110
+    7.6.1); Outrigger's own ``x-outrigger-*`` headers come back apart (lowercase names). One pass."""
+    kept: list[tuple[str, str]] = []
+    control: list[tuple[str, str]] = []
+    named: set[str] | None = None
+    for name, value in pairs:
+        lower = name.lower()
+        if lower in drop:
+            if lower == "connection":
+                named = (named or set()).union(t.strip().lower() for t in value.split(","))
+        elif lower.startswith(CONTROL_PREFIX):
+            control.append((lower, value))
+        else:
+            kept.append((name, value))
+    if named and (named := named - drop - {"", "close"}):
+        kept = [(name, value) for name, value in kept if name.lower() not in named]
+    return CIMultiDict(kept), control
 
 
 class RequestBody:

@@ -24,7 +24,7 @@ from proxy.config.loader import Config
 from proxy.config.model import Policy, UpstreamTarget
 from proxy.exchange import (
     CHUNK_SIZE,
-    CONTROL_PREFIX,
+    REQUEST_DROP,
     ProxyRequest,
     ProxyResponse,
     RequestBody,
@@ -343,11 +343,10 @@ class ProxyServer:
                 host=request.raw_path.rpartition(":")[0].strip("[]").lower(),
             )
         policy, host, upstream, path_qs = self._route(request, runtime, target)
-        headers = end_to_end_headers(request.headers, frozenset({"host", "expect"}))
+        headers, control = end_to_end_headers(request.headers.items(), REQUEST_DROP)
         timeout_override = None
-        for name in [k for k in headers if k.lower().startswith(CONTROL_PREFIX)]:
-            value = headers.popone(name)
-            if name.lower() == TIMEOUT_HEADER:
+        for name, value in control:
+            if name == TIMEOUT_HEADER:
                 timeout_override = _parse_timeout_ms(value)
         headers[REQUEST_ID_HEADER] = observation.request_id
         source = _request_body(request) if request.body_exists else None

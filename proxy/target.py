@@ -3,6 +3,7 @@ telemetry reports it, so neither parses the request line again."""
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -56,6 +57,7 @@ def parse_target(raw_target: str, authority: str) -> RequestTarget:
     return RequestTarget("http", host, port, raw_target, False, problem)
 
 
+@functools.lru_cache(maxsize=1024)  # Host values repeat: parse each once
 def split_authority(authority: str) -> tuple[str, int | None, str | None]:
     """`host[:port]` (IPv6 in brackets) -> (host, port, problem).
 

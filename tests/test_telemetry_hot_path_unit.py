@@ -7,6 +7,7 @@ import io
 import json
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from proxy.exchange import RetryRecord
 from proxy.layers import attempt as attempt_module
 from proxy.layers.attempt import AttemptLayer
 from proxy.target import RequestTarget, parse_target
-from proxy.telemetry import RequestObservation, Telemetry
+from proxy.telemetry import RequestObservation, Telemetry, new_request_id
 from proxy.telemetry.access_log import AccessLogWriter
 from proxy.telemetry.tracing import inject_context, server_attributes
 from tests.fakes import fake_upstream, make_request
@@ -312,3 +313,11 @@ def test_parse_target(raw_target: str, authority: str, expected: RequestTarget) 
 def test_authority_brackets_ipv6_and_keeps_an_explicit_port() -> None:
     assert parse_target("/", "[::1]:8080").authority == "[::1]:8080"
     assert parse_target("/", "api.test").authority == "api.test"
+
+
+def test_new_request_ids_are_distinct_version_4_uuids() -> None:
+    ids = {new_request_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for value in list(ids)[:50]:
+        parsed = uuid.UUID(value)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, value)

@@ -12,12 +12,10 @@ import asyncio
 import contextlib
 import ssl
 
-from multidict import CIMultiDict
-
 from proxy import errors
 from proxy.config import defaults
 from proxy.config.model import TlsSettings, UpstreamTarget
-from proxy.exchange import CONTROL_PREFIX, ProxyRequest, ProxyResponse, end_to_end_headers
+from proxy.exchange import ProxyRequest, ProxyResponse, end_to_end_headers
 from proxy.transport import failures
 from proxy.transport.connection import UpstreamConnection
 from proxy.transport.pool import ConnectionPool, PoolKey
@@ -89,7 +87,7 @@ class UpstreamClient:
             raise
         return ProxyResponse(
             status=head.status,
-            headers=end_to_end_headers(CIMultiDict(head.headers), drop_prefix=CONTROL_PREFIX),
+            headers=end_to_end_headers(head.headers)[0],  # an upstream's x-outrigger-* never reach the app
             body=connection.stream(settings.timeouts.idle, self.pool.give_back),
             reason=head.reason,
         )

@@ -52,7 +52,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.reusable = False
         """True once an exchange finished cleanly and both sides allow keep-alive."""
-        self._parser: httptools.HttpResponseParser | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        """One parser for the connection's life: llhttp reads response after response."""
+        self._busy = False
         self._head_waiter: asyncio.Future[ResponseHead] | None = None
         self._reason = ""
         self._headers: list[tuple[str, str]] = []
@@ -82,12 +84,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's do not subclass asyncio's
 
     def data_received(self, data: bytes) -> None:
-        parser = self._parser
-        if parser is None or self._complete:
+        if not self._busy or self._complete:
             self.abort()  # bytes nobody asked for: this connection can no longer be trusted
             return
         try:
-            parser.feed_data(data)
+            self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             if self._head_only and self._head_done:  # stopped on purpose by on_headers_complete
                 self._finish_message()
@@ -112,7 +113,7 @@ class UpstreamConnection(asyncio.Protocol):
         elif not self._complete:
             if self._head_done:
                 self._fail(failures.body_cut(self.authority, exc))
-            elif self._parser is not None:
+            elif self._busy:
                 self._fail(failures.closed_before_response(self.authority, exc))
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
@@ -140,7 +141,6 @@ class UpstreamConnection(asyncio.Protocol):
             )
 
     def on_headers_complete(self) -> None:
-        assert self._parser is not None
         status = self._parser.get_status_code()
         if 100 <= status < 200:  # 100 Continue and friends: wait for the final head
             self._interim = True
@@ -174,7 +174,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._interim:
             self._interim = False
             return
-        self._keep_alive = self._keep_alive and self._parser is not None and self._parser.should_keep_alive()
+        self._keep_alive = self._keep_alive and self._parser.should_keep_alive()
         self._finish_message()
 
     # ------------------------------------------------------------------ one exchange
@@ -193,8 +193,8 @@ class UpstreamConnection(asyncio.Protocol):
         uploaded, `idle` bounds each silence instead (SPEC 4)."""
         transport = self.transport
         assert transport is not None, "not connected"
-        assert self._parser is None, "one exchange at a time"
-        self._parser = httptools.HttpResponseParser(self)
+        assert not self._busy, "one exchange at a time"
+        self._busy = True
         self._head_only = head_only
         waiter: asyncio.Future[ResponseHead] = asyncio.get_running_loop().create_future()
         self._head_waiter = waiter
@@ -293,7 +293,7 @@ class UpstreamConnection(asyncio.Protocol):
     def done_with_exchange(self) -> None:
         """Ready for the next exchange when this one ended cleanly; otherwise the connection goes."""
         self.reusable = self._complete and self._keep_alive and self._request_written and not self.closed
-        self._parser = None
+        self._busy = False
         self._head_waiter = None
         self._reason, self._headers, self._head_bytes = "", [], 0
         self._head_only = self._interim = self._head_done = self._complete = False

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-
-from cachetools import TTLCache
 
 from proxy import errors
 from proxy.addresses import refusal_reason
 from proxy.config import defaults
 from proxy.transport import failures
+
+_MAX_ANSWERS = 4096
 
 Lookup = Callable[[str, int], Awaitable[tuple[str, ...]]]
 """host, port -> the addresses DNS gives, in its order (raises OSError)."""
@@ -41,16 +42,24 @@ class Answer:
 class CheckedResolver:
     def __init__(self, lookup: Lookup | None = None, ttl: float = defaults.DNS_CACHE_TTL_S) -> None:
         self.lookup = lookup or system_lookup
-        self._answers: TTLCache[tuple[str, int], Answer] = TTLCache(maxsize=4096, ttl=ttl)
+        self._ttl = ttl
+        self._answers: dict[tuple[str, int], tuple[float, Answer]] = {}
+        """(host, port) -> (expiry, answer); a plain dict: this lookup runs on every attempt."""
 
     def cached(self, host: str, port: int, allow_private: bool) -> tuple[str, ...] | None:
         """The checked addresses when the answer is cached (no await on the hot path)."""
-        answer = self._answers.get((host, port))
+        answer = self._fresh((host, port))
         return None if answer is None else _usable(answer, host, allow_private)
+
+    def _fresh(self, key: tuple[str, int]) -> Answer | None:
+        entry = self._answers.get(key)
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        return entry[1]
 
     async def resolve(self, host: str, port: int, allow_private: bool) -> tuple[str, ...]:
         """Addresses the connection may use, best first; raises AddressNotAllowed or ConnectFailure."""
-        answer = self._answers.get((host, port))
+        answer = self._fresh((host, port))
         if answer is None:
             try:
                 found = await self.lookup(host, port)
@@ -60,7 +69,9 @@ class CheckedResolver:
                 raise failures.cannot_resolve(host, None)
             allowed = tuple(a for a in found if refusal_reason(a) is None)
             answer = Answer(found, allowed, refusal_reason(found[0]) or "")
-            self._answers[(host, port)] = answer
+            if len(self._answers) >= _MAX_ANSWERS:
+                del self._answers[next(iter(self._answers))]  # the oldest
+            self._answers[(host, port)] = (time.monotonic() + self._ttl, answer)
         return _usable(answer, host, allow_private)
 
 
