@@ -22,11 +22,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from proxy import event_loop
-from proxy import server as server_module
 from proxy.admin import build_admin_app
 from proxy.config.loader import Config, load_config
 from proxy.reload import Reloader
 from proxy.server import ProxyServer
+from proxy.server import lifecycle as server_lifecycle
 from proxy.telemetry import Telemetry
 from tests.e2e.otlp_receiver import OtlpReceiver
 from tests.e2e.procs import OutriggerProcess, RawUpstream
@@ -194,7 +194,9 @@ def access_log(monkeypatch: pytest.MonkeyPatch, started_servers: list[ProxyServe
     """The access log lines the in-process servers write during the test, parsed: their writers
     get an in-memory stream instead of stdout (pytest owns ``sys.stdout`` while a test runs)."""
     log = AccessLog(started_servers)
-    monkeypatch.setattr(server_module, "Telemetry", functools.partial(Telemetry, access_stream=log.captured))
+    monkeypatch.setattr(
+        server_lifecycle, "Telemetry", functools.partial(Telemetry, access_stream=log.captured)
+    )
     return log
 
 

@@ -1,8 +1,9 @@
-"""aiohttp internals Outrigger relies on (outside proxy/upstream.py, which is being replaced).
+"""aiohttp internals Outrigger relies on (the upstream leg, proxy/transport/, uses none).
 
-proxy/server.py subclasses aiohttp's `RequestHandler`, `web.Server` and `web.StreamResponse` and
-reaches into their private parts. aiohttp may change those in any release, so pyproject.toml
-pins a minor version and these tests fail loudly, naming the attribute, before a bump ships.
+proxy/server/protocol.py and respond.py subclass aiohttp's `RequestHandler`, `web.Server` and
+`web.StreamResponse` and reach into their private parts. aiohttp may change those in any
+release, so pyproject.toml pins a minor version, and these tests fail loudly, naming the
+attribute, before a bump ships.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from aiohttp.test_utils import make_mocked_request
 from aiohttp.web_protocol import RequestHandler
 from packaging.requirements import Requirement
 
-from proxy.server import _PassThroughResponse, _ProxyRequestHandler, _ProxyServer
+from proxy.server.protocol import ProxyWebServer, RefusingRequestHandler
+from proxy.server.respond import PassThroughResponse
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -55,7 +57,7 @@ def test_aiohttp_has_an_upper_bound_and_the_installed_version_is_within_it() -> 
 
 
 async def test_web_server_keeps_loop_and_handler_kwargs_as_private_attributes() -> None:
-    """_ProxyServer.__call__ builds its handler from `self._loop` and `self._kwargs`."""
+    """ProxyWebServer.__call__ builds its handler from `self._loop` and `self._kwargs`."""
 
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
         return web.Response()
@@ -79,25 +81,25 @@ def test_request_handler_init_takes_manager_loop_and_the_server_kwargs() -> None
 
 
 async def test_proxy_server_builds_our_handler_which_knows_its_manager() -> None:
-    """_ProxyRequestHandler.handle_error reads `self._manager` to record the refusal."""
+    """RefusingRequestHandler.handle_error reads `self._manager` to record the refusal."""
 
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
         return web.Response()
 
-    server = _ProxyServer(handler, lambda request, error: "id", **SERVER_KWARGS)
+    server = ProxyWebServer(handler, lambda request, error: "id", **SERVER_KWARGS)
     built = server()
-    assert isinstance(built, _ProxyRequestHandler)
+    assert isinstance(built, RefusingRequestHandler)
     assert built._manager is server
     assert "_manager" in RequestHandler.__slots__
 
 
 def test_request_handler_handle_error_signature() -> None:
-    """_ProxyRequestHandler overrides it and calls super() with these positional arguments."""
+    """RefusingRequestHandler overrides it and calls super() with these positional arguments."""
     signature = inspect.signature(RequestHandler.handle_error)
     assert list(signature.parameters) == ["self", "request", "status", "exc", "message"]
     defaults = [p.default for p in list(signature.parameters.values())[2:]]
     assert defaults == [500, None, None]
-    assert _parameters(_ProxyRequestHandler.handle_error) == _parameters(RequestHandler.handle_error)
+    assert _parameters(RefusingRequestHandler.handle_error) == _parameters(RequestHandler.handle_error)
 
 
 @pytest.mark.parametrize("parser", [HttpRequestParser, HttpRequestParserPy], ids=["c", "python"])
@@ -114,11 +116,11 @@ def test_stream_response_prepare_headers_is_a_private_coroutine_method() -> None
 
 
 async def test_prepare_headers_is_where_content_type_and_server_are_invented() -> None:
-    """_PassThroughResponse strips exactly what `_prepare_headers` adds; both halves are checked."""
+    """PassThroughResponse strips exactly what `_prepare_headers` adds; both halves are checked."""
     plain = web.StreamResponse()
     await plain.prepare(make_mocked_request("GET", "/"))
     assert {hdrs.CONTENT_TYPE, hdrs.SERVER} <= set(plain.headers)
-    passed = _PassThroughResponse()
+    passed = PassThroughResponse()
     await passed.prepare(make_mocked_request("GET", "/"))
     assert hdrs.CONTENT_TYPE not in passed.headers
     assert hdrs.SERVER not in passed.headers

@@ -1,0 +1,121 @@
+"""The three ways in (SPEC 2), turning an aiohttp request into a `ProxyRequest`.
+
+A policy's dedicated ``listen`` port, an absolute-form target (HTTP_PROXY), or
+the ``Host`` header name the policy; the request line and headers are checked
+against the limits, and the headers are copied without hop-by-hop ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import HttpVersion10, HttpVersion11, web
+
+from proxy import errors
+from proxy.config.model import Policy, UpstreamTarget
+from proxy.exchange import CHUNK_SIZE, REQUEST_DROP, ProxyRequest, RequestBody, end_to_end_headers
+from proxy.routing import dedicated_upstream, upstream_for
+from proxy.server.runtime import Runtime
+from proxy.target import RequestTarget
+from proxy.telemetry import REQUEST_ID_HEADER, RequestObservation
+
+TIMEOUT_HEADER = "x-outrigger-timeout-ms"
+
+
+def check_header_size(request: web.BaseRequest, runtime: Runtime) -> None:
+    limit = runtime.config.main.limits.max_header_bytes
+    size = len(request.method) + len(request.raw_path) + 11
+    size += sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
+    if size > limit:
+        raise errors.HeadersTooLarge(f"request line and headers are {size} bytes; the limit is {limit}")
+
+
+def build_request(
+    request: web.BaseRequest,
+    runtime: Runtime,
+    target: RequestTarget,
+    observation: RequestObservation,
+) -> ProxyRequest:
+    check_header_size(request, runtime)
+    if request.version not in (HttpVersion10, HttpVersion11):
+        raise errors.BadRequest(
+            f"unsupported protocol version HTTP/{request.version[0]}.{request.version[1]}"
+        )
+    if request.method == "CONNECT":
+        listen = runtime.config.main.listen
+        raise errors.ConnectNotSupported(
+            "CONNECT tunnels bypass every policy: send plain http:// URLs to Outrigger"
+            f" (HTTP_PROXY=http://{listen.host}:{listen.port}) and it will originate TLS itself",
+            host=request.raw_path.rpartition(":")[0].strip("[]").lower(),
+        )
+    policy, host, upstream, path_qs = route(request, runtime, target)
+    headers, control = end_to_end_headers(request.headers.items(), REQUEST_DROP)
+    timeout_override = None
+    for name, value in control:
+        if name == TIMEOUT_HEADER:
+            timeout_override = parse_timeout_ms(value)
+    headers[REQUEST_ID_HEADER] = observation.request_id
+    source = request_body(request) if request.body_exists else None
+    return ProxyRequest(
+        method=request.method,
+        host=host,
+        target=upstream,
+        path_qs=path_qs,
+        headers=headers,
+        body=RequestBody(source, request.content_length),
+        policy=policy,
+        settings=policy.settings,
+        timeout_override=timeout_override,
+        request_id=observation.request_id,
+        trace_context=observation.context,
+        traced=observation.context is not None,
+        traceparent=observation.traceparent,
+    )
+
+
+def route(
+    request: web.BaseRequest, runtime: Runtime, target: RequestTarget
+) -> tuple[Policy, str, UpstreamTarget, str]:
+    """Which policy, which upstream and which path: by local port, absolute URL or Host header."""
+    sockname: Any = request.transport.get_extra_info("sockname") if request.transport else None
+    local_port = sockname[1] if sockname else None
+    dedicated = runtime.router.policy_for_port(local_port) if local_port is not None else None
+    if target.problem is not None:
+        raise errors.BadRequest(target.problem)
+    path_qs = target.path_qs
+    if target.absolute:
+        host, port = target.host, target.port
+    else:
+        host_header = request.headers.get("Host")
+        if dedicated is None and not host_header:
+            raise errors.BadRequest("no Host header: Outrigger cannot tell which upstream to call")
+        host, port = (target.host, target.port) if host_header else ("", None)
+    if dedicated is not None:
+        return dedicated, dedicated.name, dedicated_upstream(dedicated), path_qs
+    policy = runtime.router.policy_for_host(host)
+    if policy is None:
+        raise errors.HostNotAllowed(
+            f"no policy allows {host}; add it to a policy's hosts (or set unknown_hosts: allow)",
+            host=host,
+        )
+    return policy, host, upstream_for(policy, host, port), path_qs
+
+
+async def request_body(request: web.BaseRequest) -> AsyncIterator[bytes]:
+    """The app's body, streamed; answers ``Expect: 100-continue`` only once a layer wants the body,
+    so a request refused locally (403, 429, ...) is answered without inviting the upload."""
+    if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    async for chunk in request.content.iter_chunked(CHUNK_SIZE):
+        yield chunk
+
+
+def parse_timeout_ms(value: str) -> float:
+    try:
+        millis = int(value)
+    except ValueError:
+        millis = 0
+    if millis <= 0:
+        raise errors.BadRequest(f"{TIMEOUT_HEADER} must be a positive integer number of milliseconds")
+    return millis / 1000

@@ -1,0 +1,168 @@
+"""The proxy listeners (main and per-policy ports), the current `Runtime`, start, reload and drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aiohttp import web
+
+from proxy import errors
+from proxy.config.loader import Config
+from proxy.pipeline import PolicyState
+from proxy.server import handler
+from proxy.server.protocol import ProxyWebServer
+from proxy.server.runtime import Runtime
+from proxy.telemetry import Telemetry
+from proxy.transport import UpstreamClient
+
+log = logging.getLogger("outrigger.server")
+
+_CANCEL_GRACE_S = 0.2
+"""After drain_timeout, how long cancelled handlers get to unwind before the listener shuts down."""
+
+
+class ShuttingDown(Exception):
+    """A reload arrived after shutdown began."""
+
+
+class ProxyServer:
+    """The proxy listeners (main and per-policy ports) and the current `Runtime`."""
+
+    def __init__(self, config: Config) -> None:
+        self._upstream: UpstreamClient | None = None
+        self._runtime: Runtime | None = None
+        self._initial = config
+        self._runner: web.BaseRunner | None = None
+        self._sites: dict[int, web.TCPSite] = {}
+        self.draining = False
+        self._in_flight: set[asyncio.Task[object]] = set()
+        self._listeners_lock = asyncio.Lock()
+        """Serialises apply() and stop(): a reload must never reopen a port while shutting down."""
+        self._drained = asyncio.Event()
+        self.telemetry = Telemetry(config.main.telemetry, self._states)
+
+    def _states(self) -> dict[str, PolicyState]:
+        return self._runtime.pipelines.states if self._runtime is not None else {}
+
+    @property
+    def runtime(self) -> Runtime:
+        assert self._runtime is not None, "server not started"
+        return self._runtime
+
+    @property
+    def ready(self) -> bool:
+        return self._runtime is not None and not self.draining and bool(self._sites)
+
+    async def start(self) -> None:
+        config = self._initial
+        self._upstream = UpstreamClient(max_header_bytes=config.main.limits.max_header_bytes)
+        self._runtime = Runtime.build(config, self._upstream, self.telemetry.tracer)
+        limits = config.main.limits
+        server = ProxyWebServer(
+            self._handle,
+            self._refused,
+            max_line_size=limits.max_header_bytes,
+            max_field_size=limits.max_header_bytes,
+            max_headers=limits.max_headers,
+            auto_decompress=False,
+            access_log=None,
+            handler_cancellation=True,  # an app that hangs up stops its retries and frees its slot
+        )
+        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=_CANCEL_GRACE_S)
+        await self._runner.setup()
+        await self._open(config.main.listen.port)
+        for port in self.runtime.router.ports:
+            await self._open(port)
+
+    def build_runtime(self, config: Config) -> Runtime:
+        """The runtime for `config`, carrying state over from the running one. Blocking: it renders
+        ``${file:}`` secrets, so a reload calls it in a thread (the loop keeps serving)."""
+        return Runtime.build(config, self.upstream, self.telemetry.tracer, previous=self.runtime)
+
+    async def apply(self, config: Config, runtime: Runtime | None = None) -> None:
+        """Swap in a validated config: open new policy ports, swap atomically, then close stale ports.
+
+        Requests already running keep the runtime they started with; state of unchanged policy
+        sections carries over. Raises OSError (old config still serving) when a new port can't
+        bind, and ShuttingDown once stop() has begun. `runtime` is `build_runtime(config)` when the
+        caller built it already.
+        """
+        async with self._listeners_lock:
+            if self.draining:
+                raise ShuttingDown("shutting down: reload refused")
+            self.upstream.forget_tls_contexts()  # rotated CA or client certificates are read again
+            if runtime is None:
+                runtime = self.build_runtime(config)
+            wanted = {config.main.listen.port, *runtime.router.ports}
+            opened: list[int] = []
+            try:
+                for port in sorted(wanted - set(self._sites)):
+                    await self._open(port)
+                    opened.append(port)
+            except OSError:
+                for port in opened:
+                    await self._close(port)
+                raise
+            self._runtime = runtime
+            for port in sorted(set(self._sites) - wanted):
+                await self._close(port)
+
+    @property
+    def upstream(self) -> UpstreamClient:
+        assert self._upstream is not None, "server not started"
+        return self._upstream
+
+    async def _open(self, port: int) -> None:
+        assert self._runner is not None
+        host = self._initial.main.listen.host
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await site.start()
+        self._sites[port] = site
+        log.info("listening on %s:%d", host, port)
+
+    async def _close(self, port: int) -> None:
+        """Stop accepting on a port; connections already open there finish their requests."""
+        await self._sites.pop(port).stop()
+        log.info("closed port %d", port)
+
+    @property
+    def bound_ports(self) -> list[int]:
+        return list(self._sites)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish up to drain_timeout, then cancel the rest."""
+        async with self._listeners_lock:
+            self.draining = True
+            for port in list(self._sites):
+                await self._close(port)
+        if self._in_flight:
+            log.info("draining %d in-flight request(s)", len(self._in_flight))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._initial.main.drain_timeout):
+                    await self._drained.wait()
+        if self._in_flight:
+            log.warning("drain_timeout reached: cancelling %d request(s)", len(self._in_flight))
+            for task in self._in_flight:
+                task.cancel()
+            await asyncio.wait(self._in_flight, timeout=_CANCEL_GRACE_S)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._upstream is not None:
+            await self._upstream.close()
+        await asyncio.to_thread(self.telemetry.close)
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        task: asyncio.Task[object] | None = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        try:
+            return await handler.proxy(request, self.runtime, self.telemetry, self.draining)
+        finally:
+            self._in_flight.discard(task)
+            if self.draining and not self._in_flight:
+                self._drained.set()
+
+    def _refused(self, request: web.BaseRequest, error: errors.OutriggerError) -> str:
+        return handler.refused(request, error, self.runtime, self.telemetry)

@@ -1,0 +1,63 @@
+"""Streaming the response back to the app, and the error responses Outrigger writes itself."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import hdrs, web
+
+from proxy import errors
+from proxy.exchange import ProxyRequest, ProxyResponse
+from proxy.telemetry import REQUEST_ID_HEADER
+
+log = logging.getLogger("outrigger.server")
+
+ATTEMPTS_HEADER = "x-outrigger-attempts"
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+def error_response(error: errors.OutriggerError, host: str) -> web.Response:
+    return web.Response(status=error.status, body=error.body(host), headers=error.headers())
+
+
+class PassThroughResponse(web.StreamResponse):
+    """A streamed upstream response without the Content-Type and Server headers aiohttp would
+    invent when the upstream sent none (Date stays: RFC 9110 6.6.1 asks a forwarder to add it)."""
+
+    async def _prepare_headers(self) -> None:
+        invented = [name for name in (hdrs.CONTENT_TYPE, hdrs.SERVER) if name not in self.headers]
+        await super()._prepare_headers()
+        for name in invented:
+            self.headers.popall(name, None)
+
+
+async def stream_response(
+    request: web.BaseRequest,
+    proxy_request: ProxyRequest,
+    response: ProxyResponse,
+    request_id: str,
+    draining: bool,
+) -> tuple[web.StreamResponse, bool]:
+    """Send the upstream response as it arrives; abort the connection if it breaks (False)."""
+    out = PassThroughResponse(status=response.status, reason=response.reason, headers=response.headers)
+    out.headers[ATTEMPTS_HEADER] = str(proxy_request.attempts)
+    out.headers[REQUEST_ID_HEADER] = request_id
+    if draining:
+        out.force_close()  # tell keep-alive clients to reconnect elsewhere while we drain
+    has_body = request.method != "HEAD" and response.status not in _NO_BODY_STATUSES
+    try:
+        await out.prepare(request)
+        if has_body:  # idle bounds each silence (in the transport); stream, if set, the whole body
+            async with asyncio.timeout(proxy_request.settings.timeouts.stream):
+                async for chunk in response.body.chunks():
+                    await out.write(chunk)
+        await out.write_eof()
+    except (errors.OutriggerError, TimeoutError, ConnectionError) as exc:
+        log.warning("response to %s %s cut short: %s", request.method, proxy_request.host, exc)
+        if request.transport is not None:
+            request.transport.abort()
+        return out, False
+    finally:
+        response.body.release()
+    return out, True

@@ -1,0 +1,29 @@
+"""Everything derived from one config, swapped as a whole on reload."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opentelemetry import trace
+
+from proxy.config.loader import Config
+from proxy.pipeline import Pipelines
+from proxy.routing import Router
+from proxy.transport import UpstreamClient
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything derived from one config; replaced as a whole on reload."""
+
+    config: Config
+    router: Router
+    pipelines: Pipelines
+
+    @classmethod
+    def build(
+        cls, config: Config, upstream: UpstreamClient, tracer: trace.Tracer, previous: Runtime | None = None
+    ) -> Runtime:
+        router = Router(config)
+        pipelines = Pipelines(config, router, upstream, tracer, previous.pipelines if previous else None)
+        return cls(config, router, pipelines)
