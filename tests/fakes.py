@@ -13,6 +13,8 @@ headers and body, a ready `ProxyResponse`, or an exception to raise).
 it answers from a script (statuses, headers, bodies, or a reset without any
 answer) and records each request it received, with its arrival time. `Gate` and
 `body_in_two_parts` are handlers for its script; `call` and `app_request` are the app's side.
+(For exact response bytes per path, on a bare TCP server, see
+`tests.e2e.upstreams.RawScriptedUpstream`.)
 """
 
 from __future__ import annotations
@@ -235,7 +237,7 @@ class SeenRequest:
 
 
 class ScriptedUpstream:
-    """Answers request i with `steps[i]` (the last step repeats) and records every request."""
+    """An aiohttp upstream: answers request i with `steps[i]` (the last repeats), records every request."""
 
     def __init__(self, *steps: Step, delay: float = 0.0) -> None:
         assert steps, "at least one step"

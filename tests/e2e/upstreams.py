@@ -5,7 +5,7 @@ Nothing here mocks the network: every helper opens real sockets on 127.0.0.1.
 - `Recorder` + `recording_app`: an aiohttp upstream that keeps every request
   exactly as it arrived (raw target, raw header lines, raw body bytes, peer
   port) so tests can assert what Outrigger forwarded.
-- `ScriptedUpstream`: a bare asyncio TCP server that answers each path with
+- `RawScriptedUpstream`: a bare asyncio TCP server that answers each path with
   pre-written response bytes, then keeps the connection, closes it, or resets
   it mid-body — the misbehaviour aiohttp's server would never produce.
 - `RawConnection` / `raw_exchange`: a client that writes exact request bytes
@@ -122,7 +122,7 @@ After = Literal["keep", "close", "reset"]
 
 
 @dataclass(frozen=True)
-class Script:
+class RawScript:
     """Bytes to answer with, then what to do with the connection."""
 
     response: bytes
@@ -136,10 +136,10 @@ def response_bytes(head: str, body: bytes = b"") -> bytes:
     return head.replace("\n", "\r\n").encode("latin-1") + b"\r\n\r\n" + body
 
 
-class ScriptedUpstream:
+class RawScriptedUpstream:
     """A minimal HTTP/1.1 server: reads one request head (+ Content-Length body), writes a script."""
 
-    def __init__(self, scripts: dict[str, Script]) -> None:
+    def __init__(self, scripts: dict[str, RawScript]) -> None:
         self.scripts = scripts
         self.heads: list[bytes] = []
         self._server: asyncio.Server | None = None
@@ -155,7 +155,7 @@ class ScriptedUpstream:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def __aenter__(self) -> ScriptedUpstream:
+    async def __aenter__(self) -> RawScriptedUpstream:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         return self
 
@@ -180,7 +180,7 @@ class ScriptedUpstream:
                     await reader.readexactly(length)
                 target = head.split(b" ", 2)[1].decode("latin-1")
                 path = target.split("?", 1)[0]
-                script = self.scripts.get(path) or Script(
+                script = self.scripts.get(path) or RawScript(
                     response_bytes("HTTP/1.1 404 Not Found\nContent-Length: 0")
                 )
                 writer.write(script.response)
