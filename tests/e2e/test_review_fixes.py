@@ -24,7 +24,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import RunningProxy, StartProxy, free_port, loopback_policy
-from tests.e2e.procs import RawUpstream, assert_error, raw_exchange
+from tests.e2e.procs import RawUpstream, assert_error
+from tests.e2e.upstreams import raw_exchange
 from tests.fakes import Gate, ScriptedUpstream
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]

@@ -20,7 +20,8 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from tests.conftest import Launch, RunningProxy, StartProxy, free_port, loopback_policy, write_config
-from tests.e2e.procs import RawUpstream, assert_error, assert_error_response, config_ports, raw_exchange
+from tests.e2e.procs import RawUpstream, assert_error, assert_error_response, config_ports
+from tests.e2e.upstreams import raw_exchange
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 

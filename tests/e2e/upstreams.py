@@ -21,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import ssl
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +34,7 @@ import aiohttp
 import trustme
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpServer
 
 IO_TIMEOUT = 5.0
@@ -222,21 +224,25 @@ def _content_length(head: bytes) -> int:
 class RawResponse:
     status: int
     reason: str
-    headers: list[tuple[str, str]]
+    headers: CIMultiDict[str]
     body: bytes
     """The decoded body (chunked framing removed)."""
     framing: Literal["none", "length", "chunked", "close"]
+    version: str = "HTTP/1.1"
+    """The version on the status line, e.g. ``HTTP/1.1``."""
+    closed: bool = False
+    """True when the server closed the connection right after this response (`raw_exchange`
+    with ``check_closed=True`` only)."""
 
     def getall(self, name: str) -> list[str]:
-        return [value for key, value in self.headers if key.lower() == name.lower()]
+        return self.headers.getall(name, [])
 
     def get(self, name: str) -> str | None:
-        values = self.getall(name)
-        return values[0] if values else None
+        return self.headers.get(name)
 
     @property
     def header_names(self) -> set[str]:
-        return {key.lower() for key, _ in self.headers}
+        return {key.lower() for key in self.headers}
 
 
 class IncompleteBody(Exception):
@@ -265,33 +271,38 @@ class RawConnection:
 
     async def read_head(self, wait: float = IO_TIMEOUT) -> tuple[int, str, list[tuple[str, str]]]:
         """Read one response head, waiting at most `wait` seconds."""
+        _version, status, reason, headers = await self._read_status_and_headers(wait)
+        return status, reason, headers
+
+    async def _read_status_and_headers(self, wait: float) -> tuple[str, int, str, list[tuple[str, str]]]:
         head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), wait)
         lines = head.decode("latin-1").split("\r\n")
-        _version, status, *reason = lines[0].split(" ", 2)
+        match = re.match(r"(HTTP/\d\.\d) (\d{3})(?: (.*))?$", lines[0])
+        assert match, f"not an HTTP response: {lines[0]!r}"
         headers = [
             (name.strip(), value.strip())
             for name, _, value in (line.partition(":") for line in lines[1:] if line)
         ]
-        return int(status), (reason[0] if reason else ""), headers
+        return match.group(1), int(match.group(2)), match.group(3) or "", headers
 
     async def read_response(self, method: str = "GET") -> RawResponse:
-        status, reason, headers = await self.read_head()
+        version, status, reason, lines = await self._read_status_and_headers(IO_TIMEOUT)
         while 100 <= status < 200:  # interim responses carry no body
-            status, reason, headers = await self.read_head()
-        lowered = {name.lower(): value for name, value in headers}
+            version, status, reason, lines = await self._read_status_and_headers(IO_TIMEOUT)
+        headers = CIMultiDict(lines)
         if method == "HEAD" or status in (204, 304):
-            return RawResponse(status, reason, headers, b"", "none")
-        if "chunked" in lowered.get("transfer-encoding", "").lower():
-            return RawResponse(status, reason, headers, await self._read_chunked(), "chunked")
-        if "content-length" in lowered:
-            length = int(lowered["content-length"])
+            return RawResponse(status, reason, headers, b"", "none", version)
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            return RawResponse(status, reason, headers, await self._read_chunked(), "chunked", version)
+        if "content-length" in headers:
+            length = int(headers["content-length"])
             try:
                 body = await asyncio.wait_for(self.reader.readexactly(length), IO_TIMEOUT)
             except asyncio.IncompleteReadError as exc:
                 raise IncompleteBody(exc.partial) from None
-            return RawResponse(status, reason, headers, body, "length")
+            return RawResponse(status, reason, headers, body, "length", version)
         body = await asyncio.wait_for(self.reader.read(), IO_TIMEOUT)
-        return RawResponse(status, reason, headers, body, "close")
+        return RawResponse(status, reason, headers, body, "close", version)
 
     async def _read_chunked(self) -> bytes:
         parts: list[bytes] = []
@@ -322,14 +333,36 @@ class RawConnection:
             await asyncio.wait_for(self.writer.wait_closed(), IO_TIMEOUT)
 
 
-async def raw_exchange(port: int, request: bytes, method: str = "GET") -> RawResponse:
-    """Send exact request bytes on a fresh connection and parse one response."""
-    conn = await RawConnection.open(port)
-    try:
-        await conn.send(request)
-        return await conn.read_response(method)
-    finally:
-        await conn.close()
+async def raw_exchange(
+    port: int,
+    request: bytes,
+    method: str = "GET",
+    *,
+    within: float = 2 * IO_TIMEOUT,
+    check_closed: bool = False,
+) -> RawResponse:
+    """Send exact request bytes on a fresh connection to 127.0.0.1:`port` and parse one response.
+
+    The whole exchange takes at most `within` seconds. With `check_closed`, wait up to 0.5 s
+    more to see whether the server closes the connection (`RawResponse.closed`).
+    """
+    async with asyncio.timeout(within):
+        conn = await RawConnection.open(port)
+        try:
+            await conn.send(request)
+            response = await conn.read_response(method)
+            if check_closed:
+                try:
+                    async with asyncio.timeout(0.5):
+                        closed = await conn.reader.read(1) == b""
+                except TimeoutError:
+                    closed = False
+                except ConnectionError:
+                    closed = True
+                response = replace(response, closed=closed)
+            return response
+        finally:
+            await conn.close()
 
 
 def request_bytes(head: str, body: bytes = b"") -> bytes:
