@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -166,12 +167,14 @@ def outrigger_command() -> list[str]:
 
 
 async def wait_until(
-    condition: Callable[[], Awaitable[bool]], *, within: float, interval: float = 0.02
+    condition: Callable[[], Awaitable[bool] | bool], *, within: float, interval: float = 0.02
 ) -> bool:
-    """Poll `condition` until it is true; bounded by `within` seconds and by an iteration count."""
+    """Poll `condition` (a plain or an async predicate) until it is true; bounded by `within`
+    seconds and by an iteration count."""
     deadline = time.monotonic() + within
     for _ in range(int(within / interval) + 2):
-        if await condition():
+        result = condition()
+        if await result if inspect.isawaitable(result) else result:
             return True
         if time.monotonic() >= deadline:
             return False

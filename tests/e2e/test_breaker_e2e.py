@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import StartProxy, free_port, start_on_own_port
+from tests.e2e.procs import wait_until
 from tests.e2e.upstreams import TimedReply, timed_get
 from tests.fakes import ScriptedUpstream
 
@@ -70,14 +71,6 @@ def _assert_upstream_reply(reply: TimedReply, status: int) -> None:
     assert reply.body == f"upstream says {status}".encode()
 
 
-async def _wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
 async def test_503_storm_opens_fails_fast_half_opens_one_trial_and_recovers(
     upstream: tuple[Misbehaving, str], start_proxy: StartProxy, client: aiohttp.ClientSession
 ) -> None:
@@ -114,7 +107,9 @@ async def test_503_storm_opens_fails_fast_half_opens_one_trial_and_recovers(
     behaviour.status = 200
     behaviour.gate = asyncio.Event()
     tasks = [asyncio.create_task(timed_get(client, base)) for _ in range(20)]
-    await _wait_until(lambda: sum(t.done() for t in tasks) == 19)
+    assert await wait_until(lambda: sum(t.done() for t in tasks) == 19, within=5.0, interval=0.01), (
+        "condition not reached in time"
+    )
     assert behaviour.hits == 4, "exactly one trial reached the upstream"
     rejected = [t.result() for t in tasks if t.done()]
     for reply in rejected:
