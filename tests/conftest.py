@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 import yaml
 from aiohttp import web
 from opentelemetry import trace
@@ -64,6 +65,15 @@ def write_config(directory: Path, policies: list[dict[str, Any]], **main: Any) -
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(settings))
     return path
+
+
+def write_ca_file_config(directory: Path) -> tuple[Path, Path]:
+    """A config (via `write_config`) whose one policy trusts a fresh CA from ``ca.pem`` under
+    `directory`; returns the config path and the CA file."""
+    ca_file = directory / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca_file))
+    policy = loopback_policy("https://127.0.0.1:9", tls={"ca_file": str(ca_file)})
+    return write_config(directory, [policy]), ca_file
 
 
 @dataclass

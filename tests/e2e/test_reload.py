@@ -31,7 +31,7 @@ from proxy.admin import build_admin_app
 from proxy.config.loader import load_config
 from proxy.reload import Reloader
 from proxy.server import ProxyServer
-from tests.conftest import Launch, free_port, loopback_policy, write_config
+from tests.conftest import Launch, StartProxy, free_port, loopback_policy, write_ca_file_config, write_config
 from tests.e2e.procs import OutriggerProcess, config_ports, port_refuses, wait_until
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
@@ -1045,3 +1045,17 @@ async def test_a_reload_renders_secrets_off_the_event_loop(
     assert loop_thread not in threads
     assert (await live.get())[0] == 200
     assert upstream.values("Authorization") == ["Bearer t2"]
+
+
+# --------------------------------------------------------------------------- TLS files
+
+
+async def test_apply_forgets_cached_tls_contexts(tmp_path: Path, start_proxy: StartProxy) -> None:
+    _, ca_file = write_ca_file_config(tmp_path)
+    proxy = await start_proxy([loopback_policy("https://127.0.0.1:9", tls={"ca_file": str(ca_file)})])
+    tls = proxy.config.policies[0].settings.tls
+    assert tls.ca_file is not None
+    before = proxy.server.upstream._ssl_context(tls)
+    assert proxy.server.upstream._ssl_context(tls) is before, "cached between reloads"
+    await proxy.server.apply(load_config(proxy.config.path))
+    assert proxy.server.upstream._ssl_context(tls) is not before, "a reload re-reads the TLS files"
