@@ -18,6 +18,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from pytest_aiohttp import AiohttpServer
 
 from proxy import event_loop
 from proxy.admin import build_admin_app
@@ -26,6 +27,7 @@ from proxy.reload import Reloader
 from proxy.server import ProxyServer
 from tests.e2e.otlp_receiver import OtlpReceiver
 from tests.e2e.procs import OutriggerProcess, RawUpstream
+from tests.e2e.upstreams import CountingUpstream
 
 _handed_out: set[int] = set()
 
@@ -158,6 +160,12 @@ async def raw_upstream() -> AsyncIterator[RawUpstream]:
     server = await RawUpstream().start()
     yield server
     await server.close()
+
+
+@pytest.fixture
+async def counting_upstream(aiohttp_server: AiohttpServer) -> CountingUpstream:
+    """A running `CountingUpstream` (/slow answers 503 at once until told otherwise)."""
+    return await CountingUpstream().start(aiohttp_server)
 
 
 @pytest.fixture

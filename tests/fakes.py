@@ -360,3 +360,16 @@ async def app_request(
 ) -> Reply:
     """What an app sends through `proxy`'s main listener, with `Host: host`."""
     return await call(method, f"{proxy.url}{path}", headers={"Host": host, **(headers or {})}, data=data)
+
+
+async def app_get(proxy: RunningProxy, path: str, **headers: str) -> tuple[int, CIMultiDict[str], bytes]:
+    """`app_request` GET `path` with `Host: upstream.test` (plus `headers`), as (status, headers, body)."""
+    reply = await app_request(proxy, "GET", path, headers=headers)
+    return reply.status, reply.headers, reply.body
+
+
+async def admin_state(proxy: RunningProxy) -> dict[str, Any]:
+    """The admin API's ``/state`` document."""
+    reply = await call("GET", f"http://127.0.0.1:{proxy.admin_port}/state")
+    body: dict[str, Any] = reply.json()
+    return body

@@ -17,10 +17,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import StartProxy, free_port, start_on_own_port
+from tests.conftest import StartProxy, free_port, loopback_policy, start_on_own_port
 from tests.e2e.procs import wait_until
-from tests.e2e.upstreams import TimedReply, timed_get
-from tests.fakes import ScriptedUpstream
+from tests.e2e.upstreams import CountingUpstream, TimedReply, timed_get
+from tests.fakes import CALL_TIMEOUT, ScriptedUpstream, admin_state
+
+HOST = "upstream.test"
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 HOLD_LIMIT = 10.0
@@ -228,3 +230,34 @@ async def test_connect_failures_open_the_breaker(
         assert reply.status == 502
         assert reply.error()["type"] == "upstream_unreachable"
     _assert_circuit_open(await timed_get(client, base))
+
+
+# --------------------------------------------------------------------------- unknown hosts share no breaker
+
+BREAKER = {"failure_threshold": 1, "failure_on": ["connect-failure", "reset", "timeout", "5xx"]}
+
+
+async def test_one_failing_unknown_host_does_not_open_a_breaker_for_the_others(
+    counting_upstream: CountingUpstream, start_proxy: StartProxy
+) -> None:
+    dead = free_port()  # nothing listens here: every attempt is a connect failure
+    assert counting_upstream.server is not None
+    proxy = await start_proxy(
+        [loopback_policy(counting_upstream.url)],
+        unknown_hosts="allow",
+        defaults={"allow_private_addresses": True, "circuit_breaker": BREAKER},
+    )
+    async with aiohttp.ClientSession(timeout=CALL_TIMEOUT) as client:
+        async with client.get(f"{proxy.url}/x", headers={"Host": f"127.0.0.1:{dead}"}) as failed:
+            assert failed.status == 502, await failed.text()
+            assert failed.headers.get("x-outrigger-error") == "upstream_unreachable"
+        # another unknown host (unknown hosts get https: this loopback server cannot complete TLS,
+        # but the point is that the attempt is made rather than refused by a shared breaker)
+        other = {"Host": f"localhost:{counting_upstream.server.port}"}
+        async with client.get(f"{proxy.url}/x", headers=other) as response:
+            body = await response.text()
+            assert response.headers.get("x-outrigger-error") != "circuit_open", body
+            assert response.headers.get("x-outrigger-error") == "upstream_unreachable", body
+            assert response.headers.get("x-outrigger-attempts") == "1"
+    state = await admin_state(proxy)
+    assert all(s["circuit_breaker"] is None for name, s in state.items() if name != HOST), state

@@ -18,6 +18,7 @@ from pytest_aiohttp import AiohttpServer
 
 from tests.conftest import StartProxy, free_port, loopback_policy
 from tests.e2e.upstreams import (
+    CountingUpstream,
     IncompleteBody,
     RawConnection,
     RawScript,
@@ -29,6 +30,7 @@ from tests.e2e.upstreams import (
     response_bytes,
     start_recording,
 )
+from tests.fakes import app_get
 
 ATTEMPTS = "x-outrigger-attempts"
 PROXY_ADDED = ("via", "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip")
@@ -296,6 +298,24 @@ async def test_no_cookie_jar_between_apps(aiohttp_server: AiohttpServer, start_p
     assert [seen.raw_path for seen in recorder.seen] == ["/login", "/other/0", "/other/1"]
     for seen in recorder.seen[1:]:
         assert seen.get("Cookie") is None
+
+
+async def test_upstream_x_outrigger_headers_do_not_reach_the_app(
+    counting_upstream: CountingUpstream, start_proxy: StartProxy
+) -> None:
+    counting_upstream.headers = {
+        "x-outrigger-error": "circuit_open",
+        "X-Outrigger-Replayed": "true",
+        "x-custom": "kept",
+    }
+    proxy = await start_proxy([loopback_policy(counting_upstream.url)])
+    status, headers, body = await app_get(proxy, "/v1/x")
+    assert (status, body) == (200, b"ok")
+    lowered = {k.lower(): v for k, v in headers.items()}
+    assert lowered.get("x-custom") == "kept"
+    assert "x-outrigger-error" not in lowered
+    assert "x-outrigger-replayed" not in lowered
+    assert lowered.get("x-outrigger-attempts") == "1"  # Outrigger's own still set
 
 
 # --------------------------------------------------------------------------- body framing

@@ -5,11 +5,14 @@ Nothing here mocks the network: every helper opens real sockets on 127.0.0.1.
 - `Recorder` + `recording_app`: an aiohttp upstream that keeps every request
   exactly as it arrived (raw target, raw header lines, raw body bytes, peer
   port) so tests can assert what Outrigger forwarded.
+- `CountingUpstream`: an aiohttp upstream that counts requests per path; ``/slow`` answers
+  late with a chosen status, anything else 200 ``ok`` (with chosen headers).
 - `RawScriptedUpstream`: a bare asyncio TCP server that answers each path with
   pre-written response bytes, then keeps the connection, closes it, or resets
   it mid-body — the misbehaviour aiohttp's server would never produce.
 - `RawConnection` / `raw_exchange`: a client that writes exact request bytes
-  (no invented headers) and parses the response without hiding framing.
+  (no invented headers) and parses the response without hiding framing;
+  `hang_up_after` sends bytes and leaves without reading an answer.
 - `timed_get` / `TimedReply`: a GET whose reply knows when it was sent and
   finished, and checks an Outrigger error document (SPEC 5) for shape.
 - `TlsMaterial`: a trustme CA with server and client certificates written
@@ -116,6 +119,40 @@ async def start_recording(
     recorder = Recorder()
     server = await aiohttp_server(recording_app(recorder, respond), auto_decompress=False, **server_kwargs)
     return server, recorder
+
+
+# --------------------------------------------------------------------------- counting upstream
+
+
+@dataclass
+class CountingUpstream:
+    """Counts requests per path; /slow waits `delay` then answers `status`; anything else is 200."""
+
+    status: int = 503
+    delay: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+    hits: dict[str, int] = field(default_factory=dict)
+    server: TestServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.port}"
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.hits[request.path] = self.hits.get(request.path, 0) + 1
+        with contextlib.suppress(aiohttp.ClientPayloadError, ConnectionError):
+            await request.read()
+        if request.path == "/slow":
+            await asyncio.sleep(self.delay)
+            return web.Response(status=self.status, text=f"upstream {self.status}")
+        return web.Response(status=200, text="ok", headers=self.headers)
+
+    async def start(self, aiohttp_server: AiohttpServer) -> CountingUpstream:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.server = await aiohttp_server(app)
+        return self
 
 
 # --------------------------------------------------------------------------- scripted raw upstream
@@ -363,6 +400,19 @@ async def raw_exchange(
             return response
         finally:
             await conn.close()
+
+
+async def hang_up_after(port: int, data: bytes, seconds: float) -> None:
+    """Send `data` on a fresh connection, wait `seconds`, then close without reading an answer."""
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        await asyncio.sleep(seconds)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
 
 
 def request_bytes(head: str, body: bytes = b"") -> bytes:
