@@ -9,13 +9,13 @@ trial through under 20 concurrent requests, and closes on success.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 from tests.conftest import StartProxy, free_port, loopback_policy, start_on_own_port
 from tests.e2e.procs import wait_until
@@ -24,7 +24,6 @@ from tests.fakes import CALL_TIMEOUT, ScriptedUpstream, admin_state
 
 HOST = "upstream.test"
 
-AiohttpServer = Callable[..., Awaitable[TestServer]]
 HOLD_LIMIT = 10.0
 """Longest any upstream handler is held (a hang fails the test instead of stalling it)."""
 

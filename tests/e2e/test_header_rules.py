@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,11 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 from proxy.config.loader import load_config
 from tests.conftest import StartProxy, free_port, loopback_policy, write_config
 from tests.e2e.procs import OutriggerProcess, config_ports, outrigger_command
-
-AiohttpServer = Callable[..., Awaitable[TestServer]]
 
 ENV_NAME = "OUTRIGGER_E2E_TOKEN"
 ENV_SECRET = "env-secret-7f3a9c41d2"

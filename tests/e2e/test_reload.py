@@ -25,6 +25,7 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 from proxy import secrets
 from proxy.admin import build_admin_app
@@ -35,7 +36,6 @@ from tests.conftest import Launch, StartProxy, free_port, loopback_policy, write
 from tests.e2e.procs import OutriggerProcess, config_ports, port_refuses, wait_until
 from tests.fakes import CALL_TIMEOUT, Gate, ScriptedUpstream, app_get
 
-AiohttpServer = Callable[..., Awaitable[TestServer]]
 HOST = "upstream.test"
 HOLD_LIMIT = 10.0
 """Longest an upstream handler is held, so a hang fails the test instead of stalling it."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import trustme
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
+from pytest_aiohttp import AiohttpServer
 
 from tests.conftest import Launch, RunningProxy, StartProxy, free_port, loopback_policy, write_config
 from tests.e2e.procs import RawUpstream, assert_error, assert_error_response, config_ports
@@ -25,8 +25,6 @@ from tests.e2e.upstreams import CountingUpstream, raw_exchange
 from tests.fakes import CALL_TIMEOUT
 
 HOST = "upstream.test"
-
-AiohttpServer = Callable[..., Awaitable[TestServer]]
 
 
 async def _get(

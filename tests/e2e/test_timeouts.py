@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 from tests.conftest import RunningProxy, StartProxy, free_port, loopback_policy
 from tests.e2e.procs import RawUpstream, assert_error, wait_until
@@ -26,7 +27,6 @@ from tests.fakes import app_get
 
 HOST = "upstream.test"
 
-AiohttpServer = Callable[..., Awaitable[TestServer]]
 SLACK = 0.5
 """How late a timeout may fire on a loaded CI machine."""
 

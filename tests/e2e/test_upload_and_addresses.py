@@ -6,21 +6,20 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 from proxy.transport import resolver
 from tests.conftest import StartProxy, loopback_policy
 from tests.e2e.procs import wait_until
 from tests.e2e.upstreams import CountingUpstream, hang_up_after
 from tests.fakes import admin_state, app_get
-
-AiohttpServer = Callable[..., Awaitable[TestServer]]
 
 
 async def _echo_upstream(aiohttp_server: AiohttpServer, seen: list[int]) -> TestServer:
