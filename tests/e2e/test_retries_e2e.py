@@ -12,12 +12,11 @@ import requests
 
 from tests.conftest import StartProxy, free_port, loopback_policy, start_on_own_port
 from tests.e2e.upstreams import CountingUpstream, hang_up_after
-from tests.fakes import AiohttpServerFactory, ScriptedUpstream, app_get, call
+from tests.fakes import CALL_TIMEOUT, AiohttpServerFactory, ScriptedUpstream, app_get, call
 
 HOST = "upstream.test"
 
 FAST_BACKOFF = {"base": "10ms", "max": "10ms"}
-CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=20)
 
 
 async def test_503_503_200_get_is_retried_to_success(
@@ -250,7 +249,7 @@ async def test_budget_bounds_retries_under_a_failing_upstream(
     requests_sent = 200
     attempts_seen_by_client = 0
     started = time.monotonic()
-    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as client:
+    async with aiohttp.ClientSession(timeout=CALL_TIMEOUT) as client:
         for _ in range(requests_sent):
             async with client.get(f"{base}/v1/things") as resp:
                 assert resp.status == 503
