@@ -23,7 +23,6 @@ from tests.e2e.upstreams import CountingUpstream, TimedReply, timed_get
 from tests.fakes import CALL_TIMEOUT, ScriptedUpstream, admin_state
 
 HOST = "upstream.test"
-
 HOLD_LIMIT = 10.0
 """Longest any upstream handler is held (a hang fails the test instead of stalling it)."""
 

@@ -15,7 +15,6 @@ from tests.e2e.upstreams import CountingUpstream, hang_up_after
 from tests.fakes import CALL_TIMEOUT, AiohttpServerFactory, ScriptedUpstream, app_get, call
 
 HOST = "upstream.test"
-
 FAST_BACKOFF = {"base": "10ms", "max": "10ms"}
 
 

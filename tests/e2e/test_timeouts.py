@@ -26,7 +26,6 @@ from tests.e2e.upstreams import CountingUpstream
 from tests.fakes import app_get
 
 HOST = "upstream.test"
-
 SLACK = 0.5
 """How late a timeout may fire on a loaded CI machine."""
 
