@@ -14,12 +14,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 import yaml
 from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from pytest_aiohttp import AiohttpServer
 
 from proxy import event_loop
 from proxy.admin import build_admin_app
@@ -30,6 +32,7 @@ from proxy.server import lifecycle as server_lifecycle
 from proxy.telemetry import Telemetry
 from tests.e2e.otlp_receiver import OtlpReceiver
 from tests.e2e.procs import OutriggerProcess, RawUpstream
+from tests.e2e.upstreams import CountingUpstream
 
 _handed_out: set[int] = set()
 
@@ -69,6 +72,15 @@ def write_config(directory: Path, policies: list[dict[str, Any]], **main: Any) -
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(settings))
     return path
+
+
+def write_ca_file_config(directory: Path) -> tuple[Path, Path]:
+    """A config (via `write_config`) whose one policy trusts a fresh CA from ``ca.pem`` under
+    `directory`; returns the config path and the CA file."""
+    ca_file = directory / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca_file))
+    policy = loopback_policy("https://127.0.0.1:9", tls={"ca_file": str(ca_file)})
+    return write_config(directory, [policy]), ca_file
 
 
 @dataclass
@@ -160,6 +172,12 @@ async def raw_upstream() -> AsyncIterator[RawUpstream]:
     server = await RawUpstream().start()
     yield server
     await server.close()
+
+
+@pytest.fixture
+async def counting_upstream(aiohttp_server: AiohttpServer) -> CountingUpstream:
+    """A running `CountingUpstream` (/slow answers 503 at once until told otherwise)."""
+    return await CountingUpstream().start(aiohttp_server)
 
 
 @pytest.fixture

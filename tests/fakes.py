@@ -13,6 +13,8 @@ headers and body, a ready `ProxyResponse`, or an exception to raise).
 it answers from a script (statuses, headers, bodies, or a reset without any
 answer) and records each request it received, with its arrival time. `Gate` and
 `body_in_two_parts` are handlers for its script; `call` and `app_request` are the app's side.
+(For exact response bytes per path, on a bare TCP server, see
+`tests.e2e.upstreams.RawScriptedUpstream`.)
 """
 
 from __future__ import annotations
@@ -235,7 +237,7 @@ class SeenRequest:
 
 
 class ScriptedUpstream:
-    """Answers request i with `steps[i]` (the last step repeats) and records every request."""
+    """An aiohttp upstream: answers request i with `steps[i]` (the last repeats), records every request."""
 
     def __init__(self, *steps: Step, delay: float = 0.0) -> None:
         assert steps, "at least one step"
@@ -358,3 +360,16 @@ async def app_request(
 ) -> Reply:
     """What an app sends through `proxy`'s main listener, with `Host: host`."""
     return await call(method, f"{proxy.url}{path}", headers={"Host": host, **(headers or {})}, data=data)
+
+
+async def app_get(proxy: RunningProxy, path: str, **headers: str) -> tuple[int, CIMultiDict[str], bytes]:
+    """`app_request` GET `path` with `Host: upstream.test` (plus `headers`), as (status, headers, body)."""
+    reply = await app_request(proxy, "GET", path, headers=headers)
+    return reply.status, reply.headers, reply.body
+
+
+async def admin_state(proxy: RunningProxy) -> dict[str, Any]:
+    """The admin API's ``/state`` document."""
+    reply = await call("GET", f"http://127.0.0.1:{proxy.admin_port}/state")
+    body: dict[str, Any] = reply.json()
+    return body

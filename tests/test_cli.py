@@ -16,6 +16,7 @@ import yaml
 
 from proxy.cli import main, policy_file_schema
 from proxy.config.loader import load_config
+from tests.conftest import loopback_policy, write_config
 
 SECRET = "sk_live_PLANTED_4f9a2c71"
 """A literal credential written into the config: it must never be printed."""
@@ -316,6 +317,25 @@ def test_explain_dedicated_port_without_upstream_shows_where_the_server_sends(
     report = explain(capsys, config, "GET", "http://localhost:9002/x")
     assert report["matched_by"] == "dedicated listen port"
     assert report["upstream"] == "https://api.example.net"
+
+
+def test_explain_redacts_query_values_and_user_info(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, [loopback_policy("http://127.0.0.1:9")])
+    code = main(["explain", "-c", str(path), "GET", "http://user:pw@upstream.test/v1/x?token=abc&n=1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report = yaml.safe_load(out)
+    line = report["request"]
+    assert "user" not in line
+    assert "pw@" not in line
+    assert "abc" not in line
+    assert "token=REDACTED" in line, "the query names stay"
+    assert "n=REDACTED" in line
+    assert line.startswith("GET http://upstream.test/v1/x?")
+    assert "user:pw" not in out
+    assert "token=abc" not in out
 
 
 # --- schema --------------------------------------------------------------------------------------

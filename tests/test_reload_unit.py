@@ -10,14 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 import yaml
 from opentelemetry import trace
 
 from proxy.config.loader import ConfigError, current_fingerprint, load_config
+from proxy.config.model import Policy, PolicySettings, UpstreamTarget
+from proxy.pipeline import PolicyState
 from proxy.reload import RESTART_ONLY, _check_restart_only
 from proxy.server import Runtime
 from proxy.transport import UpstreamClient
-from tests.conftest import free_port, write_config
+from tests.conftest import free_port, write_ca_file_config, write_config
+from tests.fakes import FakeClock
 
 HOST = "api.test"
 TRACER = trace.NoOpTracer()
@@ -204,3 +208,53 @@ def test_fingerprint_changes_when_a_configmap_data_symlink_is_swapped(tmp_path: 
     assert current_fingerprint(config) != config.version
     shutil.rmtree(tmp_path / "..2026_01_01")
     assert load_config(config.path).policies[0].hosts == ("two.test",)
+
+
+def test_tls_ca_file_is_watched_and_versions_the_config(tmp_path: Path) -> None:
+    path, ca_file = write_ca_file_config(tmp_path)
+    config = load_config(path)
+    assert ca_file.resolve() in {f.resolve() for f in config.files}
+    trustme.CA().cert_pem.write_to_path(str(ca_file))  # a rotated CA
+    assert current_fingerprint(config) != config.version
+    assert load_config(path).version != config.version
+
+
+# --------------------------------------------------------------------------- breaker carry-over
+
+
+def _policy_model(upstream_url: str, **settings: Any) -> Policy:
+    scheme, _, rest = upstream_url.partition("://")
+    host, _, port = rest.partition(":")
+    assert scheme in ("http", "https")
+    return Policy(
+        hosts=("api.test",),
+        upstream=UpstreamTarget(scheme="https" if scheme == "https" else "http", host=host, port=int(port)),
+        listen=None,
+        settings=PolicySettings.model_validate(settings),
+        routes=(),
+        source="test:1",
+    )
+
+
+def test_breaker_carries_over_only_while_upstream_and_tls_are_unchanged() -> None:
+    clock = FakeClock()
+    breaker = {"failure_threshold": 3}
+    first = _policy_model("https://a.test:443", circuit_breaker=breaker)
+    state = PolicyState.build(first, clock)
+    assert state.breaker is not None
+
+    same = PolicyState.build(
+        _policy_model("https://a.test:443", circuit_breaker=breaker), clock, (first, state)
+    )
+    assert same.breaker is state.breaker
+
+    moved = PolicyState.build(
+        _policy_model("https://b.test:443", circuit_breaker=breaker), clock, (first, state)
+    )
+    assert moved.breaker is not None
+    assert moved.breaker is not state.breaker
+
+    new_tls = _policy_model("https://a.test:443", circuit_breaker=breaker, tls={"sni": "other.test"})
+    retls = PolicyState.build(new_tls, clock, (first, state))
+    assert retls.breaker is not None
+    assert retls.breaker is not state.breaker

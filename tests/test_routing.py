@@ -6,11 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry import trace
 
 from proxy.config.loader import Config, load_config
 from proxy.config.model import Policy
+from proxy.pipeline import Pipelines
 from proxy.routing import UNKNOWN_POLICY_NAME, HostMatch, Router, dedicated_upstream, upstream_for
-from tests.conftest import write_config
+from proxy.transport import UpstreamClient
+from tests.conftest import loopback_policy, write_config
 
 
 def build(tmp_path: Path, policies: list[dict[str, Any]], **main: Any) -> tuple[Config, Router]:
@@ -231,3 +234,39 @@ def test_without_an_upstream_https_to_the_requested_host(
     assert upstream.host == host
     assert upstream.port == (443 if port in (None, 80) else port)
     assert str(upstream) == expected
+
+
+# --- the unknown-hosts fallback shares no state ----------------------------------------------------
+
+
+async def test_unknown_hosts_fallback_has_no_breaker_limiter_bulkhead_or_replay(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        [loopback_policy("http://127.0.0.1:9")],
+        unknown_hosts="allow",
+        defaults={
+            "circuit_breaker": {"failure_threshold": 1},
+            "concurrency": {"max_in_flight": 1},
+            "rate_limit": {"rate": 10},
+            "idempotency": {"replay": {"ttl": "1m"}},
+            "retries": {"on": [503]},
+        },
+    )
+    config = load_config(path)
+    router = Router(config)
+    assert router.fallback is not None
+    client = UpstreamClient()
+    try:
+        pipelines = Pipelines(config, router, client, trace.NoOpTracer())
+    finally:
+        await client.close()
+    fallback = pipelines.states[router.fallback.name]
+    assert fallback.breaker is None
+    assert fallback.limiter is None
+    assert fallback.bulkhead is None
+    assert fallback.replay is None
+    assert fallback.budget is not None, "the retry budget stays shared"
+    known = pipelines.states["upstream.test"]
+    assert known.breaker is not None
+    assert known.limiter is not None
+    assert known.bulkhead is not None

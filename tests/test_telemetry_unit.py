@@ -550,3 +550,43 @@ async def test_failed_attempt_span_has_the_error_condition(
     assert dict(span.attributes or {})["error.type"] == "connect-failure"
     assert span.status.status_code == StatusCode.ERROR
     assert request.attempt_outcomes == ["connect-failure"]
+
+
+# --------------------------------------------------------------------------- no URLs or user info in spans
+
+
+async def test_client_span_status_has_no_error_message(
+    span_exporter: tuple[trace.Tracer, InMemorySpanExporter],
+) -> None:
+    tracer, exporter = span_exporter
+    request = make_request("GET", "/x?token=SECRET")
+    layer = AttemptLayer(request.settings.headers, Path("."), tracer)
+    url_with_secret = "http://1.2.3.4:80/x?token=SECRET"
+    failing = fake_upstream(
+        errors.ConnectFailure(f"cannot connect: Connection timeout to host {url_with_secret}")
+    )
+    with pytest.raises(errors.ConnectFailure):
+        await layer(request, failing)
+    (span,) = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert span.status.status_code == StatusCode.ERROR
+    assert not span.status.description
+    assert span.attributes is not None
+    assert span.attributes.get("error.type") == "connect-failure"
+
+
+def test_server_span_url_never_carries_user_info(
+    span_exporter: tuple[trace.Tracer, InMemorySpanExporter],
+) -> None:
+    tracer, exporter = span_exporter
+    telemetry = Telemetry(TelemetrySettings(), dict)
+    telemetry.tracing.tracer = tracer
+    target = parse_target("http://alice:s3cretpw@a.example/v1?token=x", "a.example")
+    observation = telemetry.start("GET", CIMultiDictProxy(CIMultiDict()), target)
+    telemetry.finish(
+        observation, status=200, error_type=None, policy=None, request=None, state=None, config_version="v"
+    )
+    (span,) = exporter.get_finished_spans()
+    url = str((span.attributes or {})["url.full"])
+    assert "s3cretpw" not in url
+    assert "alice" not in url
+    assert url == "http://a.example/v1?token=REDACTED"

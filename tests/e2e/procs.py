@@ -6,7 +6,6 @@
 - `wait_for_http_ok` / `stop_process`: start-up and shutdown of any server subprocess.
 - `RawUpstream`: a tiny HTTP/1.1 upstream on asyncio streams that counts TCP connections
   (not just requests), so a test can prove the proxy never even connected.
-- `raw_exchange`: send exact bytes to a listener and parse one response.
 - `assert_error`: the SPEC 5 error shape (status, JSON body, ``x-outrigger-error``).
 
 Every wait here is bounded in time and in iterations.
@@ -16,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -35,7 +34,6 @@ import aiohttp
 import pytest
 import requests
 import yaml
-from multidict import CIMultiDict
 
 ERROR_HEADER = "x-outrigger-error"
 
@@ -84,57 +82,6 @@ async def assert_error_response(
         error_type=error_type,
         host=host,
     )
-
-
-# --------------------------------------------------------------------------- raw HTTP
-
-
-@dataclass
-class RawResponse:
-    status: int
-    headers: CIMultiDict[str]
-    body: bytes
-    closed: bool
-    """True when the server closed the connection right after this response."""
-    version: str = "HTTP/1.1"
-    """The version on the status line, e.g. ``HTTP/1.1``."""
-
-
-async def raw_exchange(
-    port: int, data: bytes, *, within: float = 3.0, check_closed: bool = False
-) -> RawResponse:
-    """Send `data` on a fresh connection to 127.0.0.1:`port` and read one response.
-
-    With `check_closed`, wait up to 0.5 s to see whether the server closes the connection.
-    """
-    async with asyncio.timeout(within):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(data)
-            await writer.drain()
-            head = await reader.readuntil(b"\r\n\r\n")
-            status_line, *lines = head.decode("latin-1").split("\r\n")
-            match = re.match(r"(HTTP/\d\.\d) (\d{3})", status_line)
-            assert match, f"not an HTTP response: {status_line!r}"
-            headers: CIMultiDict[str] = CIMultiDict()
-            for line in lines:
-                if line:
-                    name, _, value = line.partition(":")
-                    headers.add(name.strip(), value.strip())
-            length = headers.get("Content-Length")
-            body = await reader.readexactly(int(length)) if length is not None else await reader.read()
-            closed = False
-            if check_closed:
-                try:
-                    async with asyncio.timeout(0.5):
-                        closed = await reader.read(1) == b""
-                except TimeoutError:
-                    closed = False
-            return RawResponse(int(match.group(2)), headers, body, closed, match.group(1))
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
 
 
 # --------------------------------------------------------------------------- raw upstream
@@ -220,12 +167,14 @@ def outrigger_command() -> list[str]:
 
 
 async def wait_until(
-    condition: Callable[[], Awaitable[bool]], *, within: float, interval: float = 0.02
+    condition: Callable[[], Awaitable[bool] | bool], *, within: float, interval: float = 0.02
 ) -> bool:
-    """Poll `condition` until it is true; bounded by `within` seconds and by an iteration count."""
+    """Poll `condition` (a plain or an async predicate) until it is true; bounded by `within`
+    seconds and by an iteration count."""
     deadline = time.monotonic() + within
     for _ in range(int(within / interval) + 2):
-        if await condition():
+        result = condition()
+        if await result if inspect.isawaitable(result) else result:
             return True
         if time.monotonic() >= deadline:
             return False

@@ -29,8 +29,8 @@ from aiohttp import web
 
 from tests.conftest import AccessLog, StartProxy, free_port, loopback_policy, write_config
 from tests.e2e.otlp_receiver import OtlpReceiver
-from tests.e2e.procs import OutriggerProcess, config_ports, outrigger_command, raw_exchange, wait_until
-from tests.e2e.upstreams import Seen, start_recording
+from tests.e2e.procs import OutriggerProcess, config_ports, outrigger_command, wait_until
+from tests.e2e.upstreams import Seen, raw_exchange, start_recording
 from tests.fakes import AiohttpServerFactory, ScriptedUpstream, app_request, call
 
 HOST = "upstream.test"

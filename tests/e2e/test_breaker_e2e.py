@@ -9,19 +9,20 @@ trial through under 20 concurrent requests, and closes on success.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
-from tests.conftest import StartProxy, free_port, start_on_own_port
-from tests.e2e.upstreams import TimedReply, timed_get
-from tests.fakes import ScriptedUpstream
+from tests.conftest import StartProxy, free_port, loopback_policy, start_on_own_port
+from tests.e2e.procs import wait_until
+from tests.e2e.upstreams import CountingUpstream, TimedReply, timed_get
+from tests.fakes import CALL_TIMEOUT, ScriptedUpstream, admin_state
 
-AiohttpServer = Callable[..., Awaitable[TestServer]]
+HOST = "upstream.test"
 HOLD_LIMIT = 10.0
 """Longest any upstream handler is held (a hang fails the test instead of stalling it)."""
 
@@ -70,14 +71,6 @@ def _assert_upstream_reply(reply: TimedReply, status: int) -> None:
     assert reply.body == f"upstream says {status}".encode()
 
 
-async def _wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
 async def test_503_storm_opens_fails_fast_half_opens_one_trial_and_recovers(
     upstream: tuple[Misbehaving, str], start_proxy: StartProxy, client: aiohttp.ClientSession
 ) -> None:
@@ -114,7 +107,9 @@ async def test_503_storm_opens_fails_fast_half_opens_one_trial_and_recovers(
     behaviour.status = 200
     behaviour.gate = asyncio.Event()
     tasks = [asyncio.create_task(timed_get(client, base)) for _ in range(20)]
-    await _wait_until(lambda: sum(t.done() for t in tasks) == 19)
+    assert await wait_until(lambda: sum(t.done() for t in tasks) == 19, within=5.0, interval=0.01), (
+        "condition not reached in time"
+    )
     assert behaviour.hits == 4, "exactly one trial reached the upstream"
     rejected = [t.result() for t in tasks if t.done()]
     for reply in rejected:
@@ -233,3 +228,34 @@ async def test_connect_failures_open_the_breaker(
         assert reply.status == 502
         assert reply.error()["type"] == "upstream_unreachable"
     _assert_circuit_open(await timed_get(client, base))
+
+
+# --------------------------------------------------------------------------- unknown hosts share no breaker
+
+BREAKER = {"failure_threshold": 1, "failure_on": ["connect-failure", "reset", "timeout", "5xx"]}
+
+
+async def test_one_failing_unknown_host_does_not_open_a_breaker_for_the_others(
+    counting_upstream: CountingUpstream, start_proxy: StartProxy
+) -> None:
+    dead = free_port()  # nothing listens here: every attempt is a connect failure
+    assert counting_upstream.server is not None
+    proxy = await start_proxy(
+        [loopback_policy(counting_upstream.url)],
+        unknown_hosts="allow",
+        defaults={"allow_private_addresses": True, "circuit_breaker": BREAKER},
+    )
+    async with aiohttp.ClientSession(timeout=CALL_TIMEOUT) as client:
+        async with client.get(f"{proxy.url}/x", headers={"Host": f"127.0.0.1:{dead}"}) as failed:
+            assert failed.status == 502, await failed.text()
+            assert failed.headers.get("x-outrigger-error") == "upstream_unreachable"
+        # another unknown host (unknown hosts get https: this loopback server cannot complete TLS,
+        # but the point is that the attempt is made rather than refused by a shared breaker)
+        other = {"Host": f"localhost:{counting_upstream.server.port}"}
+        async with client.get(f"{proxy.url}/x", headers=other) as response:
+            body = await response.text()
+            assert response.headers.get("x-outrigger-error") != "circuit_open", body
+            assert response.headers.get("x-outrigger-error") == "upstream_unreachable", body
+            assert response.headers.get("x-outrigger-attempts") == "1"
+    state = await admin_state(proxy)
+    assert all(s["circuit_breaker"] is None for name, s in state.items() if name != HOST), state

@@ -18,10 +18,11 @@ from pytest_aiohttp import AiohttpServer
 
 from tests.conftest import StartProxy, free_port, loopback_policy
 from tests.e2e.upstreams import (
+    CountingUpstream,
     IncompleteBody,
     RawConnection,
-    Script,
-    ScriptedUpstream,
+    RawScript,
+    RawScriptedUpstream,
     Seen,
     chunked,
     raw_exchange,
@@ -29,6 +30,7 @@ from tests.e2e.upstreams import (
     response_bytes,
     start_recording,
 )
+from tests.fakes import app_get
 
 ATTEMPTS = "x-outrigger-attempts"
 PROXY_ADDED = ("via", "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip")
@@ -206,7 +208,7 @@ async def test_hop_by_hop_response_headers_are_removed(start_proxy: StartProxy) 
             "Content-Length: 2",
         ]
     )
-    async with ScriptedUpstream({"/hop": Script(response_bytes(head, b"ok"))}) as upstream:
+    async with RawScriptedUpstream({"/hop": RawScript(response_bytes(head, b"ok"))}) as upstream:
         proxy = await start_proxy([loopback_policy(upstream.url)])
         response = await raw_exchange(proxy.port, _get("/hop"))
     assert response.status == 200
@@ -237,7 +239,7 @@ async def test_status_reason_and_repeated_headers_pass_through(start_proxy: Star
             "Content-Length: 0",
         ]
     )
-    async with ScriptedUpstream({"/r": Script(response_bytes(head))}) as upstream:
+    async with RawScriptedUpstream({"/r": RawScript(response_bytes(head))}) as upstream:
         proxy = await start_proxy([loopback_policy(upstream.url)])
         response = await raw_exchange(proxy.port, _get("/r"))
     assert (response.status, response.reason) == (299, "Custom Reason")
@@ -247,7 +249,7 @@ async def test_status_reason_and_repeated_headers_pass_through(start_proxy: Star
 
 async def test_no_content_type_is_invented_for_the_app(start_proxy: StartProxy) -> None:
     head = "HTTP/1.1 200 OK\nContent-Length: 11"
-    async with ScriptedUpstream({"/untyped": Script(response_bytes(head, b"raw payload"))}) as upstream:
+    async with RawScriptedUpstream({"/untyped": RawScript(response_bytes(head, b"raw payload"))}) as upstream:
         proxy = await start_proxy([loopback_policy(upstream.url)])
         response = await raw_exchange(proxy.port, _get("/untyped"))
     assert response.body == b"raw payload"
@@ -257,8 +259,8 @@ async def test_no_content_type_is_invented_for_the_app(start_proxy: StartProxy) 
 async def test_large_request_header_reaches_the_upstream(start_proxy: StartProxy) -> None:
     """12 KiB in one header line: under Outrigger's 64 KiB limit, so it must be forwarded whole."""
     token = "t" * 12_000
-    scripts = {"/big": Script(response_bytes("HTTP/1.1 200 OK\nContent-Length: 2", b"ok"))}
-    async with ScriptedUpstream(scripts) as upstream:
+    scripts = {"/big": RawScript(response_bytes("HTTP/1.1 200 OK\nContent-Length: 2", b"ok"))}
+    async with RawScriptedUpstream(scripts) as upstream:
         proxy = await start_proxy([loopback_policy(upstream.url)])
         response = await raw_exchange(proxy.port, _get("/big", extra=f"X-Big-Token: {token}"))
         assert response.status == 200
@@ -269,7 +271,7 @@ async def test_large_response_header_reaches_the_app(start_proxy: StartProxy) ->
     policy = "default-src 'self'; " + "; ".join(f"img-src https://cdn{i}.example.com" for i in range(400))
     assert len(policy) > 12_000
     head = f"HTTP/1.1 200 OK\nContent-Security-Policy: {policy}\nContent-Length: 2"
-    async with ScriptedUpstream({"/csp": Script(response_bytes(head, b"ok"))}) as upstream:
+    async with RawScriptedUpstream({"/csp": RawScript(response_bytes(head, b"ok"))}) as upstream:
         proxy = await start_proxy([loopback_policy(upstream.url)])
         response = await raw_exchange(proxy.port, _get("/csp"))
     assert response.status == 200
@@ -298,15 +300,33 @@ async def test_no_cookie_jar_between_apps(aiohttp_server: AiohttpServer, start_p
         assert seen.get("Cookie") is None
 
 
+async def test_upstream_x_outrigger_headers_do_not_reach_the_app(
+    counting_upstream: CountingUpstream, start_proxy: StartProxy
+) -> None:
+    counting_upstream.headers = {
+        "x-outrigger-error": "circuit_open",
+        "X-Outrigger-Replayed": "true",
+        "x-custom": "kept",
+    }
+    proxy = await start_proxy([loopback_policy(counting_upstream.url)])
+    status, headers, body = await app_get(proxy, "/v1/x")
+    assert (status, body) == (200, b"ok")
+    lowered = {k.lower(): v for k, v in headers.items()}
+    assert lowered.get("x-custom") == "kept"
+    assert "x-outrigger-error" not in lowered
+    assert "x-outrigger-replayed" not in lowered
+    assert lowered.get("x-outrigger-attempts") == "1"  # Outrigger's own still set
+
+
 # --------------------------------------------------------------------------- body framing
 
 
 async def test_head_keeps_content_length_and_sends_no_body(start_proxy: StartProxy) -> None:
     scripts = {
-        "/big": Script(response_bytes("HTTP/1.1 200 OK\nContent-Type: text/plain\nContent-Length: 1234")),
-        "/next": Script(response_bytes("HTTP/1.1 200 OK\nContent-Length: 4", b"next")),
+        "/big": RawScript(response_bytes("HTTP/1.1 200 OK\nContent-Type: text/plain\nContent-Length: 1234")),
+        "/next": RawScript(response_bytes("HTTP/1.1 200 OK\nContent-Length: 4", b"next")),
     }
-    async with ScriptedUpstream(scripts) as upstream:
+    async with RawScriptedUpstream(scripts) as upstream:
         proxy = await start_proxy([loopback_policy(upstream.url)])
         conn = await RawConnection.open(proxy.port)
         try:
@@ -325,11 +345,11 @@ async def test_head_keeps_content_length_and_sends_no_body(start_proxy: StartPro
 
 async def test_204_and_304_have_no_body_and_keep_their_headers(start_proxy: StartProxy) -> None:
     scripts = {
-        "/204": Script(response_bytes("HTTP/1.1 204 No Content\nX-Deleted: 1")),
-        "/304": Script(response_bytes('HTTP/1.1 304 Not Modified\nETag: "v7"\nCache-Control: max-age=60')),
-        "/after": Script(response_bytes("HTTP/1.1 200 OK\nContent-Length: 5", b"after")),
+        "/204": RawScript(response_bytes("HTTP/1.1 204 No Content\nX-Deleted: 1")),
+        "/304": RawScript(response_bytes('HTTP/1.1 304 Not Modified\nETag: "v7"\nCache-Control: max-age=60')),
+        "/after": RawScript(response_bytes("HTTP/1.1 200 OK\nContent-Length: 5", b"after")),
     }
-    async with ScriptedUpstream(scripts) as upstream:
+    async with RawScriptedUpstream(scripts) as upstream:
         proxy = await start_proxy([loopback_policy(upstream.url)])
         conn = await RawConnection.open(proxy.port)
         try:
@@ -355,13 +375,13 @@ async def test_204_and_304_have_no_body_and_keep_their_headers(start_proxy: Star
 async def test_chunked_length_and_close_delimited_responses(start_proxy: StartProxy) -> None:
     parts = [b"first chunk|", os.urandom(70_000), b"|last"]
     scripts = {
-        "/chunked": Script(response_bytes("HTTP/1.1 200 OK\nTransfer-Encoding: chunked", chunked(parts))),
-        "/length": Script(response_bytes("HTTP/1.1 200 OK\nContent-Length: 70000", parts[1])),
-        "/close": Script(
+        "/chunked": RawScript(response_bytes("HTTP/1.1 200 OK\nTransfer-Encoding: chunked", chunked(parts))),
+        "/length": RawScript(response_bytes("HTTP/1.1 200 OK\nContent-Length: 70000", parts[1])),
+        "/close": RawScript(
             response_bytes("HTTP/1.1 200 OK\nConnection: close", b"until the upstream closes"), after="close"
         ),
     }
-    async with ScriptedUpstream(scripts) as upstream:
+    async with RawScriptedUpstream(scripts) as upstream:
         proxy = await start_proxy([loopback_policy(upstream.url)])
         chunked_response = await raw_exchange(proxy.port, _get("/chunked"))
         length_response = await raw_exchange(proxy.port, _get("/length"))
@@ -490,7 +510,7 @@ async def test_upstream_reset_mid_body_reaches_the_app_as_a_broken_response(
         partial = response_bytes(
             "HTTP/1.1 200 OK\nTransfer-Encoding: chunked", b"3e8\r\n" + first_part + b"\r\n"
         )
-    async with ScriptedUpstream({"/reset": Script(partial, after="reset", pause=0.2)}) as upstream:
+    async with RawScriptedUpstream({"/reset": RawScript(partial, after="reset", pause=0.2)}) as upstream:
         proxy = await start_proxy([loopback_policy(upstream.url)])
         conn = await RawConnection.open(proxy.port)
         try:
@@ -502,7 +522,7 @@ async def test_upstream_reset_mid_body_reaches_the_app_as_a_broken_response(
     assert broken.value.received == first_part  # what arrived is relayed, but never as a complete body
 
     # A real client sees an error too, not a clean short body.
-    async with ScriptedUpstream({"/reset": Script(partial, after="reset", pause=0.2)}) as upstream:
+    async with RawScriptedUpstream({"/reset": RawScript(partial, after="reset", pause=0.2)}) as upstream:
         proxy = await start_proxy([loopback_policy(upstream.url, host="again.test")])
         async with (
             aiohttp.ClientSession() as client,

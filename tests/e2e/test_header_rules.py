@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,11 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
+from proxy.config.loader import load_config
 from tests.conftest import StartProxy, free_port, loopback_policy, write_config
 from tests.e2e.procs import OutriggerProcess, config_ports, outrigger_command
-
-AiohttpServer = Callable[..., Awaitable[TestServer]]
 
 ENV_NAME = "OUTRIGGER_E2E_TOKEN"
 ENV_SECRET = "env-secret-7f3a9c41d2"
@@ -329,3 +328,32 @@ async def test_secrets_never_appear_in_the_output_of_outrigger_run(
     assert "listening on" in output, "the log output was captured"
     for secret in ALL_SECRETS:
         assert secret not in output
+
+
+# --------------------------------------------------------------------------- policies on one line
+
+
+async def test_policies_written_on_one_line_keep_their_own_credentials(
+    aiohttp_server: AiohttpServer, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(text=request.headers.get("X-Secret", ""))
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", echo)
+    upstream = await aiohttp_server(app)
+    url = f"http://127.0.0.1:{upstream.port}"
+    proxy = await start_proxy([loopback_policy(url, host="placeholder.test")])
+    flow = [
+        loopback_policy(url, host="a.test", headers={"set": {"X-Secret": "for-a"}}),
+        loopback_policy(url, host="b.test", headers={"set": {"X-Secret": "for-b"}}),
+    ]
+    policy_file = tmp_path / "policies" / "test.yaml"
+    policy_file.write_text(yaml.safe_dump(flow, default_flow_style=True, width=100_000))
+    assert len(policy_file.read_text().strip().splitlines()) == 1, "both policies on one line"
+    await proxy.server.apply(load_config(proxy.config.path))
+    async with aiohttp.ClientSession() as client:
+        for host, secret in (("a.test", "for-a"), ("b.test", "for-b")):
+            async with client.get(f"{proxy.url}/x", headers={"Host": host}) as reply:
+                assert reply.status == 200
+                assert await reply.text() == secret

@@ -9,10 +9,9 @@ import uuid
 import aiohttp
 
 from tests.conftest import StartProxy, start_on_own_port
-from tests.fakes import AiohttpServerFactory, ScriptedUpstream, call
+from tests.fakes import CALL_TIMEOUT, AiohttpServerFactory, ScriptedUpstream, call
 
 FAST_BACKOFF = {"base": "10ms", "max": "10ms"}
-CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=20)
 CREATED = (201, {"Content-Type": "application/json", "Request-Id": "req_1"}, b'{"id": "ch_1", "amount": 100}')
 
 
@@ -70,7 +69,7 @@ async def test_repeat_is_replayed_without_an_upstream_call(
     upstream = await ScriptedUpstream(CREATED).start(aiohttp_server)
     base = await start_on_own_port(start_proxy, upstream.url, idempotency={"replay": {"ttl": "1h"}})
     headers = {"Idempotency-Key": "order-7"}
-    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as client:
+    async with aiohttp.ClientSession(timeout=CALL_TIMEOUT) as client:
         async with client.post(f"{base}/v1/charges", data=b"amount=100", headers=headers) as resp:
             assert resp.status == 201
             first_body = await resp.read()
@@ -97,7 +96,7 @@ async def test_concurrent_duplicates_reach_the_upstream_once(
         ) as resp:
             return resp.status, await resp.read(), resp.headers.get("x-outrigger-replayed")
 
-    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as client:
+    async with aiohttp.ClientSession(timeout=CALL_TIMEOUT) as client:
         results = await asyncio.wait_for(asyncio.gather(*(post(client) for _ in range(5))), timeout=10)
     assert upstream.count == 1
     assert [(status, body) for status, body, _ in results] == [(201, CREATED[2])] * 5
@@ -110,7 +109,7 @@ async def test_reused_key_with_another_body_is_422(
     upstream = await ScriptedUpstream(CREATED).start(aiohttp_server)
     base = await start_on_own_port(start_proxy, upstream.url, idempotency={"replay": {}})
     headers = {"Idempotency-Key": "order-8"}
-    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as client:
+    async with aiohttp.ClientSession(timeout=CALL_TIMEOUT) as client:
         async with client.post(f"{base}/v1/charges", data=b"amount=100", headers=headers) as resp:
             assert resp.status == 201
         async with client.post(f"{base}/v1/charges", data=b"amount=999", headers=headers) as resp:
@@ -126,7 +125,7 @@ async def test_5xx_is_not_replayed(aiohttp_server: AiohttpServerFactory, start_p
     upstream = await ScriptedUpstream(503, CREATED).start(aiohttp_server)
     base = await start_on_own_port(start_proxy, upstream.url, idempotency={"replay": {}})
     headers = {"Idempotency-Key": "order-9"}
-    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as client:
+    async with aiohttp.ClientSession(timeout=CALL_TIMEOUT) as client:
         async with client.post(f"{base}/v1/charges", data=b"amount=100", headers=headers) as resp:
             assert resp.status == 503
         async with client.post(f"{base}/v1/charges", data=b"amount=100", headers=headers) as resp:
@@ -144,7 +143,7 @@ async def test_large_response_passes_through_and_is_not_stored(
         start_proxy, upstream.url, idempotency={"replay": {"max_body_bytes": "1MiB"}}
     )
     headers = {"Idempotency-Key": "big-1"}
-    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as client:
+    async with aiohttp.ClientSession(timeout=CALL_TIMEOUT) as client:
         for _ in range(2):
             async with client.post(f"{base}/v1/exports", data=b"x", headers=headers) as resp:
                 assert resp.status == 200

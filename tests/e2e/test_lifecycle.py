@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,11 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 from proxy.config.loader import load_config
 from tests.conftest import Launch, free_port, loopback_policy, write_config
 from tests.e2e.procs import config_ports, outrigger_command, port_refuses, wait_until
-
-AiohttpServer = Callable[..., Awaitable[TestServer]]
 
 
 class SlowUpstream:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import RunningProxy, StartProxy, free_port, loopback_policy
-from tests.e2e.procs import RawResponse, RawUpstream, assert_error, raw_exchange
+from tests.e2e.procs import RawUpstream, assert_error
+from tests.e2e.upstreams import RawResponse, raw_exchange
 
 MAX_HEADER_BYTES = 4096
 MAX_HEADERS = 10

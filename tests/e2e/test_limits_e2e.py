@@ -10,19 +10,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 from tests.conftest import StartProxy, start_on_own_port
 from tests.e2e.upstreams import timed_get
 from tests.fakes import ScriptedUpstream
-
-AiohttpServer = Callable[..., Awaitable[TestServer]]
 
 
 @dataclass

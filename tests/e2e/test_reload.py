@@ -25,16 +25,17 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 from proxy import secrets
 from proxy.admin import build_admin_app
 from proxy.config.loader import load_config
 from proxy.reload import Reloader
 from proxy.server import ProxyServer
-from tests.conftest import Launch, free_port, loopback_policy, write_config
+from tests.conftest import Launch, StartProxy, free_port, loopback_policy, write_ca_file_config, write_config
 from tests.e2e.procs import OutriggerProcess, config_ports, port_refuses, wait_until
+from tests.fakes import CALL_TIMEOUT, Gate, ScriptedUpstream, app_get
 
-AiohttpServer = Callable[..., Awaitable[TestServer]]
 HOST = "upstream.test"
 HOLD_LIMIT = 10.0
 """Longest an upstream handler is held, so a hang fails the test instead of stalling it."""
@@ -1045,3 +1046,54 @@ async def test_a_reload_renders_secrets_off_the_event_loop(
     assert loop_thread not in threads
     assert (await live.get())[0] == 200
     assert upstream.values("Authorization") == ["Bearer t2"]
+
+
+# --------------------------------------------------------------------------- TLS files
+
+
+async def test_apply_forgets_cached_tls_contexts(tmp_path: Path, start_proxy: StartProxy) -> None:
+    _, ca_file = write_ca_file_config(tmp_path)
+    proxy = await start_proxy([loopback_policy("https://127.0.0.1:9", tls={"ca_file": str(ca_file)})])
+    tls = proxy.config.policies[0].settings.tls
+    assert tls.ca_file is not None
+    before = proxy.server.upstream._ssl_context(tls)
+    assert proxy.server.upstream._ssl_context(tls) is before, "cached between reloads"
+    await proxy.server.apply(load_config(proxy.config.path))
+    assert proxy.server.upstream._ssl_context(tls) is not before, "a reload re-reads the TLS files"
+
+
+# --------------------------------------------------------------------------- no reload while draining
+
+
+async def test_reload_while_draining_is_refused_and_reopens_no_listener(
+    aiohttp_server: AiohttpServer, start_proxy: StartProxy
+) -> None:
+    gate = Gate(text="ok", hold_limit=8)
+    upstream = await ScriptedUpstream(gate).start(aiohttp_server)
+    proxy = await start_proxy([loopback_policy(upstream.url)], drain_timeout="8s")
+    in_flight = asyncio.create_task(app_get(proxy, "/held"))
+    await gate.wait_arrivals(1, within=3)
+
+    stopping = asyncio.create_task(proxy.server.stop())
+    try:
+        assert await wait_until(lambda: proxy.server.bound_ports == [], within=2.0)
+        # an edit that a reload would apply (new version), with a port of its own to open
+        policies = proxy.config.path.parent / "policies" / "test.yaml"
+        extra = loopback_policy(upstream.url, host="other.test", listen=free_port())
+        policies.write_text(yaml.safe_dump([*yaml.safe_load(policies.read_text()), extra]))
+        async with (
+            aiohttp.ClientSession(timeout=CALL_TIMEOUT) as client,
+            client.post(f"http://127.0.0.1:{proxy.admin_port}/reload") as response,
+        ):
+            result = await response.json()
+        assert proxy.server.bound_ports == [], "a reload during shutdown reopened a listener"
+        assert response.status == 422, result
+        assert result["ok"] is False
+        assert result["error"] == "shutting down"
+        assert result["version"] == proxy.config.version
+        assert not stopping.done()
+    finally:
+        gate.open.set()
+    assert (await in_flight)[0] == 200
+    await asyncio.wait_for(stopping, 8)
+    assert proxy.server.bound_ports == []

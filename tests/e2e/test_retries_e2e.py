@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 import aiohttp
 import requests
 
-from tests.conftest import StartProxy, free_port, start_on_own_port
-from tests.fakes import AiohttpServerFactory, ScriptedUpstream, call
+from tests.conftest import StartProxy, free_port, loopback_policy, start_on_own_port
+from tests.e2e.upstreams import CountingUpstream, hang_up_after
+from tests.fakes import CALL_TIMEOUT, AiohttpServerFactory, ScriptedUpstream, app_get, call
 
+HOST = "upstream.test"
 FAST_BACKOFF = {"base": "10ms", "max": "10ms"}
-CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=20)
 
 
 async def test_503_503_200_get_is_retried_to_success(
@@ -247,7 +248,7 @@ async def test_budget_bounds_retries_under_a_failing_upstream(
     requests_sent = 200
     attempts_seen_by_client = 0
     started = time.monotonic()
-    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as client:
+    async with aiohttp.ClientSession(timeout=CALL_TIMEOUT) as client:
         for _ in range(requests_sent):
             async with client.get(f"{base}/v1/things") as resp:
                 assert resp.status == 503
@@ -262,3 +263,30 @@ async def test_budget_bounds_retries_under_a_failing_upstream(
     # attempts / requests <= 1 + ratio + min_per_second * window / requests (here 1.25)
     assert retries <= ratio * requests_sent + min_per_second * window + 1e-9
     assert retries > ratio * requests_sent / 2, "the budget should still allow retries, not refuse them all"
+
+
+# --------------------------------------------------------------------------- an app that hangs up
+
+
+async def test_app_that_hangs_up_stops_its_retries_and_frees_its_slot(
+    counting_upstream: CountingUpstream, start_proxy: StartProxy
+) -> None:
+    counting_upstream.delay = 0.15  # each attempt is still in flight when the app hangs up at 0.1 s
+    proxy = await start_proxy(
+        [
+            loopback_policy(
+                counting_upstream.url,
+                retries={"max_attempts": 5, "on": [503], "backoff": {"base": "200ms", "max": "200ms"}},
+                concurrency={"max_in_flight": 1, "max_queued": 0},
+            )
+        ]
+    )
+    await hang_up_after(proxy.port, f"GET /slow HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode(), 0.1)
+    await asyncio.sleep(0.2)
+
+    status, headers, body = await app_get(proxy, "/probe")
+    assert status == 200, f"the departed app's handler still holds the only slot: {status} {body!r}"
+    assert headers.get("x-outrigger-error") is None
+
+    await asyncio.sleep(1.0)  # long enough for an orphaned handler to reach attempt 3 or more
+    assert counting_upstream.hits.get("/slow", 0) <= 2, counting_upstream.hits

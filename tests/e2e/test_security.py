@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +17,14 @@ import trustme
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
+from pytest_aiohttp import AiohttpServer
 
 from tests.conftest import Launch, RunningProxy, StartProxy, free_port, loopback_policy, write_config
-from tests.e2e.procs import RawUpstream, assert_error, assert_error_response, config_ports, raw_exchange
+from tests.e2e.procs import RawUpstream, assert_error, assert_error_response, config_ports
+from tests.e2e.upstreams import CountingUpstream, raw_exchange
+from tests.fakes import CALL_TIMEOUT
 
-AiohttpServer = Callable[..., Awaitable[TestServer]]
+HOST = "upstream.test"
 
 
 async def _get(
@@ -421,6 +423,41 @@ async def test_duplicate_host_headers_are_a_bad_request(
     assert raw_upstream.connections == 0
 
 
+# --------------------------------------------------------------------------- request target and host forms
+
+
+async def test_options_asterisk_is_a_bad_request(
+    counting_upstream: CountingUpstream, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy([loopback_policy(counting_upstream.url)])
+    reply = await raw_exchange(proxy.port, f"OPTIONS * HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+    assert_error(reply.status, reply.headers, reply.body, expected_status=400, error_type="bad_request")
+    assert sum(counting_upstream.hits.values()) == 0
+
+
+async def test_host_with_a_trailing_dot_routes_like_the_host(
+    counting_upstream: CountingUpstream, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy([loopback_policy(counting_upstream.url)])
+    reply = await raw_exchange(
+        proxy.port, b"GET /v1/x HTTP/1.1\r\nHost: upstream.test.\r\nConnection: close\r\n\r\n"
+    )
+    assert reply.status == 200, reply.body
+    assert reply.body == b"ok"
+    assert counting_upstream.hits == {"/v1/x": 1}
+
+
+async def test_absolute_target_with_an_invalid_host_is_a_bad_request(
+    counting_upstream: CountingUpstream, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy([loopback_policy(counting_upstream.url)])
+    reply = await raw_exchange(
+        proxy.port, b"GET http://%75p.test/ HTTP/1.1\r\nHost: upstream.test\r\nConnection: close\r\n\r\n"
+    )
+    assert_error(reply.status, reply.headers, reply.body, expected_status=400, error_type="bad_request")
+    assert sum(counting_upstream.hits.values()) == 0
+
+
 # --------------------------------------------------------------------------- malformed authorities
 
 BAD_PORTS = ["api.x:0", "upstream.test:0", "[::1]:0", "upstream.test:+80", "upstream.test:99999", "api.x:8o"]
@@ -447,3 +484,23 @@ async def test_a_malformed_authority_is_a_bad_request_from_a_real_outrigger(
         assert_error(reply.status, reply.headers, reply.body, expected_status=400, error_type="bad_request")
     assert raw_upstream.connections == 0
     assert "Traceback" not in process.output
+
+
+# --------------------------------------------------------------------------- error messages without the URL
+
+
+async def test_reset_during_upload_does_not_echo_the_url_with_its_query(start_proxy: StartProxy) -> None:
+    """The upload-write failure: aiohttp's "Can not write request body for <url>" must not reach the app."""
+    resetting = await RawUpstream("reset").start()  # reads the head, then RST while we upload
+    try:
+        proxy = await start_proxy([loopback_policy(f"http://127.0.0.1:{resetting.port}")])
+        async with aiohttp.ClientSession(timeout=CALL_TIMEOUT) as client:
+            for _ in range(3):
+                async with client.post(
+                    f"{proxy.url}/v1/x?token=SECRET", data=b"x" * 4_000_000, headers={"Host": HOST}
+                ) as response:
+                    text = await response.text()
+                    assert response.status == 502, text
+                    assert "SECRET" not in text
+    finally:
+        await resetting.close()

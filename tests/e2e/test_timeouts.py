@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,11 +18,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 from tests.conftest import RunningProxy, StartProxy, free_port, loopback_policy
-from tests.e2e.procs import RawUpstream, assert_error
+from tests.e2e.procs import RawUpstream, assert_error, wait_until
+from tests.e2e.upstreams import CountingUpstream
+from tests.fakes import app_get
 
-AiohttpServer = Callable[..., Awaitable[TestServer]]
+HOST = "upstream.test"
 SLACK = 0.5
 """How late a timeout may fire on a loaded CI machine."""
 
@@ -297,3 +300,71 @@ async def test_upstream_own_error_passes_through_unchanged(
     assert response.headers["X-From"] == "upstream"
     assert "x-outrigger-error" not in response.headers
     assert response.headers["x-outrigger-attempts"] == "1"
+
+
+# ------------------------------------------------------------------ the total deadline runs from arrival
+
+
+async def test_total_deadline_counts_time_queued_in_the_bulkhead(
+    counting_upstream: CountingUpstream, start_proxy: StartProxy
+) -> None:
+    counting_upstream.status, counting_upstream.delay = 200, 0.4
+    proxy = await start_proxy(
+        [
+            loopback_policy(
+                counting_upstream.url,
+                concurrency={"max_in_flight": 1, "max_queued": 5, "queue_timeout": "2s"},
+            )
+        ]
+    )
+    first = asyncio.create_task(app_get(proxy, "/slow"))
+    assert await wait_until(lambda: counting_upstream.hits.get("/slow", 0) == 1, within=2.0), (
+        "A never reached the upstream"
+    )
+    started = time.monotonic()
+    status, headers, body = await app_get(proxy, "/slow", **{"x-outrigger-timeout-ms": "500"})
+    elapsed = time.monotonic() - started
+    assert_error(status, headers, body, expected_status=504, error_type="timeout", host=HOST)
+    assert elapsed < 0.75, f"B's 500 ms budget started at arrival, yet it took {elapsed:.2f}s"
+    assert (await first)[0] == 200
+
+
+# --------------------------------------------------------------------------- an upstream that stops reading
+
+
+async def test_an_upstream_that_stops_reading_the_upload_is_an_upstream_timeout(
+    start_proxy: StartProxy,
+) -> None:
+    """Blocked writing to the upstream is the upstream's fault: it counts for the breaker."""
+    port = free_port()
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def never_read(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # read nothing, answer nothing
+
+    server = await asyncio.start_server(never_read, "127.0.0.1", port)
+    try:
+        proxy = await start_proxy(
+            [
+                loopback_policy(
+                    f"http://127.0.0.1:{port}",
+                    timeouts={"per_try": "2s", "idle": "500ms", "total": "5s"},
+                    circuit_breaker={"failure_threshold": 1, "failure_on": ["timeout"]},
+                )
+            ]
+        )
+        payload = b"x" * (32 * 1024 * 1024)  # far more than the socket buffers hold
+        async with aiohttp.ClientSession() as client:
+            async with client.put(
+                f"{proxy.url}/up", data=payload, headers={"Host": "upstream.test"}
+            ) as reply:
+                assert reply.status == 504
+                assert reply.headers["x-outrigger-error"] == "timeout"
+            async with client.get(f"http://127.0.0.1:{proxy.admin_port}/state") as reply:
+                state = await reply.json()
+        assert state["upstream.test"]["circuit_breaker"]["state"] == "open"
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()

@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 from proxy.transport import resolver
-from tests.conftest import StartProxy, loopback_policy
-
-AiohttpServer = Callable[..., Awaitable[TestServer]]
+from tests.conftest import AccessLog, StartProxy, loopback_policy
+from tests.e2e.procs import wait_until
+from tests.e2e.upstreams import CountingUpstream, hang_up_after
+from tests.fakes import admin_state, app_get
 
 
 async def _echo_upstream(aiohttp_server: AiohttpServer, seen: list[int]) -> TestServer:
@@ -105,3 +108,70 @@ async def test_without_a_replayable_body_only_the_first_address_is_tried(
         assert reply.status == 502
         assert json.loads(await reply.read())["error"]["type"] == "upstream_unreachable"
     assert seen == []
+
+
+# --------------------------------------------------------------------------- uploads the app breaks off
+
+HOST = "upstream.test"
+BREAKER = {"failure_threshold": 1, "failure_on": ["connect-failure", "reset", "timeout", "5xx"]}
+PARTIAL_UPLOAD = (
+    f"POST /upload HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 1000000\r\n"
+    "Content-Type: application/octet-stream\r\n"
+)
+
+
+@pytest.fixture
+def access_lines(access_log: AccessLog) -> Callable[[], list[Any]]:
+    return lambda: access_log.entries
+
+
+async def test_broken_off_upload_is_the_apps_failure_not_the_upstreams(
+    counting_upstream: CountingUpstream, start_proxy: StartProxy, access_lines: Callable[[], list[Any]]
+) -> None:
+    proxy = await start_proxy([loopback_policy(counting_upstream.url, circuit_breaker=BREAKER)])
+    await hang_up_after(proxy.port, (PARTIAL_UPLOAD + "\r\n").encode() + b"only a few bytes", 0.2)
+
+    def logged() -> bool:
+        return any(e["path"] == "/upload" for e in access_lines())
+
+    assert await wait_until(logged, within=3.0), access_lines()
+    (entry,) = [e for e in access_lines() if e["path"] == "/upload"]
+    assert entry["status"] == 499, entry
+    assert entry["error_type"] in ("client_disconnected", "cancelled"), entry
+
+    state = await admin_state(proxy)
+    assert state[HOST]["circuit_breaker"]["state"] == "closed", state
+    assert state[HOST]["circuit_breaker"]["consecutive_failures"] == 0, state
+    status, headers, _ = await app_get(proxy, "/after")
+    assert status == 200
+    assert headers.get("x-outrigger-error") != "circuit_open"
+
+
+async def test_broken_off_upload_while_buffering_for_retries_is_not_an_internal_error(
+    counting_upstream: CountingUpstream, start_proxy: StartProxy, access_lines: Callable[[], list[Any]]
+) -> None:
+    proxy = await start_proxy(
+        [
+            loopback_policy(
+                counting_upstream.url,
+                circuit_breaker=BREAKER,
+                retries={"on": [503], "backoff": {"base": "10ms", "max": "10ms"}},
+                idempotency={"replay": {"ttl": "1m"}},
+            )
+        ]
+    )
+    head = PARTIAL_UPLOAD + "Idempotency-Key: upload-1\r\n\r\n"
+    await hang_up_after(proxy.port, head.encode() + b"only a few bytes", 0.2)
+
+    def logged() -> bool:
+        return any(e["path"] == "/upload" for e in access_lines())
+
+    assert await wait_until(logged, within=3.0), access_lines()
+    (entry,) = [e for e in access_lines() if e["path"] == "/upload"]
+    assert entry["status"] == 499, entry
+    assert entry["error_type"] != "internal_error"
+    assert counting_upstream.hits.get("/upload", 0) == 0, "a body that never arrived whole is not sent"
+    state = await admin_state(proxy)
+    assert state[HOST]["circuit_breaker"]["state"] == "closed", state
+    status, _, _ = await app_get(proxy, "/after")
+    assert status == 200

@@ -5,11 +5,14 @@ Nothing here mocks the network: every helper opens real sockets on 127.0.0.1.
 - `Recorder` + `recording_app`: an aiohttp upstream that keeps every request
   exactly as it arrived (raw target, raw header lines, raw body bytes, peer
   port) so tests can assert what Outrigger forwarded.
-- `ScriptedUpstream`: a bare asyncio TCP server that answers each path with
+- `CountingUpstream`: an aiohttp upstream that counts requests per path; ``/slow`` answers
+  late with a chosen status, anything else 200 ``ok`` (with chosen headers).
+- `RawScriptedUpstream`: a bare asyncio TCP server that answers each path with
   pre-written response bytes, then keeps the connection, closes it, or resets
   it mid-body — the misbehaviour aiohttp's server would never produce.
 - `RawConnection` / `raw_exchange`: a client that writes exact request bytes
-  (no invented headers) and parses the response without hiding framing.
+  (no invented headers) and parses the response without hiding framing;
+  `hang_up_after` sends bytes and leaves without reading an answer.
 - `timed_get` / `TimedReply`: a GET whose reply knows when it was sent and
   finished, and checks an Outrigger error document (SPEC 5) for shape.
 - `TlsMaterial`: a trustme CA with server and client certificates written
@@ -21,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import ssl
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +37,7 @@ import aiohttp
 import trustme
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpServer
 
 IO_TIMEOUT = 5.0
@@ -116,13 +121,47 @@ async def start_recording(
     return server, recorder
 
 
+# --------------------------------------------------------------------------- counting upstream
+
+
+@dataclass
+class CountingUpstream:
+    """Counts requests per path; /slow waits `delay` then answers `status`; anything else is 200."""
+
+    status: int = 503
+    delay: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+    hits: dict[str, int] = field(default_factory=dict)
+    server: TestServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.port}"
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.hits[request.path] = self.hits.get(request.path, 0) + 1
+        with contextlib.suppress(aiohttp.ClientPayloadError, ConnectionError):
+            await request.read()
+        if request.path == "/slow":
+            await asyncio.sleep(self.delay)
+            return web.Response(status=self.status, text=f"upstream {self.status}")
+        return web.Response(status=200, text="ok", headers=self.headers)
+
+    async def start(self, aiohttp_server: AiohttpServer) -> CountingUpstream:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.server = await aiohttp_server(app)
+        return self
+
+
 # --------------------------------------------------------------------------- scripted raw upstream
 
 After = Literal["keep", "close", "reset"]
 
 
 @dataclass(frozen=True)
-class Script:
+class RawScript:
     """Bytes to answer with, then what to do with the connection."""
 
     response: bytes
@@ -136,10 +175,10 @@ def response_bytes(head: str, body: bytes = b"") -> bytes:
     return head.replace("\n", "\r\n").encode("latin-1") + b"\r\n\r\n" + body
 
 
-class ScriptedUpstream:
+class RawScriptedUpstream:
     """A minimal HTTP/1.1 server: reads one request head (+ Content-Length body), writes a script."""
 
-    def __init__(self, scripts: dict[str, Script]) -> None:
+    def __init__(self, scripts: dict[str, RawScript]) -> None:
         self.scripts = scripts
         self.heads: list[bytes] = []
         self._server: asyncio.Server | None = None
@@ -155,7 +194,7 @@ class ScriptedUpstream:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def __aenter__(self) -> ScriptedUpstream:
+    async def __aenter__(self) -> RawScriptedUpstream:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         return self
 
@@ -180,7 +219,7 @@ class ScriptedUpstream:
                     await reader.readexactly(length)
                 target = head.split(b" ", 2)[1].decode("latin-1")
                 path = target.split("?", 1)[0]
-                script = self.scripts.get(path) or Script(
+                script = self.scripts.get(path) or RawScript(
                     response_bytes("HTTP/1.1 404 Not Found\nContent-Length: 0")
                 )
                 writer.write(script.response)
@@ -222,21 +261,25 @@ def _content_length(head: bytes) -> int:
 class RawResponse:
     status: int
     reason: str
-    headers: list[tuple[str, str]]
+    headers: CIMultiDict[str]
     body: bytes
     """The decoded body (chunked framing removed)."""
     framing: Literal["none", "length", "chunked", "close"]
+    version: str = "HTTP/1.1"
+    """The version on the status line, e.g. ``HTTP/1.1``."""
+    closed: bool = False
+    """True when the server closed the connection right after this response (`raw_exchange`
+    with ``check_closed=True`` only)."""
 
     def getall(self, name: str) -> list[str]:
-        return [value for key, value in self.headers if key.lower() == name.lower()]
+        return self.headers.getall(name, [])
 
     def get(self, name: str) -> str | None:
-        values = self.getall(name)
-        return values[0] if values else None
+        return self.headers.get(name)
 
     @property
     def header_names(self) -> set[str]:
-        return {key.lower() for key, _ in self.headers}
+        return {key.lower() for key in self.headers}
 
 
 class IncompleteBody(Exception):
@@ -265,33 +308,38 @@ class RawConnection:
 
     async def read_head(self, wait: float = IO_TIMEOUT) -> tuple[int, str, list[tuple[str, str]]]:
         """Read one response head, waiting at most `wait` seconds."""
+        _version, status, reason, headers = await self._read_status_and_headers(wait)
+        return status, reason, headers
+
+    async def _read_status_and_headers(self, wait: float) -> tuple[str, int, str, list[tuple[str, str]]]:
         head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), wait)
         lines = head.decode("latin-1").split("\r\n")
-        _version, status, *reason = lines[0].split(" ", 2)
+        match = re.match(r"(HTTP/\d\.\d) (\d{3})(?: (.*))?$", lines[0])
+        assert match, f"not an HTTP response: {lines[0]!r}"
         headers = [
             (name.strip(), value.strip())
             for name, _, value in (line.partition(":") for line in lines[1:] if line)
         ]
-        return int(status), (reason[0] if reason else ""), headers
+        return match.group(1), int(match.group(2)), match.group(3) or "", headers
 
     async def read_response(self, method: str = "GET") -> RawResponse:
-        status, reason, headers = await self.read_head()
+        version, status, reason, lines = await self._read_status_and_headers(IO_TIMEOUT)
         while 100 <= status < 200:  # interim responses carry no body
-            status, reason, headers = await self.read_head()
-        lowered = {name.lower(): value for name, value in headers}
+            version, status, reason, lines = await self._read_status_and_headers(IO_TIMEOUT)
+        headers = CIMultiDict(lines)
         if method == "HEAD" or status in (204, 304):
-            return RawResponse(status, reason, headers, b"", "none")
-        if "chunked" in lowered.get("transfer-encoding", "").lower():
-            return RawResponse(status, reason, headers, await self._read_chunked(), "chunked")
-        if "content-length" in lowered:
-            length = int(lowered["content-length"])
+            return RawResponse(status, reason, headers, b"", "none", version)
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            return RawResponse(status, reason, headers, await self._read_chunked(), "chunked", version)
+        if "content-length" in headers:
+            length = int(headers["content-length"])
             try:
                 body = await asyncio.wait_for(self.reader.readexactly(length), IO_TIMEOUT)
             except asyncio.IncompleteReadError as exc:
                 raise IncompleteBody(exc.partial) from None
-            return RawResponse(status, reason, headers, body, "length")
+            return RawResponse(status, reason, headers, body, "length", version)
         body = await asyncio.wait_for(self.reader.read(), IO_TIMEOUT)
-        return RawResponse(status, reason, headers, body, "close")
+        return RawResponse(status, reason, headers, body, "close", version)
 
     async def _read_chunked(self) -> bytes:
         parts: list[bytes] = []
@@ -322,14 +370,49 @@ class RawConnection:
             await asyncio.wait_for(self.writer.wait_closed(), IO_TIMEOUT)
 
 
-async def raw_exchange(port: int, request: bytes, method: str = "GET") -> RawResponse:
-    """Send exact request bytes on a fresh connection and parse one response."""
-    conn = await RawConnection.open(port)
+async def raw_exchange(
+    port: int,
+    request: bytes,
+    method: str = "GET",
+    *,
+    within: float = 2 * IO_TIMEOUT,
+    check_closed: bool = False,
+) -> RawResponse:
+    """Send exact request bytes on a fresh connection to 127.0.0.1:`port` and parse one response.
+
+    The whole exchange takes at most `within` seconds. With `check_closed`, wait up to 0.5 s
+    more to see whether the server closes the connection (`RawResponse.closed`).
+    """
+    async with asyncio.timeout(within):
+        conn = await RawConnection.open(port)
+        try:
+            await conn.send(request)
+            response = await conn.read_response(method)
+            if check_closed:
+                try:
+                    async with asyncio.timeout(0.5):
+                        closed = await conn.reader.read(1) == b""
+                except TimeoutError:
+                    closed = False
+                except ConnectionError:
+                    closed = True
+                response = replace(response, closed=closed)
+            return response
+        finally:
+            await conn.close()
+
+
+async def hang_up_after(port: int, data: bytes, seconds: float) -> None:
+    """Send `data` on a fresh connection, wait `seconds`, then close without reading an answer."""
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        await conn.send(request)
-        return await conn.read_response(method)
+        writer.write(data)
+        await writer.drain()
+        await asyncio.sleep(seconds)
     finally:
-        await conn.close()
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
 
 
 def request_bytes(head: str, body: bytes = b"") -> bytes:

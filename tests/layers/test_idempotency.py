@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from multidict import CIMultiDict
 
-from proxy import errors
+from proxy import errors, exchange
 from proxy.exchange import ProxyResponse
 from proxy.layers.idempotency import REPLAYED_HEADER, IdempotencyLayer, ReplayCache
 from proxy.layers.retry import RetryLayer
@@ -370,3 +372,73 @@ async def test_max_total_bytes_bounds_the_cache_memory() -> None:
         assert len(h.cache) <= 2, "1000-byte bodies: at most two fit in 2 KiB"
     assert upstream.calls == 5
     assert (await h.send(upstream, key="e")).headers.get(REPLAYED_HEADER) == "true", "the newest stays"
+
+
+# --------------------------------------------------------------------------- bodies released on failure
+
+
+class BreakingBody:
+    """A response body whose stream breaks off after its first chunk (like an upstream reset)."""
+
+    def __init__(self, first: bytes = b"partial") -> None:
+        self.first = first
+        self.released = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        yield self.first
+        raise errors.ConnectionReset("the upstream broke off the response body")
+
+    def release(self) -> None:
+        self.released = True
+
+
+async def test_buffered_releases_the_body_when_reading_it_fails() -> None:
+    body = BreakingBody()
+    response = ProxyResponse(200, CIMultiDict({"Content-Length": "100"}), body)
+    with pytest.raises(errors.ConnectionReset):
+        await exchange.buffered(response, 1024)
+    assert body.released
+
+
+async def test_replay_capture_releases_the_body_when_reading_it_fails() -> None:
+    settings = settings_from(idempotency={"replay": {"ttl": "1m"}})
+    assert settings.idempotency is not None
+    assert settings.idempotency.replay is not None
+    layer = IdempotencyLayer(settings.idempotency, ReplayCache(settings.idempotency.replay, FakeClock()))
+    body = BreakingBody()
+    upstream_next = fake_upstream(ProxyResponse(201, CIMultiDict(), body))
+    request = make_request("POST", headers={"Idempotency-Key": "k-1"}, body=b"a=1", settings=settings)
+    with pytest.raises(errors.ConnectionReset):
+        await layer(request, upstream_next)
+    assert body.released, "a failed capture must still give the upstream connection back"
+
+
+# ------------------------------------------------------------------- in-flight entries are never evicted
+
+
+async def test_a_pending_request_is_never_evicted_so_duplicates_wait() -> None:
+    """Stored entries may be evicted under memory pressure; the in-flight marker may not."""
+    settings = settings_from(
+        idempotency={"replay": {"max_entries": 100, "max_body_bytes": "100B", "max_total_bytes": "100B"}}
+    )
+    assert settings.idempotency is not None
+    assert settings.idempotency.replay is not None
+    cache = ReplayCache(settings.idempotency.replay, FakeClock())
+    layer = IdempotencyLayer(settings.idempotency, cache)
+    gate = asyncio.Event()
+    slow = fake_upstream(200, gate=gate)
+
+    def send(key: str, upstream: object) -> asyncio.Task[ProxyResponse]:
+        request = make_request("POST", "/v1/x", {"Idempotency-Key": key}, b"a=1", settings=settings)
+        return asyncio.ensure_future(layer(request, upstream))  # type: ignore[arg-type]
+
+    first = send("held", slow)
+    await asyncio.sleep(0.01)
+    filler = fake_upstream(*[(200, {}, b"x" * 40) for _ in range(3)])
+    for key in ("f1", "f2", "f3"):  # each stored response pushes older entries out
+        await send(key, filler)
+    duplicate = send("held", slow)
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(first, duplicate)
+    assert slow.calls == 1, "the concurrent duplicate waited for the first instead of calling again"

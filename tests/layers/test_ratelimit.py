@@ -12,6 +12,7 @@ from email.utils import formatdate
 
 import pytest
 from multidict import CIMultiDict
+from pydantic import ValidationError
 
 from proxy import errors
 from proxy.clock import SYSTEM_CLOCK, Clock
@@ -342,3 +343,32 @@ async def test_a_non_finite_reset_does_not_break_the_limiter() -> None:
     limiter.observe(CIMultiDict({"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "inf"}), 200)
     assert limiter.pause_remaining() == 0.0, "a non-finite reset is ignored, not taken as a pause"
     assert await limiter.acquire() == 0.0, "the token is granted at once"
+
+
+# --------------------------------------------------------------------------- rate_limit.max_pause
+
+
+def test_max_pause_is_a_config_key_defaulting_to_five_minutes() -> None:
+    assert RateLimit().max_pause == 300.0
+    settings = settings_from(rate_limit={"max_pause": "10s"})
+    assert settings.rate_limit is not None
+    assert settings.rate_limit.max_pause == 10.0
+    with pytest.raises(ValidationError):
+        settings_from(rate_limit={"max_pause": "0s"})
+
+
+def test_retry_after_a_day_pauses_at_most_max_pause() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter("api.test", RateLimit(), clock)
+    limiter.observe(CIMultiDict({"Retry-After": "86400"}), 429)
+    assert 0 < limiter.pause_remaining() <= 300.0
+    clock.advance(300.0)
+    assert limiter.pause_remaining() == 0.0
+
+
+def test_explicit_max_pause_caps_the_pause() -> None:
+    settings = settings_from(rate_limit={"max_pause": "10s"})
+    assert settings.rate_limit is not None
+    limiter = RateLimiter("api.test", settings.rate_limit, FakeClock())
+    limiter.observe(CIMultiDict({"Retry-After": "86400"}), 429)
+    assert limiter.pause_remaining() == pytest.approx(10.0)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from multidict import CIMultiDict
 
 from proxy import errors
-from proxy.exchange import RetryRecord
+from proxy.clock import Clock
+from proxy.exchange import ProxyResponse, RetryRecord
+from proxy.layers import retry as retry_module
 from proxy.layers.attempt import AttemptLayer
 from proxy.layers.budget import RetryBudget
 from proxy.layers.retry import RetryLayer
@@ -515,3 +520,73 @@ async def test_body_exactly_max_replay_bytes_is_replayed() -> None:
     response = await h.layer(request, upstream)
     assert (response.status, upstream.calls) == (200, 2)
     assert [a.body for a in upstream.attempts] == [b"x" * 10] * 2
+
+
+# ------------------------------------------------------ discarded responses settled before the backoff
+
+
+class OrderClock(FakeClock):
+    """A FakeClock that notes, at each sleep, whether the discarded response was already released."""
+
+    def __init__(self, body: TrackedBody) -> None:
+        super().__init__()
+        self.body = body
+        self.released_at_sleep: list[bool] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.released_at_sleep.append(self.body.released)
+        await super().sleep(seconds)
+
+
+async def test_retry_releases_a_small_discarded_response_before_the_backoff() -> None:
+    first = TrackedBody(b"busy, come back later")
+    clock = OrderClock(first)
+    clock_as_protocol: Clock = clock
+    settings = settings_from(retries={"on": [503]})
+    assert settings.retries is not None
+    layer = RetryLayer(settings.retries, settings.idempotency_header, None, clock_as_protocol)
+    upstream_next = fake_upstream(
+        ProxyResponse(503, CIMultiDict({"Retry-After": "1", "Content-Length": "21"}), first), 200
+    )
+    response = await layer(make_request("GET"), upstream_next)
+    assert response.status == 200
+    assert clock.sleeps == [1.0]
+    assert clock.released_at_sleep == [True], "the 503's connection must be freed before sleeping"
+
+
+async def test_settled_response_is_returned_when_the_retry_is_refused() -> None:
+    """Settling reads the body early: that copy is what the app gets when the retry is refused."""
+    first = TrackedBody(b"busy, come back later")
+    clock = OrderClock(first)
+    settings = settings_from(retries={"on": [503]})
+    assert settings.retries is not None
+    layer = RetryLayer(settings.retries, settings.idempotency_header, None, clock)
+    refused = errors.CircuitOpen("circuit breaker for api.test is open")
+    upstream_next = fake_upstream(ProxyResponse(503, CIMultiDict({"Retry-After": "1"}), first), refused)
+    response = await layer(make_request("GET"), upstream_next)
+    assert clock.released_at_sleep == [True]
+    assert response.status == 503
+    assert await read_body(response) == b"busy, come back later"
+
+
+async def test_a_stalled_discarded_body_does_not_delay_the_retry() -> None:
+    class Stalling:
+        released = False
+
+        async def chunks(self) -> AsyncIterator[bytes]:
+            yield b"0123456789"
+            await asyncio.sleep(30)
+
+        def release(self) -> None:
+            self.released = True
+
+    body = Stalling()
+    response = ProxyResponse(503, CIMultiDict({"Content-Length": "100", "Retry-After": "1"}), body)
+    started = asyncio.get_running_loop().time()
+    settled = await retry_module._settle(response)
+    assert asyncio.get_running_loop().time() - started < 1.5
+    assert body.released
+    assert settled.status == 503
+    assert settled.headers["Retry-After"] == "1"
+    assert settled.headers["Content-Length"] == "0"
+    assert b"".join([c async for c in settled.body.chunks()]) == b""

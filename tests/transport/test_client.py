@@ -20,7 +20,7 @@ from proxy.exchange import ProxyRequest, ProxyResponse, RequestBody
 from proxy.transport import UpstreamClient
 from proxy.transport.resolver import CheckedResolver
 from tests.e2e.procs import RawUpstream
-from tests.e2e.upstreams import Script, ScriptedUpstream, TlsMaterial, response_bytes
+from tests.e2e.upstreams import RawScript, RawScriptedUpstream, TlsMaterial, response_bytes
 from tests.fakes import make_request, settings_from
 
 
@@ -58,14 +58,14 @@ async def exchange(client: UpstreamClient, request: ProxyRequest) -> tuple[Proxy
 
 async def test_content_length_chunked_and_close_delimited_bodies(transport: UpstreamClient) -> None:
     scripts = {
-        "/length": Script(response_bytes("HTTP/1.1 200 OK\nContent-Length: 5", b"hello")),
-        "/chunked": Script(
+        "/length": RawScript(response_bytes("HTTP/1.1 200 OK\nContent-Length: 5", b"hello")),
+        "/chunked": RawScript(
             response_bytes("HTTP/1.1 200 OK\nTransfer-Encoding: chunked", b"3\r\nhel\r\n2\r\nlo\r\n0\r\n")
             + b"X-Trailer: dropped\r\n\r\n"
         ),
-        "/close": Script(response_bytes("HTTP/1.0 200 OK\nX-Kind: eof", b"until the end"), after="close"),
+        "/close": RawScript(response_bytes("HTTP/1.0 200 OK\nX-Kind: eof", b"until the end"), after="close"),
     }
-    async with ScriptedUpstream(scripts) as upstream:
+    async with RawScriptedUpstream(scripts) as upstream:
         response, body = await exchange(transport, get(upstream.port, "/length"))
         assert (response.status, body) == (200, b"hello")
         response, body = await exchange(transport, get(upstream.port, "/chunked"))
@@ -87,11 +87,11 @@ async def test_head_204_and_304_carry_no_body_and_keep_the_connection(transport:
     finally:
         await upstream.close()
     scripts = {
-        "/204": Script(response_bytes("HTTP/1.1 204 No Content\nX-A: 1")),
-        "/304": Script(response_bytes('HTTP/1.1 304 Not Modified\nETag: "v1"\nContent-Length: 10')),
-        "/ok": Script(response_bytes("HTTP/1.1 200 OK\nContent-Length: 2", b"ok")),
+        "/204": RawScript(response_bytes("HTTP/1.1 204 No Content\nX-A: 1")),
+        "/304": RawScript(response_bytes('HTTP/1.1 304 Not Modified\nETag: "v1"\nContent-Length: 10')),
+        "/ok": RawScript(response_bytes("HTTP/1.1 200 OK\nContent-Length: 2", b"ok")),
     }
-    async with ScriptedUpstream(scripts) as scripted:
+    async with RawScriptedUpstream(scripts) as scripted:
         for path, status in (("/204", 204), ("/304", 304)):
             response, body = await exchange(transport, get(scripted.port, path))
             assert (response.status, body) == (status, b"")
@@ -103,7 +103,7 @@ async def test_head_204_and_304_carry_no_body_and_keep_the_connection(transport:
 async def test_interim_responses_are_skipped(transport: UpstreamClient) -> None:
     interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
     final = response_bytes("HTTP/1.1 201 Created\nContent-Length: 4", b"made")
-    async with ScriptedUpstream({"/x": Script(interim + final)}) as upstream:
+    async with RawScriptedUpstream({"/x": RawScript(interim + final)}) as upstream:
         response, body = await exchange(transport, get(upstream.port))
     assert (response.status, response.reason, body) == (201, "Created", b"made")
     assert "Link" not in response.headers
@@ -111,7 +111,7 @@ async def test_interim_responses_are_skipped(transport: UpstreamClient) -> None:
 
 async def test_status_reason_header_order_and_repeats_are_kept(transport: UpstreamClient) -> None:
     head = "HTTP/1.1 299 Very Custom\nX-B: 1\nSet-Cookie: a=1\nX-A: 2\nSet-Cookie: b=2\nContent-Length: 0"
-    async with ScriptedUpstream({"/x": Script(response_bytes(head))}) as upstream:
+    async with RawScriptedUpstream({"/x": RawScript(response_bytes(head))}) as upstream:
         response, _ = await exchange(transport, get(upstream.port))
     assert (response.status, response.reason) == (299, "Very Custom")
     assert list(response.headers.items()) == [
@@ -127,7 +127,9 @@ async def test_status_reason_header_order_and_repeats_are_kept(transport: Upstre
 
 
 async def test_request_is_written_exactly_as_the_app_sent_it(transport: UpstreamClient) -> None:
-    async with ScriptedUpstream({"/p": Script(response_bytes("HTTP/1.1 200 OK\nContent-Length: 0"))}) as up:
+    async with RawScriptedUpstream(
+        {"/p": RawScript(response_bytes("HTTP/1.1 200 OK\nContent-Length: 0"))}
+    ) as up:
         request = get(up.port, "/p?", method="DELETE")
         for name, value in [("X-Z", "1"), ("Accept", "a"), ("X-Z", "2")]:
             request.headers.add(name, value)
@@ -185,14 +187,14 @@ async def test_an_answer_before_the_whole_body_was_read_is_returned(transport: U
 
 async def test_a_truncated_body_is_a_reset_never_a_short_body(transport: UpstreamClient) -> None:
     scripts = {
-        "/length": Script(
+        "/length": RawScript(
             response_bytes("HTTP/1.1 200 OK\nContent-Length: 100", b"only this"), after="close"
         ),
-        "/chunked": Script(
+        "/chunked": RawScript(
             response_bytes("HTTP/1.1 200 OK\nTransfer-Encoding: chunked", b"5\r\nhello\r\n"), after="reset"
         ),
     }
-    async with ScriptedUpstream(scripts) as upstream:
+    async with RawScriptedUpstream(scripts) as upstream:
         for path in scripts:
             response = await transport.send(get(upstream.port, path))
             with pytest.raises(errors.ConnectionReset, match="broke off the response body"):
@@ -218,7 +220,7 @@ async def test_a_truncated_body_is_a_reset_never_a_short_body(transport: Upstrea
 async def test_malformed_response_heads_are_upstream_unreachable(
     transport: UpstreamClient, answer: bytes, message: str
 ) -> None:
-    async with ScriptedUpstream({"/x": Script(answer, after="close")}) as upstream:
+    async with RawScriptedUpstream({"/x": RawScript(answer, after="close")}) as upstream:
         with pytest.raises(errors.UpstreamUnreachable, match=message) as raised:
             await transport.send(get(upstream.port))
     assert raised.value.condition is None, "not a retry condition: the upstream is broken, not flaky"
@@ -227,7 +229,7 @@ async def test_malformed_response_heads_are_upstream_unreachable(
 
 async def test_bad_chunking_ends_the_body_with_an_error(transport: UpstreamClient) -> None:
     answer = response_bytes("HTTP/1.1 200 OK\nTransfer-Encoding: chunked", b"zz\r\nnot hex\r\n")
-    async with ScriptedUpstream({"/x": Script(answer, pause=1.0)}) as upstream:
+    async with RawScriptedUpstream({"/x": RawScript(answer, pause=1.0)}) as upstream:
         response = await transport.send(get(upstream.port))
         with pytest.raises(errors.UpstreamUnreachable, match="invalid HTTP response"):
             await read_all(response)
@@ -256,7 +258,7 @@ async def test_a_refused_connection_is_a_connect_failure(transport: UpstreamClie
 
 async def test_a_silent_body_times_out_after_idle(transport: UpstreamClient) -> None:
     answer = response_bytes("HTTP/1.1 200 OK\nContent-Length: 10", b"half")
-    async with ScriptedUpstream({"/x": Script(answer, pause=5.0)}) as upstream:
+    async with RawScriptedUpstream({"/x": RawScript(answer, pause=5.0)}) as upstream:
         response = await transport.send(_with_timeouts(get(upstream.port), idle="200ms"))
         with pytest.raises(errors.AttemptTimeout, match="stopped sending the response body"):
             await read_all(response)
@@ -279,10 +281,10 @@ async def test_keep_alive_connections_are_reused(transport: UpstreamClient) -> N
 
 async def test_connection_close_and_http_1_0_are_not_reused(transport: UpstreamClient) -> None:
     scripts = {
-        "/close": Script(response_bytes("HTTP/1.1 200 OK\nConnection: close\nContent-Length: 2", b"ok")),
-        "/old": Script(response_bytes("HTTP/1.0 200 OK\nContent-Length: 2", b"ok")),
+        "/close": RawScript(response_bytes("HTTP/1.1 200 OK\nConnection: close\nContent-Length: 2", b"ok")),
+        "/old": RawScript(response_bytes("HTTP/1.0 200 OK\nContent-Length: 2", b"ok")),
     }
-    async with ScriptedUpstream(scripts) as upstream:
+    async with RawScriptedUpstream(scripts) as upstream:
         for path in ("/close", "/old", "/close"):
             _, body = await exchange(transport, get(upstream.port, path))
             assert body == b"ok"
@@ -295,7 +297,7 @@ async def test_a_connection_the_upstream_closed_while_idle_is_never_handed_out(
 ) -> None:
     """The upstream closes each connection after its answer, without saying so beforehand."""
     answer = response_bytes("HTTP/1.1 200 OK\nContent-Length: 2", b"ok")
-    async with ScriptedUpstream({"/x": Script(answer, after="close")}) as upstream:
+    async with RawScriptedUpstream({"/x": RawScript(answer, after="close")}) as upstream:
         for _ in range(3):
             _, body = await exchange(transport, get(upstream.port))
             assert body == b"ok"
@@ -322,7 +324,7 @@ async def test_idle_connections_expire() -> None:
 async def test_a_body_left_unread_closes_its_connection(transport: UpstreamClient) -> None:
     """Released before its body fully arrived: the rest would be read as the next response."""
     answer = response_bytes("HTTP/1.1 200 OK\nContent-Length: 100", b"part")
-    async with ScriptedUpstream({"/x": Script(answer, pause=1.0)}) as upstream:
+    async with RawScriptedUpstream({"/x": RawScript(answer, pause=1.0)}) as upstream:
         response = await transport.send(get(upstream.port))
         response.body.release()
         await asyncio.sleep(0.05)
