@@ -34,6 +34,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -704,7 +705,9 @@ def collect_meta(args: argparse.Namespace, nginx: str, load: Load, pin: Pinning)
     uvloop = _first_line([sys.executable, "-c", "import uvloop; print(uvloop.__version__)"])
     return {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": os.environ.get("BENCH_COMMAND") or " ".join(["python bench/bench.py", *args.argv]),
+        "command": " ".join(
+            [os.environ.get("BENCH_COMMAND", "python bench/bench.py"), shlex.join(args.argv)]
+        ),
         "label": args.label,
         "nproc": os.cpu_count(),
         "cpu_model": _cpu_model(),

@@ -57,6 +57,6 @@ if ! command -v outrigger >/dev/null 2>&1; then
 fi
 
 cd "$repo"
-# What the report prints as the command to reproduce this run.
-export BENCH_COMMAND="bench/run.sh${*:+ $*}"
+# What the report prints as the command to reproduce this run (its arguments appended).
+export BENCH_COMMAND="bench/run.sh"
 exec python "$here/bench.py" "$@"
