@@ -484,7 +484,8 @@ def parse_hey(output: str) -> Sample:
     codes = {
         int(c): int(n) for c, n in re.findall(r"^\s+\[(\d{3})\]\s+(\d+) responses", output, re.MULTILINE)
     }
-    failed = sum(int(n) for n in re.findall(r"^\s+\[(\d+)\]\s+(?!\d+ responses)", output, re.MULTILINE))
+    _, _, error_section = output.partition("Error distribution:")  # "  [count]\tGet ...: error"
+    failed = sum(int(n) for n in re.findall(r"^\s+\[(\d+)\]", error_section, re.MULTILINE))
     errors = sum(n for code, n in codes.items() if not 200 <= code < 300) + failed
     return Sample(
         float(rps.group(1)),
