@@ -498,9 +498,8 @@ def parse_hey(output: str) -> Sample:
 
 @dataclass(frozen=True)
 class Load:
-    """How a cell is loaded: wrk closed loop, or hey at a paced rate."""
+    """The load generators and their settings: wrk closed loop, hey at a paced rate."""
 
-    tool: str  # "wrk" | "hey"
     wrk: str
     hey: str
     threads: int
@@ -543,7 +542,8 @@ def build_cells(targets: dict[str, Target]) -> list[Cell]:
         for host in (BENCH_HOST, WILDCARD_HOST):
             if count == 1 and host == BENCH_HOST:
                 continue  # that cell is outrigger-full / small in the throughput phase
-            cells.append(Cell("policies", name, "small", host, "wrk", policies=count))
+            wildcard = host == WILDCARD_HOST
+            cells.append(Cell("policies", name, "small", host, "wrk", policies=count, wildcard=wildcard))
     return cells
 
 
@@ -796,7 +796,6 @@ def find_tool(name: str, explicit: str | None = None) -> str:
 def run_benchmark(args: argparse.Namespace) -> int:
     nginx = find_tool("nginx", args.nginx)
     load = Load(
-        "wrk",
         find_tool("wrk"),
         find_tool("hey"),
         args.threads,
