@@ -463,6 +463,7 @@ def parse_wrk(output: str) -> Sample:
     total = re.search(r"^\s+(\d+) requests in", output, re.MULTILINE)
     if not (rps and p50 and p99 and total):
         raise RuntimeError(f"unexpected wrk output:\n{output}")
+    details = re.findall(r"^\s*((?:Non-2xx or 3xx responses|Socket errors):.*)$", output, re.MULTILINE)
     errors = 0
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
     if non2xx:
@@ -471,7 +472,12 @@ def parse_wrk(output: str) -> Sample:
     if sock:
         errors += sum(int(n) for n in sock.groups())
     return Sample(
-        float(rps.group(1)), _wrk_ms(p50.group(1)), _wrk_ms(p99.group(1)), int(total.group(1)), errors
+        float(rps.group(1)),
+        _wrk_ms(p50.group(1)),
+        _wrk_ms(p99.group(1)),
+        int(total.group(1)),
+        errors,
+        error_detail="; ".join(details),
     )
 
 
@@ -487,12 +493,15 @@ def parse_hey(output: str) -> Sample:
     _, _, error_section = output.partition("Error distribution:")  # "  [count]\tGet ...: error"
     failed = sum(int(n) for n in re.findall(r"^\s+\[(\d+)\]", error_section, re.MULTILINE))
     errors = sum(n for code, n in codes.items() if not 200 <= code < 300) + failed
+    details = [f"{n} x status {code}" for code, n in codes.items() if not 200 <= code < 300]
+    details += [line.strip() for line in error_section.strip().splitlines()[:3]]
     return Sample(
         float(rps.group(1)),
         float(p50.group(1)) * 1000,
         float(p99.group(1)) * 1000,
         sum(codes.values()) + failed,
         errors,
+        error_detail="; ".join(details),
     )
 
 
@@ -598,7 +607,8 @@ def measure(
                 f"  run {run}/{args.runs} {cell.phase:>10} {cell.payload:>5} {cell.label:<36} "
                 f"{sample.rps:>9,.0f} req/s  p50 {sample.p50_ms:7.2f} ms  p99 {sample.p99_ms:7.2f} ms  "
                 f"{sample.target_cpu_s / max(1, sample.requests) * 1e6:6.0f} us/req  "
-                f"others {sample.other_cores:.2f}" + (f"  ERRORS {sample.errors}" if sample.errors else ""),
+                f"others {sample.other_cores:.2f}"
+                + (f"  ERRORS {sample.errors}: {sample.error_detail}" if sample.errors else ""),
                 flush=True,
             )
 

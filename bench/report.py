@@ -28,6 +28,7 @@ class Sample:
     system_cpu_s: float = 0.0  # CPU used by everything on the machine (/proc/stat)
     wall_s: float = 0.0
     rss_mib: float = 0.0  # RSS of the server under test after the run
+    error_detail: str = ""  # the load generator's own words about the errors
 
     @property
     def other_cores(self) -> float:
