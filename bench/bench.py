@@ -328,16 +328,16 @@ def filler_policies(count: int, upstream: str) -> list[dict[str, Any]]:
 
 def write_outrigger_config(
     root: Path, variant: OutriggerVariant, upstream_port: int, sink_port: int
-) -> tuple[Path, int]:
-    """The config folder for `variant`; returns the config path and the main listener port."""
+) -> tuple[Path, int, int]:
+    """The config folder for `variant`; returns the config path, the main and the admin port."""
     (root / "policies").mkdir(parents=True)
-    main_port = free_port()
+    main_port, admin_port = free_port(), free_port()
     telemetry: dict[str, Any] = {"access_log": variant.full}
     if variant.traced:
         telemetry["traces"] = {"endpoint": f"http://127.0.0.1:{sink_port}/v1/traces", "sample_ratio": 1.0}
     config = {
         "listen": {"host": "127.0.0.1", "port": main_port},
-        "admin": {"host": "127.0.0.1", "port": free_port()},
+        "admin": {"host": "127.0.0.1", "port": admin_port},
         "policy_dirs": ["policies/"],
         "unknown_hosts": "deny",
         "drain_timeout": "1s",
@@ -357,7 +357,7 @@ def write_outrigger_config(
     if variant.policies > 1:
         others = filler_policies(variant.policies - 1, upstream)
         (root / "policies" / "others.yaml").write_text(yaml.safe_dump(others, sort_keys=False))
-    return root / "config.yaml", main_port
+    return root / "config.yaml", main_port, admin_port
 
 
 def nginx_conf(tmp: Path, name: str, body: str) -> Path:
@@ -390,10 +390,10 @@ def start_outrigger(
     sink_port: int,
     pin: Pinning,
     env: dict[str, str],
-) -> tuple[int, subprocess.Popen[bytes]]:
-    """Checks and starts `variant` (`outrigger run -c CONFIG`); returns its port and process.
-    Its stdout (the access log) goes to /dev/null, its stderr to the log file."""
-    config, port = write_outrigger_config(tmp / variant.name, variant, upstream_port, sink_port)
+) -> tuple[int, int, subprocess.Popen[bytes]]:
+    """Checks and starts `variant` (`outrigger run -c CONFIG`); returns its main and admin
+    port and the process. Its stdout (the access log) goes to /dev/null, stderr to the log."""
+    config, port, admin_port = write_outrigger_config(tmp / variant.name, variant, upstream_port, sink_port)
     outrigger = outrigger_binary()
     check = subprocess.run([outrigger, "check", "-c", str(config)], capture_output=True, timeout=120, env=env)
     if check.returncode != 0:
@@ -401,7 +401,7 @@ def start_outrigger(
             f"outrigger check failed for {variant.name}:\n{check.stderr.decode(errors='replace')}"
         )
     argv = [*pin.server, outrigger, "run", "-c", str(config)]
-    return port, procs.start(argv, tmp / f"{variant.name}.out", env, discard_stdout=True)
+    return port, admin_port, procs.start(argv, tmp / f"{variant.name}.out", env, discard_stdout=True)
 
 
 def http_get(url: str, host: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -436,6 +436,28 @@ def wait_ready(
         time.sleep(0.05)
     tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
     raise RuntimeError(f"{name} not ready at {url}: {last}\n--- {log_path.name} ---\n{tail}")
+
+
+OUTRIGGER_COUNTER = re.compile(
+    r"^outrigger_(requests_total|attempts_total|rejections_total)\{(.*?)\} ([\d.e+]+)$", re.MULTILINE
+)
+
+
+def outrigger_counters(admin_port: int) -> dict[str, int]:
+    """Outrigger's own count of what did not go well (from its /metrics): responses by code
+    other than 200, attempts by outcome other than 2xx, rejections by type."""
+    _status, body = http_get(f"http://127.0.0.1:{admin_port}/metrics", "127.0.0.1")
+    counters: dict[str, int] = {}
+    for metric, labels, value in OUTRIGGER_COUNTER.findall(body.decode()):
+        label = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        key = {
+            "requests_total": f"status {label.get('code')}",
+            "attempts_total": f"attempt {label.get('outcome')}",
+            "rejections_total": f"rejected {label.get('type')}",
+        }[metric]
+        if key not in ("status 200", "attempt 2xx"):
+            counters[key] = counters.get(key, 0) + round(float(value))
+    return counters
 
 
 def sink_stats(port: int) -> dict[str, int]:
@@ -649,8 +671,10 @@ def start_servers(
     procs.start([*pin.client, *argv], tmp / "otlp-sink.out", env)
 
     for variant in outrigger_variants():
-        port, proc = start_outrigger(procs, tmp, variant, origin_port, sink_port, pin, env)
-        targets[variant.name] = Target(variant.name, port, variant.description, proc.pid, variant.name)
+        port, admin_port, proc = start_outrigger(procs, tmp, variant, origin_port, sink_port, pin, env)
+        targets[variant.name] = Target(
+            variant.name, port, variant.description, proc.pid, variant.name, admin_port=admin_port
+        )
 
     hosts = {
         name: [BENCH_HOST, WILDCARD_HOST]
@@ -842,6 +866,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
                 target.final_rss_mib = group_memory_mib(target.pgid)
                 target.peak_rss_mib = group_memory_mib(target.pgid, "VmHWM")
             meta["otlp_sink"] = sink_stats(sink_port)
+            for target in targets.values():
+                if target.admin_port is not None:
+                    target.outrigger_counters = outrigger_counters(target.admin_port)
             if not procs.all_alive():
                 raise RuntimeError("a server exited during the benchmark")
         finally:

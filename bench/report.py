@@ -47,6 +47,9 @@ class Target:
     idle_rss_mib: float = 0.0  # after start, before any load
     final_rss_mib: float = 0.0  # after the last measurement
     peak_rss_mib: float = 0.0  # VmHWM after the last measurement
+    admin_port: int | None = None  # Outrigger's admin listener
+    # Outrigger's /metrics at the end: non-200 responses, non-2xx attempts, rejections
+    outrigger_counters: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -250,9 +253,8 @@ class Report:
         for check in self.checks():
             result = {True: "PASS", False: "**MISS**", None: "n/a"}[check.passed]
             lines.append(f"| {check.goal} | {check.measured} | {result} | {check.margin} |")
-        lines += (
-            self._throughput_table() + self._paced_table() + self._policies_table() + self._memory_table()
-        )
+        lines += self._throughput_table() + self._paced_table() + self._policies_table()
+        lines += self._memory_table() + self._counters_table()
         lines += [
             "",
             "Columns: req/s, p50, p99 = medians of the runs; vs naive / vs nginx = median req/s over "
@@ -335,6 +337,22 @@ class Report:
         for t in self.targets:
             memory = f"{t.idle_rss_mib:.1f} | {t.final_rss_mib:.1f} | {t.peak_rss_mib:.1f}"
             lines.append(f"| {t.name} | {t.description} | {memory} |")
+        return lines
+
+    def _counters_table(self) -> list[str]:
+        lines = [
+            "",
+            "### Outrigger's own counters (from /metrics after the run; what was not a 200)",
+            "",
+            "499 = the client hung up: wrk closes its connections at the end of every run.",
+            "",
+            "| target | counters |",
+            "| --- | --- |",
+        ]
+        for t in self.targets:
+            if t.admin_port is not None:
+                counters = ", ".join(f"{key}: {n:,}" for key, n in sorted(t.outrigger_counters.items()))
+                lines.append(f"| {t.name} | {counters or 'none'} |")
         return lines
 
     # ----------------------------------------------------------------------- json, plot
