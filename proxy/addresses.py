@@ -36,3 +36,11 @@ def refusal_reason(address: str | IPAddress) -> str | None:
         (not ip.is_global, "not global unicast"),
     )
     return next((reason for failed, reason in checks if failed), None)
+
+
+def is_loopback_literal(host: str) -> bool:
+    """`host` is an IP literal on the loopback (127.0.0.0/8, ::1)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -37,7 +37,7 @@ def explain(config: Config, method: str, url: str) -> str:
     if policy is not None:
         matched_by, upstream = "dedicated listen port", dedicated_upstream(policy)
     else:
-        found = router.match_host(host)
+        found = router.match_host(host, target.explicit_port)
         if found is None:
             return yaml.safe_dump(
                 {

@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from proxy.config.loader import Config
-from proxy.config.model import Policy, PolicySettings, RouteMatch, UpstreamTarget
+from proxy.config.model import (
+    DEFAULT_PORTS,
+    Policy,
+    PolicySettings,
+    RouteMatch,
+    UpstreamTarget,
+    split_host_pattern,
+)
 
 UNKNOWN_POLICY_NAME = "(unknown)"
 """Policy label for hosts admitted by ``unknown_hosts: allow``."""
@@ -38,20 +45,27 @@ def _route_matches(match: RouteMatch, method: str, path: str) -> bool:
     return match.path is None or fnmatchcase(path, match.path)
 
 
+def claim_key(name: str, port: int | None) -> tuple[str, int | None]:
+    """What a request for `name`:`port` looks up: default ports share the bare name's claim."""
+    return name, None if port in DEFAULT_PORTS else port
+
+
 class Router:
     def __init__(self, config: Config) -> None:
-        self._exact: dict[str, Policy] = {}
-        wildcards: list[tuple[str, Policy]] = []
+        self._exact: dict[tuple[str, int | None], Policy] = {}
+        self._wildcards: dict[tuple[str, int | None], Policy] = {}
+        """``.example.com`` (with its claimed port) -> policy: found by walking a name's suffixes,
+        longest first, so lookup cost depends on the name's labels, not on the number of policies."""
         self._by_port: dict[int, Policy] = {}
         for policy in config.policies:
             for pattern in policy.hosts:
-                if pattern.startswith("*."):
-                    wildcards.append((pattern[1:], policy))
+                name, port = split_host_pattern(pattern)
+                if name.startswith("*."):
+                    self._wildcards[(name[1:], port)] = policy
                 else:
-                    self._exact[pattern] = policy
+                    self._exact[(name, port)] = policy
             if policy.listen is not None:
                 self._by_port[policy.listen] = policy
-        self._wildcards = sorted(wildcards, key=lambda item: len(item[0]), reverse=True)
         self._fallback = (
             Policy(
                 hosts=(UNKNOWN_POLICY_NAME,),
@@ -74,20 +88,25 @@ class Router:
     def ports(self) -> dict[int, Policy]:
         return dict(self._by_port)
 
-    def policy_for_host(self, host: str) -> Policy | None:
-        match = self.match_host(host)
+    def policy_for_host(self, host: str, port: int | None = None) -> Policy | None:
+        match = self.match_host(host, port)
         return None if match is None else match.policy
 
-    def match_host(self, host: str) -> HostMatch | None:
-        """The policy for `host` and the pattern that chose it, so `explain` reports the same
-        decision the server makes. Case and a trailing dot are ignored."""
-        name = host.lower().rstrip(".")
-        policy = self._exact.get(name)
+    def match_host(self, host: str, port: int | None = None) -> HostMatch | None:
+        """The policy for `host`:`port` and the pattern that chose it, so `explain` reports the
+        same decision the server makes. Case and a trailing dot are ignored; a pattern without a
+        port claims only the default ports."""
+        name, claimed = claim_key(host.lower().rstrip("."), port)
+        suffix = "" if claimed is None else f":{claimed}"
+        policy = self._exact.get((name, claimed))
         if policy is not None:
-            return HostMatch(policy, name)
-        for suffix, candidate in self._wildcards:
-            if name.endswith(suffix) and len(name) > len(suffix):
-                return HostMatch(candidate, f"*{suffix}")
+            return HostMatch(policy, (f"[{name}]" if ":" in name and suffix else name) + suffix)
+        dot = name.find(".")
+        while dot != -1:
+            policy = self._wildcards.get((name[dot:], claimed))
+            if policy is not None:
+                return HostMatch(policy, f"*{name[dot:]}{suffix}")
+            dot = name.find(".", dot + 1)
         return None if self._fallback is None else HostMatch(self._fallback, None)
 
     def policy_for_port(self, port: int) -> Policy | None:
@@ -112,4 +131,5 @@ def upstream_for(policy: Policy, host: str, port: int | None) -> UpstreamTarget:
 def dedicated_upstream(policy: Policy) -> UpstreamTarget:
     """Where a request arriving on the policy's own ``listen`` port goes: its upstream, else https
     to its first host (the loader requires that host to be exact). Shared by the server and explain."""
-    return upstream_for(policy, policy.name, None)
+    name, port = policy.first_host
+    return upstream_for(policy, name, port)

@@ -223,11 +223,13 @@ def test_explain_route_is_matched_on_the_path_without_the_query(
 
 
 def test_explain_wildcard(capsys: pytest.CaptureFixture[str], config: Path) -> None:
-    report = explain(capsys, config, "GET", "http://a.b.example.com:8443/x")
+    report = explain(capsys, config, "GET", "http://a.b.example.com/x")
     assert report["policy"] == "*.example.com"
     assert report["source"] == f"{config.parent / 'policies' / 'more.yaml'}:1"
     assert report["matched_by"] == "wildcard *.example.com"
-    assert report["upstream"] == "https://a.b.example.com:8443"
+    assert report["upstream"] == "https://a.b.example.com"
+    other_port = explain(capsys, config, "GET", "http://a.b.example.com:8443/x")
+    assert other_port["policy"] == "(unknown)", "the pattern claims only the default ports"
     assert report["settings"]["timeouts"] == {"connect": "1s", "per_try": "10s", "total": "20s", "idle": "1m"}
 
 

@@ -270,3 +270,59 @@ async def test_unknown_hosts_fallback_has_no_breaker_limiter_bulkhead_or_replay(
     assert known.breaker is not None
     assert known.limiter is not None
     assert known.bulkhead is not None
+
+
+# --------------------------------------------------------------------------- ports and the suffix index
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "pattern"),
+    [
+        ("api.test", None, "api.test"),
+        ("api.test", 80, "api.test"),
+        ("api.test", 443, "api.test"),
+        ("api.test", 8443, "api.test:8443"),
+        ("api.test", 9000, None),
+        ("a.svc.test", 443, "*.svc.test"),
+        ("a.svc.test", 8443, "*.svc.test:8443"),
+        ("a.svc.test", 9000, None),
+        ("::1", 8443, "[::1]:8443"),
+    ],
+)
+def test_a_pattern_claims_the_default_ports_or_the_port_it_names(
+    tmp_path: Path, host: str, port: int | None, pattern: str | None
+) -> None:
+    _, router = build(
+        tmp_path,
+        [
+            {"hosts": ["api.test", "*.svc.test"]},
+            {"hosts": ["API.test:8443", "*.svc.test:8443", "[::1]:8443"], "allow_private_addresses": True},
+        ],
+    )
+    found = router.match_host(host, port)
+    assert (found.pattern if found else None) == pattern
+
+
+def test_wildcard_lookup_walks_the_name_not_the_policies(tmp_path: Path) -> None:
+    """1,000 wildcard policies: the matching one is found by the name's own suffixes."""
+    policies = [{"hosts": [f"*.tenant{i}.example.com"]} for i in range(1000)]
+    _, router = build(tmp_path, policies)
+    calls: list[tuple[str, int | None]] = []
+
+    class CountingDict(dict[tuple[str, int | None], Policy]):
+        def get(self, key: tuple[str, int | None], default: Any = None) -> Any:
+            calls.append(key)
+            return super().get(key, default)
+
+    router._wildcards = CountingDict(router._wildcards)
+    found = router.match_host("api.tenant999.example.com")
+    assert found is not None
+    assert found.pattern == "*.tenant999.example.com"
+    assert calls == [(".tenant999.example.com", None)], "one probe per label, longest suffix first"
+
+
+def test_a_dedicated_port_policy_with_a_port_claim_keeps_its_port(tmp_path: Path) -> None:
+    _, router = build(tmp_path, [{"hosts": ["api.test:8443"], "listen": 19001}])
+    policy = router.policy_for_port(19001)
+    assert policy is not None
+    assert str(dedicated_upstream(policy)) == "https://api.test:8443"

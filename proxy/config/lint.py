@@ -22,7 +22,7 @@ import yaml
 from proxy import secrets
 from proxy.config.defaults import KEYED_METHODS
 from proxy.config.loader import Config
-from proxy.config.model import Backoff, Policy, PolicySettings, Retries
+from proxy.config.model import Backoff, Policy, PolicySettings, Retries, split_host_pattern
 from proxy.config.units import format_duration
 
 
@@ -134,10 +134,12 @@ def _settings_findings(settings: PolicySettings) -> list[_Finding]:
 
 
 def _covers(wildcard: str, pattern: str) -> bool:
-    """Whether requests for `pattern` (an exact host or a longer wildcard) would match `wildcard`."""
-    suffix = wildcard[1:]  # ".example.com"
-    name = pattern[2:] if pattern.startswith("*.") else pattern
-    return name.endswith(suffix) and len(name) > len(suffix)
+    """Whether requests for `pattern` (an exact host or a longer wildcard) would match `wildcard`
+    (on the same claimed port)."""
+    (wild_name, wild_port), (name, port) = split_host_pattern(wildcard), split_host_pattern(pattern)
+    suffix = wild_name[1:]  # ".example.com"
+    name = name[2:] if name.startswith("*.") else name
+    return port == wild_port and name.endswith(suffix) and len(name) > len(suffix)
 
 
 def _shadowed_wildcards(policy: Policy, policies: Sequence[Policy]) -> Iterator[_Finding]:

@@ -59,24 +59,44 @@ def _is_ip_literal(name: str) -> bool:
     return True
 
 
+DEFAULT_PORTS = frozenset({None, 80, 443})
+"""Ports a host pattern without ``:port`` claims (SPEC 2): none written, http's, https's."""
+
+
+def split_host_pattern(pattern: str) -> tuple[str, int | None]:
+    """``api.x`` -> (``api.x``, None); ``api.x:8443`` / ``[::1]:8443`` -> (name, 8443)."""
+    if pattern.startswith("["):
+        name, _, rest = pattern[1:].partition("]")
+        return name, int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+    name, sep, port = pattern.rpartition(":")
+    if sep and port.isdigit() and ":" not in name:
+        return name, int(port)
+    return pattern, None
+
+
 def _check_host_pattern(pattern: object) -> str:
     if not isinstance(pattern, str):
         raise ValueError("a host must be a string")
-    name = pattern.strip().lower().rstrip(".")
+    written = pattern.strip().lower()
+    name, port = split_host_pattern(written)
+    name = name.rstrip(".")
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"bad port in {pattern!r}: use 1-65535")
+    suffix = "" if port is None else f":{port}"
     if name.startswith("*."):
         if not _HOSTNAME_RE.match(name[2:]) or "." not in name[2:]:
             raise ValueError(
                 f"bad wildcard {pattern!r}: use '*.' followed by a domain with at least two labels,"
                 " e.g. '*.example.com'"
             )
-        return name
+        return name + suffix
     if "*" in name:
         raise ValueError(
             f"bad wildcard {pattern!r}: '*' is only allowed as the whole first label ('*.example.com')"
         )
     if not (_HOSTNAME_RE.match(name) or _is_ip_literal(name)):
         raise ValueError(f"invalid host name {pattern!r}")
-    return name
+    return (f"[{name}]" if ":" in name and suffix else name) + suffix
 
 
 HostPattern = Annotated[str, BeforeValidator(_check_host_pattern)]
@@ -541,6 +561,11 @@ class Policy(Frozen):
     def name(self) -> str:
         """Bounded label for metrics and logs: the first host pattern."""
         return self.hosts[0]
+
+    @property
+    def first_host(self) -> tuple[str, int | None]:
+        """The first host pattern's name and claimed port (a dedicated port's default upstream)."""
+        return split_host_pattern(self.hosts[0])
 
     def redact_path(self, path_qs: str) -> str:
         """The request path with the secrets ``redact_paths`` names replaced (for logs and spans)."""

@@ -13,7 +13,8 @@ from typing import Any
 from aiohttp import HttpVersion10, HttpVersion11, web
 
 from proxy import errors
-from proxy.config.model import Policy, UpstreamTarget
+from proxy.addresses import is_loopback_literal
+from proxy.config.model import DEFAULT_PORTS, Policy, UpstreamTarget
 from proxy.exchange import CHUNK_SIZE, REQUEST_DROP, ProxyRequest, RequestBody, end_to_end_headers
 from proxy.routing import dedicated_upstream, upstream_for
 from proxy.server.runtime import Runtime
@@ -92,14 +93,30 @@ def route(
             raise errors.BadRequest("no Host header: Outrigger cannot tell which upstream to call")
         host, port = (target.host, target.port) if host_header else ("", None)
     if dedicated is not None:
+        if host and not _names_this_port(host, dedicated, runtime):
+            raise errors.HostNotAllowed(
+                f"port {local_port} serves only {dedicated.name}: Host {host} is refused here"
+                " (use localhost, a loopback address or one of the policy's hosts)",
+                host=host,
+            )
         return dedicated, dedicated.name, dedicated_upstream(dedicated), path_qs
-    policy = runtime.router.policy_for_host(host)
+    policy = runtime.router.policy_for_host(host, port)
     if policy is None:
+        claimed = "" if port in DEFAULT_PORTS else f":{port}"
         raise errors.HostNotAllowed(
-            f"no policy allows {host}; add it to a policy's hosts (or set unknown_hosts: allow)",
+            f"no policy allows {host}{claimed}; add it to a policy's hosts"
+            f"{' (with its port)' if claimed else ''} (or set unknown_hosts: allow)",
             host=host,
         )
     return policy, host, upstream_for(policy, host, port), path_qs
+
+
+def _names_this_port(host: str, dedicated: Policy, runtime: Runtime) -> bool:
+    """A dedicated port answers only for itself: a page using DNS rebinding (Host: evil.example)
+    must not borrow the credentials this policy injects (SPEC 2)."""
+    if host == "localhost" or is_loopback_literal(host):
+        return True
+    return runtime.router.policy_for_host(host) is dedicated
 
 
 async def request_body(request: web.BaseRequest) -> AsyncIterator[bytes]:

@@ -854,7 +854,7 @@ async def test_adding_and_removing_a_listen_port(serve: Serve, upstream: Upstrea
     status, body = await live.reload()
     assert status == 200, body
     assert dedicated in live.server.bound_ports
-    assert (await live.get(host="anything.example", port=dedicated))[0] == 200
+    assert (await live.get(host=f"localhost:{dedicated}", port=dedicated))[0] == 200
     assert upstream.values("X-Config") == ["dedicated"]
 
     write_policies(tmp_path, [header_policy(upstream, "v1")])

@@ -21,7 +21,7 @@ from pytest_aiohttp import AiohttpServer
 
 from tests.conftest import Launch, RunningProxy, StartProxy, free_port, loopback_policy, write_config
 from tests.e2e.procs import RawUpstream, assert_error, assert_error_response, config_ports
-from tests.e2e.upstreams import CountingUpstream, raw_exchange
+from tests.e2e.upstreams import CountingUpstream, raw_exchange, request_bytes
 from tests.fakes import CALL_TIMEOUT
 
 HOST = "upstream.test"
@@ -137,14 +137,68 @@ async def test_dedicated_port_only_reaches_its_own_upstream(
     await start_proxy([loopback_policy(f"http://{raw_upstream.authority}", listen=port)])
     async with (
         aiohttp.ClientSession() as client,
-        client.get("http://elsewhere.example/y", proxy=f"http://127.0.0.1:{port}") as response,
+        client.get(f"http://localhost:{port}/y", proxy=f"http://127.0.0.1:{port}") as response,
     ):
         assert response.status == 200
         assert await response.read() == b"ok"
     assert raw_upstream.connections == 1
     assert raw_upstream.heads[0].startswith(b"GET /y HTTP/1.1\r\n")
     assert f"\r\nHost: {raw_upstream.authority}\r\n".encode() in raw_upstream.heads[0]
-    assert b"elsewhere.example" not in raw_upstream.heads[0]
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        pytest.param("localhost", 200, id="localhost"),
+        pytest.param("127.0.0.1:{port}", 200, id="loopback-v4"),
+        pytest.param("[::1]:{port}", 200, id="loopback-v6"),
+        pytest.param("upstream.test", 200, id="the-policys-own-host"),
+        pytest.param("evil.example", 403, id="rebinding"),
+        pytest.param("other.test", 403, id="another-policys-host"),
+    ],
+)
+async def test_a_dedicated_port_refuses_a_foreign_host(
+    start_proxy: StartProxy, raw_upstream: RawUpstream, host: str, status: int
+) -> None:
+    """DNS rebinding: a page served from evil.example that resolves to 127.0.0.1 must not borrow the
+    credentials the dedicated port injects (SPEC 2)."""
+    port = free_port()
+    await start_proxy(
+        [
+            loopback_policy(f"http://{raw_upstream.authority}", listen=port),
+            loopback_policy(f"http://{raw_upstream.authority}", host="other.test"),
+        ]
+    )
+    head = f"GET /y HTTP/1.1\nHost: {host.format(port=port)}"
+    response = await raw_exchange(port, request_bytes(head))
+    assert response.status == status
+    if status == 403:
+        assert response.get("x-outrigger-error") == "host_not_allowed"
+        assert raw_upstream.connections == 0
+
+
+@pytest.mark.parametrize(
+    ("hosts", "authority", "status"),
+    [
+        pytest.param(["upstream.test"], "upstream.test", 200, id="no-port"),
+        pytest.param(["upstream.test"], "upstream.test:80", 200, id="http-default"),
+        pytest.param(["upstream.test"], "upstream.test:443", 200, id="https-default"),
+        pytest.param(["upstream.test"], "upstream.test:8443", 403, id="unclaimed-port"),
+        pytest.param(["upstream.test:8443"], "upstream.test:8443", 200, id="claimed-port"),
+        pytest.param(["upstream.test:8443"], "upstream.test", 403, id="only-that-port"),
+        pytest.param(["*.upstream.test"], "api.upstream.test:8443", 403, id="wildcard-unclaimed-port"),
+        pytest.param(["*.upstream.test:8443"], "api.upstream.test:8443", 200, id="wildcard-claimed-port"),
+    ],
+)
+async def test_a_host_claims_its_default_ports_only(
+    start_proxy: StartProxy, raw_upstream: RawUpstream, hosts: list[str], authority: str, status: int
+) -> None:
+    policy = loopback_policy(f"http://{raw_upstream.authority}")
+    proxy = await start_proxy([{**policy, "hosts": hosts}])
+    response = await raw_exchange(proxy.port, request_bytes(f"GET /y HTTP/1.1\nHost: {authority}"))
+    assert response.status == status
+    if status == 403:
+        assert response.get("x-outrigger-error") == "host_not_allowed"
 
 
 # --------------------------------------------------------------------------- unknown_hosts: allow

@@ -320,7 +320,7 @@ async def test_server_span_splits_host_and_port(
     receiver: OtlpReceiver, aiohttp_server: AiohttpServerFactory, start_proxy: StartProxy
 ) -> None:
     upstream = await ScriptedUpstream(200).start(aiohttp_server)
-    proxy = await start_proxy([loopback_policy(upstream.url)], **traced(receiver))
+    proxy = await start_proxy([loopback_policy(upstream.url, host=f"{HOST}:8080")], **traced(receiver))
     traceparent, trace_id, _ = new_traceparent()
 
     reply = await app_get(proxy, traceparent=traceparent, Host=f"{HOST}:8080")
