@@ -191,12 +191,40 @@ class ReleasingBody:
             on_release()
 
 
+class TunnelSink(Protocol):
+    """Who takes a tunnel's bytes from the upstream (the app's side of a splice)."""
+
+    def received(self, data: bytes) -> None: ...
+
+    def ended(self) -> None:
+        """The upstream closed its side."""
+
+    def upstream_writable(self, writable: bool) -> None:
+        """The upstream's write buffer filled up (False) or drained (True)."""
+
+
+class Tunnel(Protocol):
+    """An upstream connection carrying raw bytes: after ``101 Switching Protocols``, or CONNECT."""
+
+    def attach(self, sink: TunnelSink) -> None: ...
+
+    def send(self, data: bytes) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class ProxyResponse:
     status: int
     headers: CIMultiDict[str]
     body: ResponseBody
     reason: str | None = None
+    tunnel: Tunnel | None = None
+    """Set on a 101 answer to an upgrade: the connection, now raw bytes both ways."""
 
 
 @dataclass(frozen=True)
@@ -214,6 +242,8 @@ class ProxyRequest:
     target: UpstreamTarget
     path_qs: str
     """Raw (still percent-encoded) path and query as the app sent them."""
+    upgrade: str | None = field(default=None, kw_only=True)
+    """The protocol an upgrade request asks for (``websocket``); None for plain HTTP."""
     headers: CIMultiDict[str]
     body: RequestBody
     policy: Policy

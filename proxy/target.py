@@ -15,6 +15,11 @@ _AUTHORITY_RE = re.compile(
 """RFC 3986 ``host [":" port]`` with nothing else: no user-info, path, query, fragment or sign."""
 
 
+_ABSOLUTE_SCHEMES = ("http://", "https://", "ws://", "wss://")
+_WEBSOCKET_SCHEMES = {"ws": "http", "wss": "https"}
+"""WebSocket clients behind HTTP_PROXY (aiohttp's among them) may send ``GET ws://host/path``."""
+
+
 @dataclass(frozen=True, slots=True)
 class RequestTarget:
     """What the app asked for, from the request line and its Host (or the local address)."""
@@ -43,8 +48,9 @@ def parse_target(raw_target: str, authority: str) -> RequestTarget:
     """Split `raw_target` (origin- or absolute-form) and `authority` (the Host header, else the
     local address). Never raises: a malformed target comes back with its `problem` set."""
     lowered = raw_target[:8].lower()
-    if lowered.startswith(("http://", "https://")):
+    if lowered.startswith(_ABSOLUTE_SCHEMES):
         scheme, _, rest = raw_target.partition("://")
+        scheme = _WEBSOCKET_SCHEMES.get(scheme.lower(), scheme)
         end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
         path_qs = rest[end:].partition("#")[0]
         if not path_qs.startswith("/"):

@@ -20,6 +20,8 @@ MAX_HEADERS = 100
 
 TLS_VERIFY = True
 ALLOW_PRIVATE_ADDRESSES = False
+CONNECT_MODE: Final = "refuse"
+"""CONNECT is answered 405 (policies cannot apply to bytes they cannot read) unless a policy says tunnel."""
 
 CONNECT_TIMEOUT_S = 2.0
 PER_TRY_TIMEOUT_S = 10.0

@@ -456,6 +456,8 @@ class PolicySettings(Frozen):
     rate_limit: RateLimit | None = None
     redact_paths: tuple[PathGlob, ...] = builtin.REDACT_PATHS
     """Path globs whose ``*`` parts are secrets (Slack webhooks, Telegram bot tokens)."""
+    connect: Literal["refuse", "tunnel"] = builtin.CONNECT_MODE
+    """``tunnel``: CONNECT host:port becomes an opaque TCP tunnel (SPEC 2); else 405."""
     _redactor: PathRedactor = PrivateAttr(default=NO_REDACTION)
 
     def model_post_init(self, context: Any) -> None:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import HttpVersion10, HttpVersion11, web
+from multidict import MultiMapping
 
 from proxy import errors
 from proxy.addresses import is_loopback_literal
@@ -43,13 +44,6 @@ def build_request(
         raise errors.BadRequest(
             f"unsupported protocol version HTTP/{request.version[0]}.{request.version[1]}"
         )
-    if request.method == "CONNECT":
-        listen = runtime.config.main.listen
-        raise errors.ConnectNotSupported(
-            "CONNECT tunnels bypass every policy: send plain http:// URLs to Outrigger"
-            f" (HTTP_PROXY=http://{listen.host}:{listen.port}) and it will originate TLS itself",
-            host=request.raw_path.rpartition(":")[0].strip("[]").lower(),
-        )
     policy, host, upstream, path_qs = route(request, runtime, target)
     headers, control = end_to_end_headers(request.headers.items(), REQUEST_DROP)
     timeout_override = None
@@ -68,10 +62,34 @@ def build_request(
         policy=policy,
         settings=policy.settings,
         timeout_override=timeout_override,
+        upgrade=upgrade_protocol(request.headers),
         request_id=observation.request_id,
         trace_context=observation.context,
         traced=observation.context is not None,
         traceparent=observation.traceparent,
+    )
+
+
+UPGRADABLE = frozenset({"websocket", "tcp"})
+"""What aiohttp's parser switches to raw bytes for; other Upgrade requests (h2c) go on as HTTP/1.1."""
+
+
+def upgrade_protocol(headers: MultiMapping[str]) -> str | None:
+    """The protocol an upgrade request asks for, when it is one Outrigger can splice."""
+    protocol = headers.get("Upgrade")
+    if protocol is None or protocol.strip().lower() not in UPGRADABLE:
+        return None
+    tokens = {t.strip().lower() for value in headers.getall("Connection", ()) for t in value.split(",")}
+    return protocol.strip() if "upgrade" in tokens else None
+
+
+def connect_refusal(runtime: Runtime, host: str) -> errors.ConnectNotSupported:
+    listen = runtime.config.main.listen
+    return errors.ConnectNotSupported(
+        "CONNECT tunnels bypass every policy: send plain http:// URLs to Outrigger"
+        f" (HTTP_PROXY=http://{listen.host}:{listen.port}) and it will originate TLS itself,"
+        " or set connect: tunnel in the host's policy",
+        host=host,
     )
 
 

@@ -9,14 +9,23 @@ from proxy.exchange import ProxyRequest
 from proxy.server.entry import build_request
 from proxy.server.respond import ATTEMPTS_HEADER, error_response, stream_response
 from proxy.server.runtime import Runtime
+from proxy.server.splice import serve_upgrade
+from proxy.server.tunnel import serve_connect
 from proxy.target import parse_target
 from proxy.telemetry import REQUEST_ID_HEADER, Telemetry
+from proxy.transport import UpstreamClient
 
 
 async def proxy(
-    request: web.BaseRequest, runtime: Runtime, telemetry: Telemetry, draining: bool
+    request: web.BaseRequest,
+    runtime: Runtime,
+    telemetry: Telemetry,
+    upstream: UpstreamClient,
+    draining: bool,
 ) -> web.StreamResponse:
     """One request from arrival to its last body byte; telemetry sees every outcome."""
+    if request.method == "CONNECT":
+        return await serve_connect(request, runtime, telemetry, upstream)
     target = parse_target(request.raw_path, request.host)
     observation = telemetry.start(request.method, request.headers, target)
     proxy_request: ProxyRequest | None = None
@@ -37,6 +46,13 @@ async def proxy(
             reply.headers[ATTEMPTS_HEADER] = str(proxy_request.attempts if proxy_request else 0)
             return reply
         status = response.status
+        if response.tunnel is not None:  # 101: the connection is the upgraded protocol's now
+            error_type = None
+            out, ending = await serve_upgrade(
+                request, proxy_request, response, observation.request_id, telemetry
+            )
+            error_type = "idle_timeout" if ending == "idle_timeout" else None
+            return out
         out, completed = await stream_response(
             request, proxy_request, response, observation.request_id, draining
         )

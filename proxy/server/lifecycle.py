@@ -158,7 +158,7 @@ class ProxyServer:
         assert task is not None
         self._in_flight.add(task)
         try:
-            return await handler.proxy(request, self.runtime, self.telemetry, self.draining)
+            return await handler.proxy(request, self.runtime, self.telemetry, self.upstream, self.draining)
         finally:
             self._in_flight.discard(task)
             if self.draining and not self._in_flight:

@@ -179,6 +179,15 @@ class Telemetry:
         self.access_log.close()
         self.tracing.shutdown()
 
+    def record_tunnel(self, policy: str | None, result: str | None, to_upstream: int, to_app: int) -> None:
+        """A tunnel or upgraded connection ended: its bytes, and for CONNECT how it ended (`result`).
+        Tunnels are long-lived and few: plain `.labels()` lookups are fine here."""
+        label = policy or UNKNOWN_HOST_LABEL
+        if result is not None:
+            self.metrics.tunnels.labels(label, result).inc()
+        self.metrics.tunnel_bytes.labels(label, "upstream").inc(to_upstream)
+        self.metrics.tunnel_bytes.labels(label, "app").inc(to_app)
+
     def _record_metrics(
         self,
         observation: RequestObservation,

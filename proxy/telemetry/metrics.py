@@ -118,6 +118,15 @@ class Metrics:
             "outrigger_idempotency_keys_injected", "Idempotency keys added by Outrigger", ["host"], registry=r
         )
         self.reloads = Counter("outrigger_config_reloads", "Config reloads", ["result"], registry=r)
+        self.tunnels = Counter(
+            "outrigger_tunnels", "CONNECT tunnels, by how they ended", ["host", "result"], registry=r
+        )
+        self.tunnel_bytes = Counter(
+            "outrigger_tunnel_bytes",
+            "Bytes through CONNECT tunnels and upgraded (WebSocket) connections",
+            ["host", "direction"],
+            registry=r,
+        )
         self.access_log_dropped = Counter(
             "outrigger_access_log_dropped",
             "Access log lines dropped because stdout could not keep up",

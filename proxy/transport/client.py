@@ -14,7 +14,7 @@ import ssl
 
 from proxy import errors
 from proxy.config import defaults
-from proxy.config.model import TlsSettings, UpstreamTarget
+from proxy.config.model import PolicySettings, TlsSettings, UpstreamTarget
 from proxy.exchange import ProxyRequest, ProxyResponse, end_to_end_headers
 from proxy.transport import failures
 from proxy.transport.connection import UpstreamConnection
@@ -38,6 +38,32 @@ class UpstreamClient:
 
     async def close(self) -> None:
         self.pool.close_all()
+
+    async def open_tunnel(self, host: str, port: int, settings: PolicySettings) -> UpstreamConnection:
+        """A raw TCP connection for CONNECT, to a checked address of `host` (never pooled)."""
+        loop = asyncio.get_running_loop()
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        timeout = settings.timeouts.connect
+        try:
+            async with asyncio.timeout(timeout):
+                addresses = await self.resolver.resolve(host, port, settings.allow_private_addresses)
+                failure: OSError | None = None
+                for address in addresses:
+                    try:
+                        _, connection = await loop.create_connection(
+                            lambda: UpstreamConnection(
+                                authority, self._max_head_bytes, _unpooled
+                            ).as_tunnel(),
+                            host=address,
+                            port=port,
+                        )
+                        return connection
+                    except OSError as exc:
+                        failure = exc
+        except TimeoutError:
+            raise failures.connect_timed_out(authority, timeout) from None
+        assert failure is not None
+        raise failures.cannot_connect(authority, failure) from failure
 
     async def send(self, request: ProxyRequest) -> ProxyResponse:
         """One attempt: resolve, check, connect and return once the response head has arrived.
@@ -77,7 +103,12 @@ class UpstreamClient:
         chunked = body is not None and request.body.length is None
         try:
             head = await connection.exchange(
-                _request_head(request, chunked), body, chunked, request.method == "HEAD", settings.timeouts
+                _request_head(request, chunked),
+                body,
+                chunked,
+                request.method == "HEAD",
+                settings.timeouts,
+                upgrade=request.upgrade is not None,
             )
         except BaseException as exc:
             connection.done_with_exchange()
@@ -85,11 +116,17 @@ class UpstreamClient:
             if request.body.failed and not isinstance(exc, errors.ClientDisconnected):
                 raise errors.ClientDisconnected("the app broke off its request body") from exc
             raise
+        headers = end_to_end_headers(head.headers)[0]  # an upstream's x-outrigger-* never reach the app
+        switched = head.status == 101
+        if switched:  # the hop-by-hop pair that says which protocol now runs goes back to the app
+            headers["Connection"] = "Upgrade"
+            headers["Upgrade"] = next((v for n, v in head.headers if n.lower() == "upgrade"), "")
         return ProxyResponse(
             status=head.status,
-            headers=end_to_end_headers(head.headers)[0],  # an upstream's x-outrigger-* never reach the app
+            headers=headers,
             body=connection.stream(settings.timeouts.idle, self.pool.give_back),
             reason=head.reason,
+            tunnel=connection if switched else None,
         )
 
     async def _connect(self, key: PoolKey, target: UpstreamTarget, within: float) -> UpstreamConnection:
@@ -133,7 +170,13 @@ def _request_head(request: ProxyRequest, chunked: bool) -> bytes:
     headers.popall("Host", None)
     lines = [f"{request.method} {request.path_qs} HTTP/1.1\r\nHost: {request.target.authority}\r\n"]
     lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+    if request.upgrade is not None:
+        lines.append(f"Connection: Upgrade\r\nUpgrade: {request.upgrade}\r\n")
     if chunked:
         lines.append("Transfer-Encoding: chunked\r\n")
     lines.append("\r\n")
     return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+def _unpooled(connection: UpstreamConnection) -> None:
+    """A tunnel's connection belongs to no pool: nothing to tell when it closes."""

@@ -19,6 +19,7 @@ import httptools
 
 from proxy import errors
 from proxy.config.model import Timeouts
+from proxy.exchange import TunnelSink
 from proxy.transport import failures
 
 HIGH_WATER = 256 * 1024
@@ -73,6 +74,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._reading_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._writing_paused = False
+        self._upgrade_requested = False
+        self._switched = False
+        """After 101 (or for CONNECT): raw bytes both ways, handed to `_sink` (see `attach`)."""
+        self._sink: TunnelSink | None = None
+        self._early: list[bytes] = []
+        """Tunnel bytes that arrived before a sink was attached."""
 
     @property
     def open(self) -> bool:
@@ -84,11 +91,21 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's do not subclass asyncio's
 
     def data_received(self, data: bytes) -> None:
+        if self._switched:
+            self._tunnel_bytes(data)
+            return
         if not self._busy or self._complete:
             self.abort()  # bytes nobody asked for: this connection can no longer be trusted
             return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:  # after a 101: the rest is the new protocol
+            if self._switched and (tail := data[upgrade.args[0] :]):
+                self._tunnel_bytes(tail)
+            elif not self._switched:
+                self._fail(failures.invalid_response(self.authority, "an upgrade nobody asked for"))
+                self.abort()
+            return
         except httptools.HttpParserError as exc:
             if self._head_only and self._head_done:  # stopped on purpose by on_headers_complete
                 self._finish_message()
@@ -108,6 +125,8 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.reusable = False
+        if self._sink is not None:
+            self._sink.ended()
         if self._head_done and not self._complete and self._close_delimited and self._failure is None:
             self._finish_message()  # the upstream's close is this body's end
         elif not self._complete:
@@ -122,9 +141,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._writing_paused = True
+        if self._sink is not None:
+            self._sink.upstream_writable(False)
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        if self._sink is not None:
+            self._sink.upstream_writable(True)
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -142,6 +165,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        if status == 101 and self._upgrade_requested:
+            self._switched = self._head_done = True
+            if self._head_waiter is not None and not self._head_waiter.done():
+                self._head_waiter.set_result(ResponseHead(status, self._reason, self._headers))
+            return
         if 100 <= status < 200:  # 100 Continue and friends: wait for the final head
             self._interim = True
             self._reason, self._headers = "", []
@@ -171,6 +199,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake_reader()
 
     def on_message_complete(self) -> None:
+        if self._switched:
+            return
         if self._interim:
             self._interim = False
             return
@@ -186,6 +216,7 @@ class UpstreamConnection(asyncio.Protocol):
         chunked: bool,
         head_only: bool,
         timeouts: Timeouts,
+        upgrade: bool = False,
     ) -> ResponseHead:
         """Send one request and return once its response head has arrived.
 
@@ -195,6 +226,7 @@ class UpstreamConnection(asyncio.Protocol):
         assert transport is not None, "not connected"
         assert not self._busy, "one exchange at a time"
         self._busy = True
+        self._upgrade_requested = upgrade
         self._head_only = head_only
         waiter: asyncio.Future[ResponseHead] = asyncio.get_running_loop().create_future()
         self._head_waiter = waiter
@@ -305,10 +337,53 @@ class UpstreamConnection(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()
 
-    def abort(self) -> None:
+    # ------------------------------------------------------------------ tunnel mode
+
+    def as_tunnel(self) -> UpstreamConnection:
+        """A raw connection from the start (CONNECT): no HTTP is read from it."""
+        self._switched = True
+        return self
+
+    def attach(self, sink: TunnelSink) -> None:
+        """Deliver the tunnel's bytes to `sink` from now on (those already here first)."""
+        self._sink = sink
+        early, self._early = self._early, []
+        for data in early:
+            sink.received(data)
+        self.resume_reading()  # in case the early bytes had paused it
+        if self.closed:
+            sink.ended()
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        """Flush what is written, then close (a tunnel's orderly end)."""
         self.reusable = False
         if self.transport is not None and not self.closed:
-            self.transport.abort()
+            self.transport.close()
+
+    def _tunnel_bytes(self, data: bytes) -> None:
+        if self._sink is not None:
+            self._sink.received(data)
+        else:
+            self._early.append(data)
+            if sum(map(len, self._early)) > HIGH_WATER:
+                self.pause_reading()  # attach() runs soon; until then, do not pile up
+
+    def abort(self) -> None:
+        self.reusable = False
+        if self.transport is not None and not self.closed and not self.transport.is_closing():
+            self.transport.abort()  # a close already under way (a tunnel's end) flushes first
 
     # ------------------------------------------------------------------ internals
 
