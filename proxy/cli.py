@@ -22,6 +22,7 @@ from proxy.config.units import format_duration
 from proxy.explain import explain
 from proxy.reload import Reloader
 from proxy.server import ProxyServer
+from proxy.server.lifecycle import DrainEnd
 
 log = logging.getLogger("outrigger")
 
@@ -86,14 +87,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-async def serve(config: Config) -> None:
-    """Run the proxy and admin listeners until SIGTERM/SIGINT, then drain in-flight requests.
+_DRAIN_ENDS: dict[DrainEnd, str] = {
+    "idle": "nothing in flight for drain_idle",
+    "timeout": "drain_timeout reached",
+    "signal": "second signal, stopping at once",
+}
 
-    SIGHUP reloads the config; files are also polled for changes."""
+
+async def serve(config: Config) -> None:
+    """Run the proxy and admin listeners until SIGTERM/SIGINT, then drain; a second signal stops at once.
+
+    While draining the listeners keep serving (the app's shutdown-time calls go through), until
+    nothing has been in flight for drain_idle or drain_timeout passes. SIGHUP reloads the config;
+    files are also polled for changes."""
     stop = asyncio.Event()
+    interrupted = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_stop_signal() -> None:
+        (interrupted if stop.is_set() else stop).set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop_signal)
     proxy = ProxyServer(config)
     reloader = Reloader(proxy)
     admin = web.AppRunner(build_admin_app(proxy, reloader), handle_signals=False, access_log=None)
@@ -119,12 +134,17 @@ async def serve(config: Config) -> None:
         )
         await stop.wait()
         log.info(
-            "stopping: draining in-flight requests for up to %s", format_duration(config.main.drain_timeout)
+            "draining: still serving (Connection: close, /readyz 503) until nothing is in flight for %s,"
+            " at most %s; a second signal stops at once",
+            format_duration(config.main.drain_idle),
+            format_duration(config.main.drain_timeout),
         )
+        end = await proxy.drain(interrupted)
+        log.info("drain over: %s", _DRAIN_ENDS[end])
     finally:
         for task in [*background, *([watcher] if watcher else [])]:
             task.cancel()
-        await proxy.stop()
+        await proxy.stop(interrupted)
         with contextlib.suppress(Exception):
             await admin.cleanup()
     log.info("stopped")

@@ -19,7 +19,7 @@ from proxy.server import ProxyServer, Runtime, ShuttingDown
 
 log = logging.getLogger("outrigger.reload")
 
-RESTART_ONLY = ("listen", "admin", "limits", "drain_timeout", "telemetry")
+RESTART_ONLY = ("listen", "admin", "limits", "drain_timeout", "drain_idle", "telemetry")
 """Main-config keys bound to sockets, the HTTP parser or the exporter at start-up."""
 
 

@@ -129,6 +129,7 @@ def _restart_value(key: str) -> Any:
         "admin": {"host": "127.0.0.1", "port": free_port()},
         "limits": {"max_headers": 50},
         "drain_timeout": "3s",
+        "drain_idle": "1s",
         "telemetry": {"access_log": False},
     }[key]
 

@@ -12,6 +12,8 @@ POLICY_DIRS = ("policies/",)
 UNKNOWN_HOSTS: Final = "deny"
 DRAIN_TIMEOUT_S = 20.0
 """Graceful-shutdown budget: below Kubernetes' default 30 s termination grace period."""
+DRAIN_IDLE_S = 5.0
+"""A drain ends early once nothing has been in flight this long: the app has made its last calls."""
 
 MAX_HEADER_BYTES = 64 * 1024
 """Request line plus all header lines; larger requests get 431 (Envoy's default is 60 KiB)."""

@@ -612,6 +612,8 @@ class MainConfig(Frozen):
     defaults: PolicySettings = PolicySettings()
     limits: Limits = Limits()
     drain_timeout: Duration = builtin.DRAIN_TIMEOUT_S
+    drain_idle: Duration = builtin.DRAIN_IDLE_S
+    """After SIGTERM, exit once nothing has been in flight this long (drain_timeout still caps it)."""
     telemetry: Telemetry = Telemetry()
     reload_poll_interval: Duration = Field(default=builtin.RELOAD_POLL_INTERVAL_S, gt=0)
     """How often config, policy and secret files are checked for changes (by content hash)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
+from typing import Literal
 
 from aiohttp import web
 
@@ -23,8 +25,46 @@ _CANCEL_GRACE_S = 0.2
 """After drain_timeout, how long cancelled handlers get to unwind before the listener shuts down."""
 
 
+_DRAIN_POLL_S = 0.05
+"""The shortest sleep between two looks at a drain (a zero drain_idle must not spin)."""
+
+DrainEnd = Literal["idle", "timeout", "signal"]
+"""Why a drain ended: nothing in flight for drain_idle, drain_timeout reached, or a second signal."""
+
+
 class ShuttingDown(Exception):
     """A reload arrived after shutdown began."""
+
+
+class DrainTracker:
+    """When a drain may end: nothing in flight for `idle` seconds, or `timeout` after it began.
+
+    The quiet period starts at the drain's start and again whenever a request arrives or ends
+    (`active`). The clock is injected so the rule is tested without sleeping.
+    """
+
+    def __init__(self, idle: float, timeout: float, now: Callable[[], float]) -> None:
+        self._now = now
+        self._idle = idle
+        started = now()
+        self.deadline = started + timeout
+        self._last_active = started
+
+    def active(self) -> None:
+        """A request arrived or finished: the quiet period starts again."""
+        self._last_active = self._now()
+
+    def verdict(self, in_flight: int) -> tuple[DrainEnd | None, float]:
+        """Why the drain is over, or None and how long until it may be (the time to sleep)."""
+        now = self._now()
+        if now >= self.deadline:
+            return "timeout", 0.0
+        if in_flight:  # the earliest end: drain_idle after the last of them ends
+            return None, min(self._idle, self.deadline - now)
+        quiet_at = self._last_active + self._idle
+        if quiet_at <= now:
+            return "idle", 0.0
+        return None, min(quiet_at, self.deadline) - now
 
 
 class ProxyServer:
@@ -41,6 +81,8 @@ class ProxyServer:
         self._listeners_lock = asyncio.Lock()
         """Serialises apply() and stop(): a reload must never reopen a port while shutting down."""
         self._drained = asyncio.Event()
+        self._drain: DrainTracker | None = None
+        """Set by drain(): the idle clock every request arriving or ending restarts."""
         self.telemetry = Telemetry(config.main.telemetry, self._states)
 
     def _states(self) -> dict[str, PolicyState]:
@@ -131,19 +173,53 @@ class ProxyServer:
     def bound_ports(self) -> list[int]:
         return list(self._sites)
 
-    async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish up to drain_timeout, then cancel the rest."""
+    async def drain(self, interrupted: asyncio.Event) -> DrainEnd:
+        """Keep every listener serving, each response with ``Connection: close`` and /readyz at 503,
+        until nothing has been in flight for drain_idle, drain_timeout has passed, or `interrupted`
+        (a second signal) is set: the app's own shutdown-time calls still go through."""
+        async with self._listeners_lock:
+            self.draining = True
+        main = self._initial.main
+        tracker = self._drain = DrainTracker(
+            main.drain_idle, main.drain_timeout, asyncio.get_running_loop().time
+        )
+        for _ in range(int(main.drain_timeout / _DRAIN_POLL_S) + 2):  # each pass sleeps >= the poll
+            end, wait_s = tracker.verdict(len(self._in_flight))
+            if end is not None:
+                return end
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(wait_s, _DRAIN_POLL_S)):
+                    await interrupted.wait()
+            if interrupted.is_set():
+                return "signal"
+        return "timeout"
+
+    async def stop(self, interrupted: asyncio.Event | None = None) -> None:
+        """Stop accepting, let in-flight requests finish until drain_timeout (counted from the start
+        of drain(), if it ran), cancel the rest, close the upstream pool, flush telemetry.
+
+        Once `interrupted` is set (a second signal), in-flight requests are cancelled at once."""
         async with self._listeners_lock:
             self.draining = True
             for port in list(self._sites):
                 await self._close(port)
+        loop = asyncio.get_running_loop()
+        deadline = self._drain.deadline if self._drain else loop.time() + self._initial.main.drain_timeout
+        stopped = interrupted if interrupted is not None else asyncio.Event()
+        if self._in_flight and not stopped.is_set() and loop.time() < deadline:
+            log.info("waiting for %d in-flight request(s)", len(self._in_flight))
+            self._drained.clear()  # it may have been set while the listeners were still open
+            waiters = [asyncio.ensure_future(event.wait()) for event in (self._drained, stopped)]
+            try:
+                await asyncio.wait(
+                    waiters, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
         if self._in_flight:
-            log.info("draining %d in-flight request(s)", len(self._in_flight))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._initial.main.drain_timeout):
-                    await self._drained.wait()
-        if self._in_flight:
-            log.warning("drain_timeout reached: cancelling %d request(s)", len(self._in_flight))
+            why = "second signal" if stopped.is_set() else "drain_timeout reached"
+            log.warning("%s: cancelling %d request(s)", why, len(self._in_flight))
             for task in self._in_flight:
                 task.cancel()
             await asyncio.wait(self._in_flight, timeout=_CANCEL_GRACE_S)
@@ -157,12 +233,21 @@ class ProxyServer:
         task: asyncio.Task[object] | None = asyncio.current_task()
         assert task is not None
         self._in_flight.add(task)
+        if self._drain is not None:
+            self._drain.active()
         try:
-            return await handler.proxy(request, self.runtime, self.telemetry, self.upstream, self.draining)
+            response = await handler.proxy(
+                request, self.runtime, self.telemetry, self.upstream, self.draining
+            )
         finally:
             self._in_flight.discard(task)
+            if self._drain is not None:
+                self._drain.active()
             if self.draining and not self._in_flight:
                 self._drained.set()
+        if self.draining and not response.prepared:
+            response.force_close()  # Outrigger's own answers too: the app reconnects elsewhere
+        return response
 
     def _refused(self, request: web.BaseRequest, error: errors.OutriggerError) -> str:
         return handler.refused(request, error, self.runtime, self.telemetry)

@@ -243,7 +243,7 @@ def _secret_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream: st
             }
         ],
     )
-    return write_config(tmp_path, [policy])
+    return write_config(tmp_path, [policy], drain_idle="200ms")  # `run` exits soon after SIGTERM
 
 
 @pytest.mark.parametrize("url", ["http://upstream.test/v1/x", "http://upstream.test/v1/special/1"])

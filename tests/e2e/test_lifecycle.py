@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from pytest_aiohttp import AiohttpServer
 
 from proxy.config.loader import load_config
 from tests.conftest import Launch, free_port, loopback_policy, write_config
-from tests.e2e.procs import config_ports, outrigger_command, port_refuses, wait_until
+from tests.e2e.procs import config_ports, outrigger_command, port_refuses
 
 
 class SlowUpstream:
@@ -141,50 +142,107 @@ async def test_default_listeners_are_loopback_15001_and_15000(
 # --------------------------------------------------------------------------- shutdown
 
 
+async def _get_headers(url: str, host: str = "upstream.test") -> tuple[int, str, str]:
+    """Status, body and the Connection header of one GET (on a fresh connection)."""
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client,
+        client.get(url, headers={"Host": host}) as response,
+    ):
+        return response.status, await response.text(), response.headers.get("Connection", "")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_idle_process_stops_cleanly_on_signal(
     upstream: SlowUpstream, launch: Launch, tmp_path: Path, sig: signal.Signals
 ) -> None:
-    config = write_config(tmp_path, [loopback_policy(upstream.url)])
+    config = write_config(tmp_path, [loopback_policy(upstream.url)], drain_idle="300ms")
     main_port, admin_port = config_ports(config)
     process = launch(config)
     await process.wait_ready()
     process.send(sig)
-    assert await process.wait_exit(2) == 0, process.output
+    assert await process.wait_exit(3) == 0, process.output
     assert await port_refuses(main_port)
     assert await port_refuses(admin_port)
 
 
-async def test_sigterm_drains_the_in_flight_request(
+async def test_a_request_sent_during_the_drain_is_served_with_connection_close(
     upstream: SlowUpstream, launch: Launch, tmp_path: Path
 ) -> None:
+    """The app's own shutdown-time calls, made after SIGTERM while a slow request drains, go through."""
     dedicated = free_port()
-    config = write_config(tmp_path, [loopback_policy(upstream.url, listen=dedicated)], drain_timeout="5s")
+    config = write_config(
+        tmp_path,
+        [loopback_policy(upstream.url, listen=dedicated)],
+        drain_timeout="5s",
+        drain_idle="500ms",
+    )
     main_port, _ = config_ports(config)
     process = launch(config)
     await process.wait_ready()
 
-    in_flight = asyncio.create_task(_get(f"http://127.0.0.1:{main_port}/slow?delay=1"))
+    in_flight = asyncio.create_task(_get(f"http://127.0.0.1:{main_port}/slow?delay=1.5"))
     async with asyncio.timeout(5):
         await upstream.received.wait()
     sent = time.monotonic()
     process.send(signal.SIGTERM)
+    await asyncio.sleep(0.3)
 
-    async def main_refuses() -> bool:
-        return await port_refuses(main_port)
-
-    assert await wait_until(main_refuses, within=0.5), "new connections must be refused soon after SIGTERM"
-    assert await port_refuses(dedicated)
-    assert not in_flight.done(), "the slow request is still being served"
+    assert await _get_headers(f"http://127.0.0.1:{main_port}/late") == (200, "done", "close")
+    assert await _get_headers(f"http://127.0.0.1:{dedicated}/late") == (200, "done", "close")
+    status, _, connection = await _get_headers(f"http://127.0.0.1:{main_port}/x", host="nobody.test")
+    assert (status, connection) == (403, "close"), "Outrigger's own answers close the connection too"
     status, body = await process.admin_get("/readyz")
-    assert status == 503, "not ready while draining"
-    assert body["draining"] is True
+    assert (status, body["draining"]) == (503, True), "not ready while draining"
+    assert (await process.admin_get("/healthz"))[0] == 200, "alive while draining"
+    assert not in_flight.done(), "the slow request is still being served"
 
     assert await _settle(in_flight, within=5) == (200, "done")
     code = await process.wait_exit(5)
     elapsed = time.monotonic() - sent
     assert code == 0, process.output
-    assert 0.5 < elapsed < 5, f"exited {elapsed:.2f}s after SIGTERM (drain_timeout 5s, request ~1s)"
+    assert 1.5 + 0.4 < elapsed < 5, f"exited {elapsed:.2f}s after SIGTERM (request ~1.5s, drain_idle 0.5s)"
+    assert "drain over: nothing in flight for drain_idle" in process.output
+
+
+async def test_with_no_traffic_the_process_exits_drain_idle_after_sigterm(
+    upstream: SlowUpstream, launch: Launch, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, [loopback_policy(upstream.url)], drain_timeout="20s", drain_idle="500ms")
+    main_port, _ = config_ports(config)
+    process = launch(config)
+    await process.wait_ready()
+    sent = time.monotonic()
+    process.send(signal.SIGTERM)
+    await asyncio.sleep(0.2)
+    assert not await port_refuses(main_port), "the listener stays open during drain_idle"
+    code = await process.wait_exit(5)
+    elapsed = time.monotonic() - sent
+    assert code == 0, process.output
+    assert 0.4 <= elapsed < 3, f"exited {elapsed:.2f}s after SIGTERM with drain_idle 500ms"
+    assert "draining: " in process.output
+    assert "drain over: nothing in flight for drain_idle" in process.output
+
+
+async def test_a_second_signal_exits_at_once(upstream: SlowUpstream, launch: Launch, tmp_path: Path) -> None:
+    config = write_config(tmp_path, [loopback_policy(upstream.url)], drain_timeout="20s", drain_idle="5s")
+    main_port, _ = config_ports(config)
+    process = launch(config)
+    await process.wait_ready()
+    in_flight = asyncio.create_task(_get(f"http://127.0.0.1:{main_port}/slow?delay=10"))
+    async with asyncio.timeout(5):
+        await upstream.received.wait()
+    process.send(signal.SIGTERM)
+    await asyncio.sleep(0.3)
+    assert await process.wait_exit(0) is None, "still draining"
+    sent = time.monotonic()
+    process.send(signal.SIGINT)
+    code = await process.wait_exit(3)
+    elapsed = time.monotonic() - sent
+    assert code == 0, process.output
+    assert elapsed < 1.5, f"exited {elapsed:.2f}s after the second signal"
+    assert "second signal" in process.output
+    outcome = await _settle(in_flight)
+    assert not isinstance(outcome, TimeoutError), "the app's connection was left hanging"
 
 
 async def test_drain_timeout_bounds_shutdown(upstream: SlowUpstream, launch: Launch, tmp_path: Path) -> None:
@@ -202,6 +260,7 @@ async def test_drain_timeout_bounds_shutdown(upstream: SlowUpstream, launch: Lau
     elapsed = time.monotonic() - sent
     assert code == 0, process.output
     assert elapsed < 1.5, f"exited {elapsed:.2f}s after SIGTERM with drain_timeout 500ms"
+    assert "drain over: drain_timeout reached" in process.output
     # The abandoned request ends promptly (it cannot have been answered by the 5 s upstream).
     outcome = await _settle(in_flight)
     assert not isinstance(outcome, TimeoutError), "the app's connection was left hanging"
@@ -225,6 +284,60 @@ async def test_exit_is_bounded_by_one_drain_timeout(
     await _settle(in_flight)
     assert code == 0, process.output
     assert elapsed < 1.5 + 0.7, f"exited {elapsed:.2f}s after SIGTERM with drain_timeout 1.5s"
+
+
+@dataclass
+class Outcome:
+    started: float
+    """When the request was sent, in seconds after the load began."""
+    status: int | None
+    connection: str
+    error: BaseException | None
+
+
+async def _client_loop(port: int, began: float, until: float, outcomes: list[Outcome]) -> None:
+    """One keep-alive client sending GETs back to back until `until` (bounded in requests too)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as client:
+        for _ in range(400):
+            started = time.monotonic() - began
+            if started >= until:
+                return
+            try:
+                async with client.get(f"http://127.0.0.1:{port}/x", headers={"Host": "upstream.test"}) as r:
+                    await r.read()
+                    outcomes.append(Outcome(started, r.status, r.headers.get("Connection", ""), None))
+            except (aiohttp.ClientError, OSError, TimeoutError) as error:
+                outcomes.append(Outcome(started, None, "", error))
+
+
+async def test_shutdown_under_load_loses_no_request_and_needs_no_sigkill(
+    upstream: SlowUpstream, launch: Launch, tmp_path: Path
+) -> None:
+    """20 keep-alive clients; SIGTERM after 1 s; they go on for 0.6 s more, then stop. Every request
+    is answered 200 (none reset, refused or 5xx), and the process exits 0 drain_idle later by itself."""
+    config = write_config(tmp_path, [loopback_policy(upstream.url)], drain_timeout="10s", drain_idle="500ms")
+    main_port, _ = config_ports(config)
+    process = launch(config)
+    await process.wait_ready()
+    outcomes: list[Outcome] = []
+    began = time.monotonic()
+    clients = [asyncio.create_task(_client_loop(main_port, began, 1.6, outcomes)) for _ in range(20)]
+    await asyncio.sleep(1.0)
+    process.send(signal.SIGTERM)
+    signalled = time.monotonic() - began
+    await asyncio.wait(clients, timeout=8)
+    stopped_sending = time.monotonic()
+    code = await process.wait_exit(0.5 + 3)
+    exit_after = time.monotonic() - stopped_sending
+
+    assert code == 0, process.output
+    assert exit_after < 0.5 + 3, "exit follows drain_idle after the last request"
+    failed = [o for o in outcomes if o.status != 200]
+    assert not failed, f"{len(failed)} of {len(outcomes)} failed, e.g. {failed[:3]}"
+    during = [o for o in outcomes if o.started > signalled + 0.1]
+    assert len(during) >= 20, f"only {len(during)} requests sent during the drain"
+    assert all(o.connection == "close" for o in during), "responses during the drain carry Connection: close"
+    assert "drain over: nothing in flight for drain_idle" in process.output
 
 
 # --------------------------------------------------------------------------- invalid config

@@ -375,10 +375,17 @@ async def test_ipv6_loopback_upstream_refused_without_opt_in_and_allowed_with_it
 # --------------------------------------------------------------------------- CONNECT
 
 
-@pytest.mark.parametrize("target", ["upstream.test:443", "{authority}"], ids=["allowed-host", "raw-address"])
-async def test_connect_is_refused_with_405(
-    start_proxy: StartProxy, raw_upstream: RawUpstream, target: str
+@pytest.mark.parametrize(
+    ("target", "status", "error_type"),
+    [
+        pytest.param("upstream.test:443", 405, "connect_not_supported", id="allowed-host"),
+        pytest.param("{authority}", 403, "host_not_allowed", id="raw-address"),
+    ],
+)
+async def test_connect_is_refused_without_connect_tunnel(
+    start_proxy: StartProxy, raw_upstream: RawUpstream, target: str, status: int, error_type: str
 ) -> None:
+    """A claimed host whose policy does not tunnel: 405 with advice; an unclaimed one: the allowlist."""
     proxy = await start_proxy([loopback_policy(f"http://{raw_upstream.authority}")])
     authority = target.format(authority=raw_upstream.authority)
     response = await raw_exchange(
@@ -388,10 +395,11 @@ async def test_connect_is_refused_with_405(
         response.status,
         response.headers,
         response.body,
-        expected_status=405,
-        error_type="connect_not_supported",
+        expected_status=status,
+        error_type=error_type,
     )
-    assert "http://" in error["message"], "the message must tell the app to send http:// URLs"
+    if status == 405:
+        assert "http://" in error["message"], "the message must tell the app to send http:// URLs"
     assert raw_upstream.connections == 0
 
 

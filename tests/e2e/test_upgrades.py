@@ -47,6 +47,7 @@ async def echo_server(aiohttp_server: AiohttpServer) -> tuple[str, list[dict[str
     app = web.Application()
     app.router.add_get("/echo", echo)
     app.router.add_get("/silent", silent)
+
     async def declines(request: web.Request) -> web.Response:
         return web.Response(status=426, text="upgrade required")
 
