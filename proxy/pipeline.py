@@ -118,7 +118,7 @@ def build_layers(
 ) -> list[Layer]:
     layers: list[Layer] = []
     if state.bulkhead is not None:
-        layers.append(ConcurrencyLayer(state.bulkhead))
+        layers.append(ConcurrencyLayer(state.bulkhead, settings.timeouts.total))
     layers.append(DeadlineLayer(settings.timeouts.total))
     if settings.idempotency is not None:
         layers.append(IdempotencyLayer(settings.idempotency, state.replay))

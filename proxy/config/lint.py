@@ -121,11 +121,36 @@ def _inline_secrets(settings: PolicySettings) -> Iterator[_Finding]:
             )
 
 
+def _tunnel_blind_spots(settings: PolicySettings) -> Iterator[_Finding]:
+    """A CONNECT tunnel carries bytes Outrigger cannot read (TLS from the app to the upstream)."""
+    if settings.connect != "tunnel":
+        return
+    blind = [
+        name
+        for name, present in (
+            ("retries", settings.retries is not None),
+            ("headers", bool(settings.headers.set or settings.headers.remove)),
+            ("idempotency", settings.idempotency is not None),
+            ("circuit_breaker", settings.circuit_breaker is not None),
+            ("rate_limit", settings.rate_limit is not None),
+        )
+        if present
+    ]
+    if blind:
+        yield _Finding(
+            "connect",
+            f"{', '.join(blind)} cannot apply to CONNECT tunnels (their bytes are the app's own TLS);"
+            " they apply only to plain http:// requests to this policy",
+            tuple(blind),
+        )
+
+
 SETTINGS_RULES: Sequence[Callable[[PolicySettings], Iterator[_Finding]]] = (
     _deadline,
     _unsafe_methods,
     _no_budget,
     _inline_secrets,
+    _tunnel_blind_spots,
 )
 
 

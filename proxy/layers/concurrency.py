@@ -14,6 +14,7 @@ from proxy import errors
 from proxy.config.model import Concurrency
 from proxy.config.units import format_duration
 from proxy.exchange import Handler, ProxyRequest, ProxyResponse, ReleasingBody
+from proxy.layers.deadline import deadline_of
 
 
 class Bulkhead:
@@ -27,7 +28,9 @@ class Bulkhead:
     def queued(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self) -> None:
+    async def acquire(self, deadline: float | None = None) -> None:
+        """A slot, waiting at most `queue_timeout` and never past `deadline` (loop time): a request
+        whose total runs out in the queue is answered 504 then, not later."""
         if self.in_flight < self.settings.max_in_flight and not self._waiters:
             self.in_flight += 1
             return
@@ -38,14 +41,19 @@ class Bulkhead:
             )
         slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(slot)
+        loop = asyncio.get_running_loop()
+        queue_until = loop.time() + self.settings.queue_timeout
+        until = queue_until if deadline is None else min(queue_until, deadline)
         try:
-            async with asyncio.timeout(self.settings.queue_timeout):
+            async with asyncio.timeout_at(until):
                 await slot
         except BaseException as exc:
             if slot.done() and not slot.cancelled():
                 self.release()  # the slot was handed over just as we gave up: pass it on
             elif slot in self._waiters:  # release() may already have dropped a cancelled waiter
                 self._waiters.remove(slot)
+            if isinstance(exc, TimeoutError) and until < queue_until:
+                raise errors.Timeout("the request's total ran out while it queued for a slot") from None
             if isinstance(exc, TimeoutError):
                 raise errors.Overloaded(
                     f"{self.name}: no free slot within queue_timeout"
@@ -68,11 +76,12 @@ class Bulkhead:
 
 
 class ConcurrencyLayer:
-    def __init__(self, bulkhead: Bulkhead) -> None:
+    def __init__(self, bulkhead: Bulkhead, total: float) -> None:
         self.bulkhead = bulkhead
+        self.total = total
 
     async def __call__(self, request: ProxyRequest, next: Handler) -> ProxyResponse:
-        await self.bulkhead.acquire()
+        await self.bulkhead.acquire(deadline_of(request, self.total))
         try:
             response = await next(request)
         except BaseException:

@@ -56,10 +56,14 @@ class RateLimiter:
             return 0.0
         return remaining
 
-    async def acquire(self) -> float:
-        """Wait for a token (and out any provider pause) up to max_wait; returns the seconds waited."""
+    async def acquire(self, deadline: float | None = None) -> float:
+        """Wait for a token (and out any provider pause) up to max_wait, and never past `deadline`
+        (a wait that cannot end before the request's own deadline is refused at once rather than
+        waited in vain); returns the seconds waited."""
         started = self._clock.now()
         max_wait = self.settings.max_wait
+        if deadline is not None:
+            max_wait = max(0.0, min(max_wait, deadline - started))
         paused = self.pause_remaining()
         if paused > max_wait:
             raise errors.RateLimited(
@@ -111,7 +115,7 @@ class RateLimitLayer:
         self.limiter = limiter
 
     async def __call__(self, request: ProxyRequest, next: Handler) -> ProxyResponse:
-        request.ratelimit_wait += await self.limiter.acquire()
+        request.ratelimit_wait += await self.limiter.acquire(request.deadline)
         response = await next(request)
         self.limiter.observe(response.headers, response.status)
         return response

@@ -48,6 +48,7 @@ from proxy.telemetry.names import (
 from proxy.telemetry.tracing import (
     Tracing,
     extract_context,
+    full_url,
     inject_context,
     server_attributes,
     unrecorded_traceparent,
@@ -99,6 +100,7 @@ class RequestObservation:
     """The SERVER span's context when it records (attempts make CLIENT children), else None."""
     traceparent: str | None = None
     """When the span does not record: our ``traceparent`` for every attempt (None: the app's)."""
+    target: RequestTarget | None = None
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -144,7 +146,9 @@ class Telemetry:
             traceparent = None
         else:
             context, traceparent = None, unrecorded_traceparent(span, parent)
-        return RequestObservation(method, target.host, target.path_qs, request_id, span, context, traceparent)
+        return RequestObservation(
+            method, target.host, target.path_qs, request_id, span, context, traceparent, target
+        )
 
     def finish(
         self,
@@ -163,6 +167,8 @@ class Telemetry:
         span = observation.span
         if span.is_recording():
             span.set_attributes(_attributes(status, error_type, policy, request, state, config_version))
+            if request is not None and request.policy.settings.redact_paths and observation.target:
+                span.set_attribute("url.full", full_url(observation.target, request.policy.redact_path))
             for event in request.events if request is not None else ():
                 span.add_event(event)
             if error_type is not None:
@@ -265,7 +271,9 @@ def _log_entry(
         "request_id": observation.request_id,
         "method": observation.method,
         "host": observation.host,
-        "path": redact_query(observation.path_qs),
+        "path": redact_query(
+            request.policy.redact_path(observation.path_qs) if request is not None else observation.path_qs
+        ),
         "status": status,
         "attempts": request.attempts if request is not None else 0,
         "retry_reasons": [r.reason for r in request.retries] if request is not None else [],

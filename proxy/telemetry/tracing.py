@@ -9,7 +9,7 @@ callers start it bare and add attributes only when `is_recording()` says someone
 from __future__ import annotations
 
 import os
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from multidict import MultiMapping
@@ -91,11 +91,17 @@ def unrecorded_traceparent(span: trace.Span, parent: Context) -> str | None:
     return carrier.get(TRACEPARENT_HEADER)
 
 
+def full_url(target: RequestTarget, redact_path: Callable[[str], str] | None = None) -> str:
+    """The URL the app asked for, as spans may show it: query values and path secrets redacted."""
+    path_qs = redact_path(target.path_qs) if redact_path is not None else target.path_qs
+    return f"{target.scheme}://{target.authority}{redact_query(path_qs)}"
+
+
 def server_attributes(method: str, request_id: str, target: RequestTarget) -> dict[str, Any]:
     """The SERVER span's request attributes (only built for a recording span)."""
     attributes: dict[str, Any] = {"http.request.method": method, ATTR_REQUEST_ID: [request_id]}
     if target.host and is_valid_host(target.host):
-        attributes["url.full"] = f"{target.scheme}://{target.authority}{redact_query(target.path_qs)}"
+        attributes["url.full"] = full_url(target)
         attributes["server.address"] = target.host
         attributes["server.port"] = target.port or (443 if target.scheme == "https" else 80)
     return attributes

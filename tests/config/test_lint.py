@@ -308,3 +308,22 @@ def test_check_strict_passes_a_clean_config(tmp_path: Path, capsys: pytest.Captu
     path = write_config(tmp_path, [{"hosts": ["a.test"]}])
     assert main(["check", "--strict", "-c", str(path)]) == 0
     assert capsys.readouterr().out.count("\n") == 1
+
+
+# --- CONNECT tunnels ----------------------------------------------------------------------------
+
+
+def test_a_tunnelled_policy_is_told_what_cannot_apply_to_its_tunnels(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        [
+            {"hosts": ["plain.test"], "connect": "tunnel"},
+            {"hosts": ["rich.test"], "connect": "tunnel", "retries": {"max_attempts": 1},
+             "headers": {"set": {"X-Client": "outrigger"}}, "circuit_breaker": {}},
+        ],
+    )  # fmt: skip
+    assert lint(config) == [
+        f"{where(config, 1)}: connect: warning: retries, headers, circuit_breaker cannot apply to CONNECT"
+        " tunnels (their bytes are the app's own TLS); they apply only to plain http:// requests to this"
+        " policy"
+    ]

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import RunningProxy, StartProxy, free_port, loopback_policy
+from tests.conftest import AccessLog, RunningProxy, StartProxy, free_port, loopback_policy
 from tests.e2e.otlp_receiver import STATUS_CODE_ERROR, ExportedSpan, OtlpReceiver
 from tests.fakes import AiohttpServerFactory, Gate, Reply, ScriptedUpstream, body_in_two_parts, call
 
@@ -625,3 +625,24 @@ async def test_collector_down_never_fails_or_slows_requests(
     assert upstream.count == 30
     assert max(durations) < 0.5, durations
     assert sorted(durations)[len(durations) // 2] < 0.1, durations
+
+
+async def test_path_secrets_never_reach_spans_or_the_access_log(
+    receiver: OtlpReceiver,
+    aiohttp_server: AiohttpServerFactory,
+    start_proxy: StartProxy,
+    access_log: AccessLog,
+) -> None:
+    """A Slack webhook URL carries its secret in the path: redact_paths hides it everywhere."""
+    upstream = await ScriptedUpstream(200).start(aiohttp_server)
+    policy = loopback_policy(upstream.url, redact_paths=["/services/*/*/*"])
+    proxy = await start_proxy([policy], **traced(receiver))
+    traceparent, trace_id, _ = new_traceparent()
+    reply = await app_get(proxy, "/services/T000/B000/XXXXSECRET?x=1", traceparent=traceparent)
+    assert reply.status == 200
+    server, clients = await trace_of(receiver, trace_id, clients=1)
+    for span in (server, *clients):
+        assert "XXXXSECRET" not in str(span.attributes["url.full"])
+        assert str(span.attributes["url.full"]).endswith("/services/REDACTED/REDACTED/REDACTED?x=REDACTED")
+    (line,) = [entry for entry in access_log.entries if entry["status"] == 200]
+    assert line["path"] == "/services/REDACTED/REDACTED/REDACTED?x=REDACTED"

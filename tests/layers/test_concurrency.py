@@ -193,7 +193,7 @@ async def test_a_waiter_cancelled_just_before_a_release_still_raises_cancelled_e
 
 async def test_the_slot_is_held_until_the_response_body_is_released() -> None:
     bulkhead = _bulkhead(max_in_flight=1, max_queued=5)
-    layer = ConcurrencyLayer(bulkhead)
+    layer = ConcurrencyLayer(bulkhead, 30.0)
     body = TrackedBody(b"payload")
     upstream = fake_upstream(ProxyResponse(200, CIMultiDict(), body), 200)
     response = await layer(make_request(), upstream)
@@ -219,7 +219,7 @@ async def test_the_slot_is_held_until_the_response_body_is_released() -> None:
 
 async def test_release_hands_the_slot_to_the_next_waiter_in_order() -> None:
     bulkhead = _bulkhead(max_in_flight=1, max_queued=5)
-    layer = ConcurrencyLayer(bulkhead)
+    layer = ConcurrencyLayer(bulkhead, 30.0)
     reached: list[str] = []
 
     async def upstream(request: ProxyRequest) -> ProxyResponse:
@@ -243,7 +243,7 @@ async def test_release_hands_the_slot_to_the_next_waiter_in_order() -> None:
 @pytest.mark.parametrize("failure", [errors.ConnectFailure, asyncio.CancelledError, RuntimeError])
 async def test_the_slot_is_released_when_next_raises(failure: type[BaseException]) -> None:
     bulkhead = _bulkhead(max_in_flight=1, max_queued=0)
-    layer = ConcurrencyLayer(bulkhead)
+    layer = ConcurrencyLayer(bulkhead, 30.0)
     with pytest.raises(failure):
         await layer(make_request(), fake_upstream(failure))
     assert bulkhead.snapshot() == {"in_flight": 0, "queued": 0}
@@ -253,10 +253,32 @@ async def test_the_slot_is_released_when_next_raises(failure: type[BaseException
 
 async def test_the_layer_sheds_with_overloaded_without_calling_next() -> None:
     bulkhead = _bulkhead(max_in_flight=1, max_queued=0)
-    layer = ConcurrencyLayer(bulkhead)
+    layer = ConcurrencyLayer(bulkhead, 30.0)
     held = await layer(make_request(), fake_upstream(200))
     upstream = fake_upstream(200)
     with pytest.raises(errors.Overloaded):
         await layer(make_request(), upstream)
     assert upstream.calls == 0
     held.body.release()
+
+
+async def test_the_queue_wait_never_outlasts_the_requests_own_deadline() -> None:
+    """queue_timeout 10s, but the request has 200ms of total left: 504 timeout at ~200ms."""
+    bulkhead = _bulkhead(max_in_flight=1, queue_timeout=10.0)
+    await bulkhead.acquire()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(errors.Timeout) as raised:
+        await bulkhead.acquire(deadline=started + 0.2)
+    assert not isinstance(raised.value, errors.Overloaded)
+    assert 0.15 <= loop.time() - started < 1.0
+    assert bulkhead.queued == 0
+
+
+async def test_the_layer_queues_within_the_total_counted_from_arrival() -> None:
+    bulkhead = _bulkhead(max_in_flight=1, queue_timeout=10.0)
+    await bulkhead.acquire()
+    layer = ConcurrencyLayer(bulkhead, 0.3)
+    request = make_request()
+    with pytest.raises(errors.Timeout, match="total ran out while it queued"):
+        await layer(request, fake_upstream(200))

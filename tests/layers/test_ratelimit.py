@@ -94,6 +94,26 @@ async def test_acquire_reports_the_time_waited() -> None:
     assert 0.04 <= waited < 0.5
 
 
+async def test_the_wait_never_outlasts_the_requests_deadline() -> None:
+    """max_wait 5s, but only 100ms of the request's total are left: refused by then, not at 5s."""
+    limiter = _limiter(SYSTEM_CLOCK, rate=1, per=1.0, burst=1, max_wait=5.0)
+    await limiter.acquire()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(errors.RateLimited):
+        await limiter.acquire(deadline=started + 0.1)
+    assert loop.time() - started < 0.5
+
+
+async def test_a_provider_pause_longer_than_the_deadline_is_refused_at_once() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock, rate=100, burst=10, max_wait=60.0)
+    limiter.observe(CIMultiDict({"Retry-After": "30"}), 429)
+    with pytest.raises(errors.RateLimited, match="slow down"):
+        await limiter.acquire(deadline=clock.now() + 1.0)
+    assert clock.now() == 1_000.0, "no time spent waiting in vain"
+
+
 async def test_a_wait_longer_than_max_wait_is_rate_limited() -> None:
     limiter = _limiter(SYSTEM_CLOCK, rate=1, per=1.0, burst=1, max_wait=0.05)
     await limiter.acquire()
