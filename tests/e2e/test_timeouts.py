@@ -368,3 +368,45 @@ async def test_an_upstream_that_stops_reading_the_upload_is_an_upstream_timeout(
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_an_sse_stream_outlives_total_event_by_event(
+    aiohttp_server: AiohttpServer, start_proxy: StartProxy
+) -> None:
+    """40 events a second apart through total 5s: total ends at the head, idle (1m) bounds gaps.
+
+    Each event must reach the app as it is sent (an LLM client renders tokens as they come),
+    so the arrival times are checked against the send times, not only the final body."""
+    sent: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for n in range(40):
+            sent.append(loop.time())
+            await response.write(f"data: event {n}\n\n".encode())
+            await asyncio.sleep(1.0)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v1/stream", events)
+    upstream = await aiohttp_server(app)
+    proxy = await start_proxy(
+        [loopback_policy(f"http://127.0.0.1:{upstream.port}", timeouts={"per_try": "5s", "total": "5s"})]
+    )
+    arrived: list[tuple[float, bytes]] = []
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as client,
+        client.get(f"{proxy.url}/v1/stream", headers={"Host": "upstream.test"}) as response,
+    ):
+        assert response.status == 200
+        for _ in range(100):
+            line = await response.content.readuntil(b"\n\n")
+            if not line:
+                break
+            arrived.append((loop.time(), line))
+    assert [body for _, body in arrived] == [f"data: event {n}\n\n".encode() for n in range(40)]
+    lags = [at - sent[n] for n, (at, _) in enumerate(arrived)]
+    assert max(lags) < 0.5, f"an event was held back: lags {lags}"
