@@ -140,6 +140,10 @@ class RequestBody:
 class ResponseBody(Protocol):
     def chunks(self) -> AsyncIterator[bytes]: ...
 
+    def whole(self) -> bytes | None:
+        """The entire body when all of it has already arrived (nothing left to wait for), else
+        None. Taking it consumes it: then only `release` is called."""
+
     def release(self) -> None:
         """Give back the upstream connection (or drop it when the body was not read)."""
 
@@ -151,6 +155,9 @@ class BytesBody:
     async def chunks(self) -> AsyncIterator[bytes]:
         if self.data:
             yield self.data
+
+    def whole(self) -> bytes | None:
+        return self.data
 
     def release(self) -> None:
         return None
@@ -170,6 +177,9 @@ class PrefixedBody:
         async for chunk in self._rest:
             yield chunk
 
+    def whole(self) -> bytes | None:
+        return None  # the rest is still a stream
+
     def release(self) -> None:
         self._source.release()
 
@@ -183,6 +193,9 @@ class ReleasingBody:
 
     def chunks(self) -> AsyncIterator[bytes]:
         return self._inner.chunks()
+
+    def whole(self) -> bytes | None:
+        return self._inner.whole()
 
     def release(self) -> None:
         self._inner.release()

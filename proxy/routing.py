@@ -57,6 +57,8 @@ class Router:
         """``.example.com`` (with its claimed port) -> policy: found by walking a name's suffixes,
         longest first, so lookup cost depends on the name's labels, not on the number of policies."""
         self._by_port: dict[int, Policy] = {}
+        self._plain: dict[str, Match] = {}
+        """Per route-less policy, its one Match (built once, not per request)."""
         for policy in config.policies:
             for pattern in policy.hosts:
                 name, port = split_host_pattern(pattern)
@@ -111,6 +113,15 @@ class Router:
 
     def policy_for_port(self, port: int) -> Policy | None:
         return self._by_port.get(port)
+
+    def route_for(self, policy: Policy, method: str, path: str) -> Match:
+        """`resolve_route`, with the one Match of a route-less policy built once, not per request."""
+        if policy.routes:
+            return self.resolve_route(policy, method, path)
+        plain = self._plain.get(policy.name)
+        if plain is None or plain.policy is not policy:
+            plain = self._plain[policy.name] = Match(policy, policy.settings, None)
+        return plain
 
     @staticmethod
     def resolve_route(policy: Policy, method: str, path: str) -> Match:

@@ -125,3 +125,17 @@ async def test_prepare_headers_is_where_content_type_and_server_are_invented() -
     assert hdrs.CONTENT_TYPE not in passed.headers
     assert hdrs.SERVER not in passed.headers
     assert hdrs.DATE in passed.headers
+
+
+def test_stream_response_sends_its_head_at_once_unless_told_otherwise() -> None:
+    """PassThroughResponse.coalesce_head flips this flag (web.Response already holds its head)."""
+    assert web.StreamResponse._send_headers_immediately is True
+    assert web.Response._send_headers_immediately is False
+
+
+def test_request_handler_set_parser_takes_a_feed_data_parser() -> None:
+    """The splice hands the app's bytes after an upgrade or CONNECT to our own feed_data/feed_eof."""
+    from aiohttp.web_protocol import RequestHandler
+
+    parameters = list(inspect.signature(RequestHandler.set_parser).parameters)
+    assert parameters[:2] == ["self", "parser"]

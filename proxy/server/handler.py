@@ -34,7 +34,7 @@ async def proxy(
     try:
         try:
             proxy_request = build_request(request, runtime, target, observation)
-            match = runtime.router.resolve_route(
+            match = runtime.router.route_for(
                 proxy_request.policy, request.method, proxy_request.path_qs.partition("?")[0]
             )
             proxy_request.settings = match.settings

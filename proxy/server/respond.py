@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from aiohttp import hdrs, web
@@ -25,6 +26,12 @@ class PassThroughResponse(web.StreamResponse):
     """A streamed upstream response without the Content-Type and Server headers aiohttp would
     invent when the upstream sent none (Date stays: RFC 9110 6.6.1 asks a forwarder to add it)."""
 
+    def coalesce_head(self) -> None:
+        """Hold the head back until the body is written, so a complete small response leaves in
+        one write (aiohttp's StreamResponse otherwise sends the head at once, as it must when the
+        body is still to come)."""
+        self._send_headers_immediately = False
+
     async def _prepare_headers(self) -> None:
         invented = [name for name in (hdrs.CONTENT_TYPE, hdrs.SERVER) if name not in self.headers]
         await super()._prepare_headers()
@@ -46,12 +53,18 @@ async def stream_response(
     if draining:
         out.force_close()  # tell keep-alive clients to reconnect elsewhere while we drain
     has_body = request.method != "HEAD" and response.status not in _NO_BODY_STATUSES
+    whole = response.body.whole() if has_body else b""
+    if whole is not None:
+        out.coalesce_head()  # all there is, in one write with the head
     try:
         await out.prepare(request)
-        if has_body:  # idle bounds each silence (in the transport); stream, if set, the whole body
-            async with asyncio.timeout(proxy_request.settings.timeouts.stream):
-                async for chunk in response.body.chunks():
-                    await out.write(chunk)
+        if whole is not None:
+            await out.write_eof(whole)
+            return out, True
+        stream = proxy_request.settings.timeouts.stream
+        async with asyncio.timeout(stream) if stream is not None else contextlib.nullcontext():
+            async for chunk in response.body.chunks():  # idle bounds each silence (transport)
+                await out.write(chunk)
         await out.write_eof()
     except (errors.OutriggerError, TimeoutError, ConnectionError) as exc:
         log.warning("response to %s %s cut short: %s", request.method, proxy_request.host, exc)

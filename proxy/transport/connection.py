@@ -322,6 +322,15 @@ class UpstreamConnection(asyncio.Protocol):
                 timer.cancel()
                 self._body_waiter = None
 
+    def whole_body(self) -> bytes | None:
+        """The body when it has fully arrived already (small responses come with their head)."""
+        if not self._complete or self._failure is not None:
+            return None
+        body = b"".join(self._body)
+        self._body.clear()
+        self._buffered = 0
+        return body
+
     def done_with_exchange(self) -> None:
         """Ready for the next exchange when this one ended cleanly; otherwise the connection goes."""
         self.reusable = self._complete and self._keep_alive and self._request_written and not self.closed
@@ -438,6 +447,10 @@ class ResponseStream:
             raise RuntimeError("the response body was already released")
         while (chunk := await connection.next_chunk(self._idle_timeout)) is not None:
             yield chunk
+
+    def whole(self) -> bytes | None:
+        connection = self._connection
+        return None if connection is None else connection.whole_body()
 
     def release(self) -> None:
         """Give the connection back to its pool when the body was read to its end, else close it."""

@@ -388,6 +388,9 @@ class BreakingBody:
         yield self.first
         raise errors.ConnectionReset("the upstream broke off the response body")
 
+    def whole(self) -> bytes | None:
+        return None
+
     def release(self) -> None:
         self.released = True
 

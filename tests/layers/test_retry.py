@@ -577,6 +577,9 @@ async def test_a_stalled_discarded_body_does_not_delay_the_retry() -> None:
             yield b"0123456789"
             await asyncio.sleep(30)
 
+        def whole(self) -> bytes | None:
+            return None
+
         def release(self) -> None:
             self.released = True
 
