@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import gzip
 import random
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -641,6 +642,15 @@ MALFORMED_HEADS = {
     ),
     "invalid-content-length": response_bytes("HTTP/1.1 200 OK\nContent-Length: 2x", b"ok"),
     "obs-fold": response_bytes("HTTP/1.1 200 OK\nX-Folded: a\n b\nContent-Length: 2", b"ok"),  # RFC 9112 5.2
+    "lf-only-line-endings": b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
+    "duplicate-equal-content-length": response_bytes(
+        "HTTP/1.1 200 OK\nContent-Length: 2\nContent-Length: 2", b"ok"
+    ),
+    "negative-content-length": response_bytes("HTTP/1.1 200 OK\nContent-Length: -1", b"ok"),
+    "content-length-and-transfer-encoding": response_bytes(
+        "HTTP/1.1 200 OK\nContent-Length: 3\nTransfer-Encoding: chunked"
+    )
+    + b"5\r\nhello\r\n0\r\n\r\n",
     "space-in-header-name": response_bytes("HTTP/1.1 200 OK\nBad Header: x\nContent-Length: 2", b"ok"),
     "oversized-head": response_bytes(
         "HTTP/1.1 200 OK\n"
@@ -702,23 +712,57 @@ async def test_malformed_response_body_cuts_the_app_connection(start_proxy: Star
     assert prefix.startswith(cut.value.received), cut.value.received
 
 
-async def test_content_length_with_transfer_encoding_is_not_passed_on_as_both(
-    start_proxy: StartProxy,
-) -> None:
-    """A response with both framings (a smuggling vector) is refused, or reaches the app framed one
-    way only: never with a Content-Length that disagrees with the bytes that follow."""
-    response = (
-        response_bytes("HTTP/1.1 200 OK\nContent-Length: 3\nTransfer-Encoding: chunked")
-        + b"5\r\nhello\r\n0\r\n\r\n"
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: an unsolicited 101 (the request asked for no upgrade) is classified as a reset, not an "
+        "invalid response: httptools raises HttpParserUpgrade, which is not an HttpParserError, so "
+        "UpstreamConnection.data_received lets it escape; the event loop closes the transport and "
+        "connection_lost reports closed_before_response ('closed before a response: HttpParserUpgrade', "
+        "retry condition 'reset'), so a policy retrying on reset sends the request again"
+    ),
+)
+async def test_unsolicited_101_is_an_invalid_response_not_retried(start_proxy: StartProxy) -> None:
+    response = response_bytes("HTTP/1.1 101 Switching Protocols\nUpgrade: h2c\nConnection: Upgrade")
+    async with RawScriptedUpstream({"/bad": RawScript(response, after="close")}) as upstream:
+        running = await start_proxy(
+            [
+                loopback_policy(
+                    upstream.url,
+                    host=HOST,
+                    retries={"on": ["reset"], "max_attempts": 3, "backoff": {"base": "10ms", "max": "10ms"}},
+                )
+            ]
+        )
+        proxied = await raw_exchange(running.port, _get("/bad"))
+        requests_seen = len(upstream.heads)
+    assert proxied.status == 502
+    assert proxied.get("x-outrigger-error") == "upstream_unreachable"
+    assert (proxied.get(ATTEMPTS), requests_seen) == ("1", 1), proxied.body
+    assert b"invalid HTTP response" in proxied.body, proxied.body
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: a transfer-coding other than chunked is lost: for 'Transfer-Encoding: gzip, chunked' "
+        "llhttp removes only the chunked framing, Outrigger drops Transfer-Encoding as hop-by-hop and "
+        "aiohttp re-frames the body as plain chunked, so the app receives gzip bytes labelled as "
+        "identity (neither decoded, nor kept as 'Transfer-Encoding: gzip, chunked', nor refused 502)"
+    ),
+)
+async def test_gzip_transfer_coding_reaches_the_app_decodable(start_proxy: StartProxy) -> None:
+    plain = b"hello through a gzip transfer-coding"
+    response = response_bytes("HTTP/1.1 200 OK\nTransfer-Encoding: gzip, chunked") + chunked(
+        [gzip.compress(plain, mtime=0)]
     )
-    async with RawScriptedUpstream({"/both": RawScript(response, after="close")}) as upstream:
+    async with RawScriptedUpstream({"/te": RawScript(response, after="close")}) as upstream:
         port = await _via(start_proxy, upstream.url)
-        proxied = await raw_exchange(port, _get("/both"))
-    if proxied.status == 502:
-        assert proxied.get("x-outrigger-error") == "upstream_unreachable"
-    else:
-        assert proxied.body == b"hello"
-        assert proxied.get("Content-Length") in (None, "5"), proxied.headers
+        proxied = await raw_exchange(port, _get("/te"))
+    if proxied.status != 502:
+        codings = [c.strip().lower() for c in (proxied.get("Transfer-Encoding") or "").split(",")]
+        encoded = "gzip" in codings or proxied.get("Content-Encoding") == "gzip"
+        assert proxied.body == plain or encoded, (proxied.headers, proxied.body)
 
 
 def test_reason_phrases_are_compared() -> None:
