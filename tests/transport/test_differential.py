@@ -588,6 +588,73 @@ async def test_interim_responses_leave_the_connection_clean(start_proxy: StartPr
             await conn.close()
 
 
+class DribblingUpstream:
+    """Answers every request with `response`, written a few bytes at a time (each its own TCP
+    write, with a pause): every parser state boundary falls between two reads somewhere."""
+
+    def __init__(self, response: bytes, step: int) -> None:
+        self.response = response
+        self.step = step
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def __aenter__(self) -> DribblingUpstream:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(10):
+                await reader.readuntil(b"\r\n\r\n")
+                for i in range(0, len(self.response), self.step):
+                    writer.write(self.response[i : i + self.step])
+                    await writer.drain()
+                    await asyncio.sleep(0.001)
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+
+DRIBBLED = (
+    response_bytes("HTTP/1.1 103 Early Hints\nLink: </a.css>; rel=preload")
+    + response_bytes(
+        "\n".join(
+            [
+                "HTTP/1.1 200 Perfectly Fine",
+                "Set-Cookie: a=1",
+                "X-Long: " + "v" * 300,
+                "Set-Cookie: b=2",
+                "Content-Type: text/plain",
+                "Transfer-Encoding: chunked",
+            ]
+        )
+    )
+    + b"3;x=y\r\nabc\r\n10\r\n0123456789abcdef\r\n1\r\nZ\r\n0\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("step", [1, 3, 7])
+async def test_a_response_dribbled_in_small_pieces_is_the_same(start_proxy: StartProxy, step: int) -> None:
+    async with DribblingUpstream(DRIBBLED, step) as upstream:
+        port = await _via(start_proxy, f"http://127.0.0.1:{upstream.port}")
+        request = _get("/dribble")
+        direct = await raw_exchange(upstream.port, request)
+        proxied = await raw_exchange(port, request)
+    assert direct.body == b"abc0123456789abcdefZ"
+    assert_same(direct, proxied, f"dribbled {step} bytes at a time")
+
+
 # --------------------------------------------------------------------------- aiohttp upstream
 
 
