@@ -29,6 +29,7 @@ from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpServer
 
 from tests.conftest import StartProxy, free_port, loopback_policy
+from tests.e2e import nginx as nginx_module
 from tests.e2e.nginx import Nginx
 from tests.e2e.upstreams import (
     IncompleteBody,
@@ -882,3 +883,11 @@ def test_reason_phrases_are_compared() -> None:
 
 def _multi(pairs: list[tuple[str, str]]) -> CIMultiDict[str]:
     return CIMultiDict(pairs)
+
+
+def test_a_missing_nginx_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without nginx these tests fail with what to install; they are never skipped silently."""
+    monkeypatch.setattr(nginx_module, "NGINX_BINARY", str(tmp_path / "no-nginx"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"nginx is required.*apt-get install nginx"):
+        Nginx()
