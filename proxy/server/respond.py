@@ -34,9 +34,12 @@ class PassThroughResponse(web.StreamResponse):
 
     async def _prepare_headers(self) -> None:
         invented = [name for name in (hdrs.CONTENT_TYPE, hdrs.SERVER) if name not in self.headers]
+        length = self.headers.get(hdrs.CONTENT_LENGTH) if self.status == 304 else None
         await super()._prepare_headers()
         for name in invented:
             self.headers.popall(name, None)
+        if length is not None:  # aiohttp drops it; on a 304 it is the selected representation's length
+            self.headers[hdrs.CONTENT_LENGTH] = length
 
 
 async def stream_response(

@@ -107,8 +107,11 @@ class UpstreamConnection(asyncio.Protocol):
                 self.abort()
             return
         except httptools.HttpParserError as exc:
-            if self._head_only and self._head_done:  # stopped on purpose by on_headers_complete
-                self._finish_message()
+            if self._head_only and self._head_done and self._failure is None:
+                self._finish_message()  # stopped on purpose by on_headers_complete (HEAD)
+                if data.endswith(b"\r\n\r\n"):  # nothing after the head: the connection stays good
+                    self._parser = httptools.HttpResponseParser(self)  # llhttp stays stopped otherwise
+                    return
             elif self._failure is None:
                 self._fail(failures.invalid_response(self.authority, str(exc) or type(exc).__name__))
             self.abort()  # nothing after this point can be trusted to belong to an exchange
@@ -155,7 +158,7 @@ class UpstreamConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ httptools callbacks
 
     def on_status(self, reason: bytes) -> None:
-        self._reason += reason.decode("latin-1")
+        self._reason += reason.decode("utf-8", "surrogateescape")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._head_done:  # after the head: chunked trailers, dropped
@@ -180,9 +183,22 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_done = True
         self._keep_alive = self._parser.should_keep_alive()
         bodyless = self._head_only or status in (204, 304)
+        codings = [
+            coding.strip().lower()
+            for name, value in self._headers
+            if name.lower() == "transfer-encoding"
+            for coding in value.split(",")
+        ]
+        if not bodyless and any(coding != "chunked" for coding in codings):
+            # Transfer-codings are hop-by-hop: the app would get gzip bytes labelled as plain ones
+            unsupported = ", ".join(c for c in codings if c != "chunked")
+            self._fail(
+                failures.invalid_response(self.authority, f"unsupported transfer-coding {unsupported}")
+            )
+            raise _HeadDone
         if not bodyless:
-            self._close_delimited = not any(
-                name.lower() in ("content-length", "transfer-encoding") for name, _ in self._headers
+            self._close_delimited = not codings and not any(
+                name.lower() == "content-length" for name, _ in self._headers
             )
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
