@@ -9,16 +9,18 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+from pathlib import Path
 
 import pytest
+from opentelemetry import trace
 
 from proxy import errors
-from proxy.config.model import CircuitBreakerSettings, Faults, Retries
+from proxy.config.model import CircuitBreakerSettings, Faults, Policy, Retries
 from proxy.layers.breaker import CLOSED, BreakerLayer, CircuitBreaker
 from proxy.layers.faults import FaultsLayer
 from proxy.layers.retry import RetryLayer
-from proxy.pipeline import compose
-from tests.fakes import FakeClock, RecordingUniform, fake_upstream, make_request
+from proxy.pipeline import PolicyState, build_layers, compose
+from tests.fakes import FakeClock, RecordingUniform, fake_upstream, make_request, settings_from
 
 
 def _layer(clock: FakeClock, fraction: float, **settings: object) -> FaultsLayer:
@@ -170,3 +172,34 @@ def test_invalid_drills_are_refused() -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             Faults.model_validate(settings)
+
+
+async def test_fallback_is_outermost_and_faults_sit_right_below_the_deadline() -> None:
+    clock = FakeClock()
+    full = settings_from(
+        fallback={},
+        faults={"abort": {"percent": 1}},
+        concurrency={},
+        idempotency={},
+        retries={},
+        circuit_breaker={},
+        rate_limit={},
+    )
+    for settings, present in ((full, True), (settings_from(concurrency={}, retries={}), False)):
+        policy = Policy(
+            hosts=("api.test",), upstream=None, listen=None, settings=settings, routes=(), source="t:1"
+        )
+        layers = build_layers(
+            settings, PolicyState.build(policy, clock), Path("."), clock, trace.get_tracer("t")
+        )
+        names = [type(layer).__name__ for layer in layers]
+        if not present:
+            assert "FallbackLayer" not in names
+            assert "FaultsLayer" not in names
+            continue
+        assert names[0] == "FallbackLayer"
+        faults = names.index("FaultsLayer")
+        assert names[faults - 1] == "DeadlineLayer"
+        assert (
+            faults < names.index("IdempotencyLayer") < names.index("RetryLayer") < names.index("BreakerLayer")
+        )
