@@ -16,7 +16,7 @@ from tests.conftest import AccessLog, RunningProxy, StartProxy, free_port, loopb
 from tests.e2e.otlp_receiver import OtlpReceiver
 from tests.e2e.test_metrics import scrape
 from tests.e2e.test_tracing import server_span_with, traced
-from tests.fakes import AiohttpServerFactory, ScriptedUpstream, admin_state, app_request
+from tests.fakes import AiohttpServerFactory, ScriptedUpstream, admin_state, app_request, call
 
 HOST = "upstream.test"
 DEGRADED = b'{"degraded": true}'
@@ -209,6 +209,8 @@ async def test_header_only_drill_touches_only_requests_that_ask(
     assert upstream.count == 40
     assert all("x-outrigger-fault" not in seen.headers for seen in upstream.seen)
     assert (await scrape(proxy)).value("outrigger_faults_injected_total", host=HOST, kind="abort") == 20
+    (policy,) = (await call("GET", f"http://127.0.0.1:{proxy.admin_port}/config")).json()["policies"]
+    assert policy["settings"]["faults"] == {"abort": {"status": 500, "percent": 100.0}, "header_only": True}
 
 
 async def test_delay_drill_delays_before_the_upstream_call(
