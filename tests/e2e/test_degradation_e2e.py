@@ -229,8 +229,8 @@ async def test_delay_drill_delays_before_the_upstream_call(
     reply = await app_request(proxy)
 
     assert reply.status == 200
-    assert time.monotonic() - started >= 0.3
-    assert upstream.seen[0].at - started >= 0.3
+    assert time.monotonic() - started >= 0.29  # timers may fire up to ~1 ms early (uvloop)
+    assert upstream.seen[0].at - started >= 0.29
     entry = access_log.for_request(reply.headers["x-request-id"])
     assert entry["fault"] == "delay"
     assert entry["error_type"] is None
