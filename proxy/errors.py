@@ -16,6 +16,7 @@
     │   └── ConnectionReset         retry condition "reset"
     └── Timeout                 504 timeout (the total deadline)
         └── AttemptTimeout          retry condition "timeout" (one attempt's per_try)
+    FaultInjected               faults.abort.status fault_injected (a drill, not a failure)
 
 Layers raise these; only the server turns them into responses, so the error
 body is written in exactly one place.
@@ -140,6 +141,17 @@ class AttemptTimeout(Timeout):
     """One attempt exceeded per_try; the request deadline may still allow another."""
 
     condition = "timeout"
+
+
+class FaultInjected(OutriggerError):
+    """An abort injected by a fault drill (`faults.abort`): answered with the drill's status, never
+    retried, never counted by the breaker, never replaced by a fallback."""
+
+    error_type = "fault_injected"
+
+    def __init__(self, message: str, *, status: int, host: str = "") -> None:
+        super().__init__(message, host=host)
+        self.status = status  # type: ignore[misc]  # the drill's own status, per instance
 
 
 LOCAL_REFUSALS = frozenset(

@@ -287,6 +287,12 @@ class ProxyRequest:
     replayed: bool = False
     ratelimit_wait: float = 0.0
     """Seconds spent waiting for rate-limit tokens, over all attempts."""
+    fault_requested: bool = False
+    """The app sent ``x-outrigger-fault: on``: a ``header_only`` drill applies to this request."""
+    fault: str | None = None
+    """The fault a drill injected (``abort`` or ``delay``), for spans, metrics and logs."""
+    fallback: str | None = None
+    """Why the declared fallback answered (an error type, or the upstream status), else None."""
 
 
 async def buffered(response: ProxyResponse, limit: int) -> tuple[ProxyResponse, bytes | None]:

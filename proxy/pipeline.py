@@ -1,7 +1,9 @@
 """The one place the layer order is written (see ARCHITECTURE.md).
 
+    fallback     outermost: the declared answer for failures in fallback.on (overloaded and timeout too)
     concurrency  bulkhead: in-flight cap and bounded FIFO queue; sheds load before any work
     deadline     total timeout over everything below, retries and backoff included
+    faults       drills: injected abort (what the app sees; never retried or counted) or delay
     idempotency  key added once so every attempt shares it; optional replay cache
     retry        conditions, backoff with jitter, Retry-After, budget, replay buffer
     breaker      counts every attempt; open = fail fast (and retries stop)
@@ -33,6 +35,8 @@ from proxy.layers.breaker import BreakerLayer, CircuitBreaker
 from proxy.layers.budget import RetryBudget
 from proxy.layers.concurrency import Bulkhead, ConcurrencyLayer
 from proxy.layers.deadline import DeadlineLayer
+from proxy.layers.fallback import FallbackLayer
+from proxy.layers.faults import FaultsLayer
 from proxy.layers.idempotency import IdempotencyLayer, ReplayCache
 from proxy.layers.ratelimit import RateLimiter, RateLimitLayer
 from proxy.layers.retry import RetryLayer
@@ -117,9 +121,13 @@ def build_layers(
     settings: PolicySettings, state: PolicyState, base_dir: Path, clock: Clock, tracer: trace.Tracer
 ) -> list[Layer]:
     layers: list[Layer] = []
+    if settings.fallback is not None:
+        layers.append(FallbackLayer(settings.fallback))
     if state.bulkhead is not None:
         layers.append(ConcurrencyLayer(state.bulkhead, settings.timeouts.total))
     layers.append(DeadlineLayer(settings.timeouts.total))
+    if settings.faults is not None:
+        layers.append(FaultsLayer(settings.faults, clock))
     if settings.idempotency is not None:
         layers.append(IdempotencyLayer(settings.idempotency, state.replay))
     if settings.retries is not None:

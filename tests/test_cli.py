@@ -393,8 +393,31 @@ def test_schema_accepts_a_policy_and_a_list_of_policies(
         {"hosts": ["api.stripe.com"], "upstream": "https://api.stripe.com"},
         {"hosts": ["a.example.com"], "routes": [{"match": {"method": "POST", "path": "/v1/*"}}]},
         {"hosts": ["a.example.com"], "retries": {"on": ["connect-failure", 502, "5xx"]}},
+        {
+            "hosts": ["a.example.com"],
+            "fallback": {
+                "on": [
+                    "circuit_open",
+                    "timeout",
+                    "upstream_unreachable",
+                    "rate_limited",
+                    "overloaded",
+                    "5xx",
+                    502,
+                ],
+                "status": 503,
+                "headers": {"Content-Type": "application/json"},
+                "body": '{"degraded": true}',
+            },
+            "faults": {
+                "abort": {"status": 503, "percent": 10},
+                "delay": {"duration": "2s", "percent": 5},
+                "header_only": True,
+            },
+            "routes": [{"match": {"method": "GET"}, "fallback": {"status": 200, "body": "[]"}}],
+        },
     ],
-    ids=["upstream-url", "single-route-method", "retry-on-status-int"],
+    ids=["upstream-url", "single-route-method", "retry-on-status-int", "fallback-and-faults"],
 )
 def test_schema_accepts_what_the_loader_accepts(
     schema: dict[str, Any], tmp_path: Path, document: Any
@@ -435,3 +458,21 @@ def test_schema_rejects_unknown_keys(schema: dict[str, Any], document: Any) -> N
 )
 def test_schema_rejects_bad_values(schema: dict[str, Any], document: Any) -> None:
     assert _errors(schema, document) != []
+
+
+def test_explain_shows_fallback_and_faults(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "a.yaml").write_text(
+        "hosts: [a.example.com]\nfallback: {on: [circuit_open]}\nfaults: {abort: {percent: 10}}\n"
+    )
+    (tmp_path / "config.yaml").write_text("listen: {host: 127.0.0.1, port: 15001}\n")
+
+    settings = explain(capsys, tmp_path / "config.yaml", "GET", "http://a.example.com/x")["settings"]
+
+    assert settings["fallback"] == {
+        "on": ["circuit_open"],
+        "status": 503,
+        "headers": {"Content-Type": "application/json"},
+        "body": '{"degraded": true}',
+    }
+    assert settings["faults"] == {"abort": {"status": 503, "percent": 10.0}, "header_only": True}

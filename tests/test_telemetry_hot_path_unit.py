@@ -273,6 +273,7 @@ def test_log_line_keeps_the_field_order_and_stays_one_line() -> None:
     assert list(entry) == [
         "time", "trace_id", "request_id", "method", "host", "path", "status", "attempts", "retry_reasons",
         "duration_ms", "policy", "upstream", "error_type", "replayed", "config_version",
+        "fallback", "fault",
     ]  # fmt: skip
     assert entry["request_id"] == tricky
     assert line.isascii()

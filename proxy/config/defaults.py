@@ -89,3 +89,16 @@ SERVICE_NAME = "outrigger"
 TRACE_SAMPLE_RATIO = 1.0
 ACCESS_LOG = True
 RELOAD_POLL_INTERVAL_S = 2.0
+
+FALLBACK_ON = ("circuit_open", "timeout", "upstream_unreachable", "rate_limited", "overloaded", "5xx")
+FALLBACK_STATUS = 503
+FALLBACK_HEADERS: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
+FALLBACK_BODY = '{"degraded": true}'
+FALLBACK_MAX_BODY_BYTES = 64 * 1024
+"""A declared answer lives in memory for every route that uses it: it stays small."""
+
+FAULT_ABORT_STATUS = 503
+FAULT_DELAY_S = 1.0
+FAULT_HEADER_ONLY = True
+"""A drill touches only requests carrying ``x-outrigger-fault: on`` unless it says otherwise, so a
+faults section copied into production cannot fail real traffic by itself."""

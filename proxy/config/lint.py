@@ -22,7 +22,7 @@ import yaml
 from proxy import secrets
 from proxy.config.defaults import KEYED_METHODS
 from proxy.config.loader import Config
-from proxy.config.model import Backoff, Policy, PolicySettings, Retries, split_host_pattern
+from proxy.config.model import Backoff, Policy, PolicySettings, Retries, Route, split_host_pattern
 from proxy.config.units import format_duration
 
 
@@ -145,12 +145,32 @@ def _tunnel_blind_spots(settings: PolicySettings) -> Iterator[_Finding]:
         )
 
 
+FALLBACK_STATUS_PATH = "fallback.status"
+
+
+def _fallback_fakes_success(settings: PolicySettings) -> Iterator[_Finding]:
+    """A 2xx fallback tells a POST (or PATCH) it succeeded when it never reached the upstream: the
+    app records a payment or an order that does not exist. Routes that match no such method are
+    exempt (see `lint`)."""
+    fallback = settings.fallback
+    if fallback is None or not 200 <= fallback.status <= 299:
+        return
+    yield _Finding(
+        FALLBACK_STATUS_PATH,
+        f"the fallback answers {fallback.status}, so a POST or PATCH that never"
+        " reached the upstream looks successful to the app; use a non-2xx status, or declare the"
+        " 2xx fallback on a route matching only safe methods (e.g. match: {method: GET})",
+        fallback.status,
+    )
+
+
 SETTINGS_RULES: Sequence[Callable[[PolicySettings], Iterator[_Finding]]] = (
     _deadline,
     _unsafe_methods,
     _no_budget,
     _inline_secrets,
     _tunnel_blind_spots,
+    _fallback_fakes_success,
 )
 
 
@@ -210,6 +230,12 @@ def _defaults_line(config_path: Path) -> int:
     return 1
 
 
+def _safe_only(route: Route) -> bool:
+    """The route matches only methods that are neither POST nor PATCH."""
+    methods = route.match.method
+    return methods is not None and not KEYED_METHODS.intersection(methods)
+
+
 def _format(where: str, path: str, message: str) -> str:
     return f"{where}: {path}: warning: {message}"
 
@@ -229,7 +255,7 @@ def lint(config: Config) -> list[str]:
             findings += [
                 _Finding(f"routes[{index}].{f.path}", f.message)
                 for f in _settings_findings(route.settings)
-                if f not in own
+                if f not in own and not (f.path == FALLBACK_STATUS_PATH and _safe_only(route))
             ]
         warnings += [_format(policy.source, f.path, f.message) for f in findings]
     return warnings

@@ -438,6 +438,106 @@ class RateLimit(Frozen):
         return self.rate / self.per
 
 
+FALLBACK_ERROR_TYPES = ("circuit_open", "timeout", "upstream_unreachable", "rate_limited", "overloaded")
+"""Outrigger error types a fallback may answer for (``upstream_unreachable`` covers connect
+failures and resets, ``timeout`` both ``per_try`` and ``total``)."""
+
+
+def _check_fallback_condition(value: object) -> str:
+    if isinstance(value, str) and value.strip().lower() in FALLBACK_ERROR_TYPES:
+        return value.strip().lower()
+    try:
+        return _check_status_condition(value)
+    except ValueError:
+        raise ValueError(
+            f"unknown fallback condition {value!r}: use {', '.join(FALLBACK_ERROR_TYPES)},"
+            " a status (503), a range (500-504) or a class (5xx)"
+        ) from None
+
+
+FallbackCondition = Annotated[
+    str,
+    BeforeValidator(_check_fallback_condition),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "integer", "minimum": 100, "maximum": 599},
+            ]
+        }
+    ),
+]
+"""An Outrigger error type (``circuit_open``...) or an upstream status, range or class."""
+
+_OWN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade"})
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+def _check_declared_header(name: str) -> str:
+    lower = name.lower()
+    if lower in _OWN_HEADERS or lower.startswith("x-outrigger-"):
+        raise ValueError(f"{name!r} is set by Outrigger itself and cannot be declared")
+    return name
+
+
+DeclaredHeaderName = Annotated[HeaderName, AfterValidator(_check_declared_header)]
+AnswerStatus = Annotated[int, Field(ge=200, le=599)]
+"""A final status Outrigger answers itself (1xx are not final answers)."""
+
+
+class Fallback(Frozen):
+    """The declared answer when nothing better exists (SPEC 9)."""
+
+    on: tuple[FallbackCondition, ...] = builtin.FALLBACK_ON
+    status: AnswerStatus = builtin.FALLBACK_STATUS
+    headers: dict[DeclaredHeaderName, str] = Field(default_factory=lambda: dict(builtin.FALLBACK_HEADERS))
+    body: str = builtin.FALLBACK_BODY
+
+    @field_validator("body")
+    @classmethod
+    def _bounded(cls, body: str) -> str:
+        size = len(body.encode())
+        if size > builtin.FALLBACK_MAX_BODY_BYTES:
+            raise ValueError(f"body is {size} bytes; at most {builtin.FALLBACK_MAX_BODY_BYTES} are allowed")
+        return body
+
+    @model_validator(mode="after")
+    def _body_allowed(self) -> Fallback:
+        if self.status in _NO_BODY_STATUSES and self.body:
+            raise ValueError(f"status {self.status} has no body: set body to ''")
+        return self
+
+
+class FaultAbort(Frozen):
+    status: AnswerStatus = builtin.FAULT_ABORT_STATUS
+    percent: float = Field(ge=0, le=100)
+    """Required: share of (eligible) requests aborted."""
+
+
+class FaultDelay(Frozen):
+    duration: Duration = Field(default=builtin.FAULT_DELAY_S, gt=0)
+    percent: float = Field(ge=0, le=100)
+    """Required: share of (eligible) requests delayed."""
+
+
+class Faults(Frozen):
+    """Drills: injected aborts and delays before the upstream call (SPEC 9). One roll per request
+    picks at most one fault, so the two percents add up to at most 100."""
+
+    abort: FaultAbort | None = None
+    delay: FaultDelay | None = None
+    header_only: bool = builtin.FAULT_HEADER_ONLY
+    """Only requests carrying ``x-outrigger-fault: on`` are drilled."""
+
+    @model_validator(mode="after")
+    def _one_roll(self) -> Faults:
+        abort = self.abort.percent if self.abort else 0.0
+        delay = self.delay.percent if self.delay else 0.0
+        if abort + delay > 100:
+            raise ValueError(f"abort.percent + delay.percent is {abort + delay:g}; at most 100")
+        return self
+
+
 PathGlob = Annotated[str, AfterValidator(check_glob)]
 """A ``redact_paths`` entry: ``/services/*/*/*``; each ``*`` matches within one path segment."""
 
@@ -458,6 +558,10 @@ class PolicySettings(Frozen):
     """Path globs whose ``*`` parts are secrets (Slack webhooks, Telegram bot tokens)."""
     connect: Literal["refuse", "tunnel"] = builtin.CONNECT_MODE
     """``tunnel``: CONNECT host:port becomes an opaque TCP tunnel (SPEC 2); else 405."""
+    fallback: Fallback | None = None
+    """The declared answer for failures in ``fallback.on`` (SPEC 9); routes may override it."""
+    faults: Faults | None = None
+    """Fault drills (SPEC 9): injected aborts and delays, per policy."""
     _redactor: PathRedactor = PrivateAttr(default=NO_REDACTION)
 
     def model_post_init(self, context: Any) -> None:
@@ -475,7 +579,7 @@ class PolicySettings(Frozen):
         return self.idempotency.header if self.idempotency else builtin.IDEMPOTENCY_HEADER
 
 
-ROUTE_OVERRIDABLE = ("timeouts", "headers", "retries")
+ROUTE_OVERRIDABLE = ("timeouts", "headers", "retries", "fallback")
 """Sections a route may override; stateful ones (budget, replay cache, breaker, limits) stay per policy."""
 
 
@@ -498,6 +602,7 @@ class RouteSpec(Frozen):
     timeouts: dict[str, Any] | None = None
     headers: dict[str, Any] | None = None
     retries: dict[str, Any] | None = None
+    fallback: dict[str, Any] | None = None
 
     @field_validator("retries")
     @classmethod

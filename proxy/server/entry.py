@@ -23,6 +23,8 @@ from proxy.target import RequestTarget
 from proxy.telemetry import REQUEST_ID_HEADER, RequestObservation
 
 TIMEOUT_HEADER = "x-outrigger-timeout-ms"
+FAULT_HEADER = "x-outrigger-fault"
+"""``on`` opts a request into a ``header_only`` fault drill."""
 
 
 def check_header_size(request: web.BaseRequest, runtime: Runtime) -> None:
@@ -47,9 +49,12 @@ def build_request(
     policy, host, upstream, path_qs = route(request, runtime, target)
     headers, control = end_to_end_headers(request.headers.items(), REQUEST_DROP)
     timeout_override = None
+    fault_requested = False
     for name, value in control:
         if name == TIMEOUT_HEADER:
             timeout_override = parse_timeout_ms(value)
+        elif name == FAULT_HEADER:
+            fault_requested = value.strip().lower() == "on"
     headers[REQUEST_ID_HEADER] = observation.request_id
     source = request_body(request) if request.body_exists else None
     return ProxyRequest(
@@ -62,6 +67,7 @@ def build_request(
         policy=policy,
         settings=policy.settings,
         timeout_override=timeout_override,
+        fault_requested=fault_requested,
         upgrade=upgrade_protocol(request.headers),
         request_id=observation.request_id,
         trace_context=observation.context,

@@ -29,6 +29,8 @@ from proxy.telemetry.names import (
     ATTR_ATTEMPTS,
     ATTR_BREAKER_STATE,
     ATTR_CONFIG_VERSION,
+    ATTR_FALLBACK,
+    ATTR_FAULT,
     ATTR_IDEMPOTENCY_INJECTED,
     ATTR_IDEMPOTENCY_KEY,
     ATTR_POLICY,
@@ -61,6 +63,8 @@ __all__ = [
     "ATTR_ATTEMPTS",
     "ATTR_BREAKER_STATE",
     "ATTR_CONFIG_VERSION",
+    "ATTR_FALLBACK",
+    "ATTR_FAULT",
     "ATTR_IDEMPOTENCY_INJECTED",
     "ATTR_IDEMPOTENCY_KEY",
     "ATTR_POLICY",
@@ -163,6 +167,8 @@ class Telemetry:
     ) -> None:
         """Close the request: metrics, SERVER span attributes and events, one access log line."""
         elapsed = time.perf_counter() - observation.started
+        if error_type is None and request is not None and request.fallback is not None:
+            error_type = request.fallback  # the app got the fallback; the real failure stays visible
         self._record_metrics(observation, status, error_type, policy, request, state, elapsed)
         span = observation.span
         if span.is_recording():
@@ -219,6 +225,10 @@ class Telemetry:
             m.rejections(event).inc()
         if request.idempotency_key_injected:
             m.keys_injected.inc()
+        if request.fallback is not None:
+            m.fallbacks(request.fallback).inc()
+        if request.fault is not None:
+            m.faults(request.fault).inc()
         if state is not None and state.limiter is not None:
             m.ratelimit_wait.observe(request.ratelimit_wait)
 
@@ -252,6 +262,10 @@ def _attributes(
         attributes[ATTR_IDEMPOTENCY_INJECTED] = request.idempotency_key_injected
     if request.replayed:
         attributes[ATTR_REPLAYED] = True
+    if request.fallback is not None:
+        attributes[ATTR_FALLBACK] = request.fallback
+    if request.fault is not None:
+        attributes[ATTR_FAULT] = request.fault
     return attributes
 
 
@@ -283,4 +297,6 @@ def _log_entry(
         "error_type": error_type,
         "replayed": request.replayed if request is not None else False,
         "config_version": config_version,
+        "fallback": request.fallback if request is not None else None,
+        "fault": request.fault if request is not None else None,
     }

@@ -132,6 +132,15 @@ class Metrics:
             "Access log lines dropped because stdout could not keep up",
             registry=r,
         )
+        self.fallbacks = Counter(
+            "outrigger_fallbacks",
+            "Requests answered with the declared fallback, by the failure it replaced",
+            ["host", "reason"],
+            registry=r,
+        )
+        self.faults_injected = Counter(
+            "outrigger_faults_injected", "Faults injected by drills", ["host", "kind"], registry=r
+        )
         r.register(_StateCollector(states))
 
     def exposition(self) -> bytes:
@@ -155,6 +164,8 @@ class PolicyMetrics:
         self._attempts: dict[str, Counter] = {}
         self._retries: dict[str, Counter] = {}
         self._rejections: dict[str, Counter] = {}
+        self._fallbacks: dict[str, Counter] = {}
+        self._faults: dict[str, Counter] = {}
 
     def requests(self, method: str, status: int) -> Counter:
         key = (method_label(method), status)
@@ -171,6 +182,12 @@ class PolicyMetrics:
 
     def rejections(self, kind: str) -> Counter:
         return _child(self._rejections, self._metrics.rejections, self.label, kind)
+
+    def fallbacks(self, reason: str) -> Counter:
+        return _child(self._fallbacks, self._metrics.fallbacks, self.label, reason)
+
+    def faults(self, kind: str) -> Counter:
+        return _child(self._faults, self._metrics.faults_injected, self.label, kind)
 
 
 def _child(cache: dict[str, Counter], family: Counter, label: str, value: str) -> Counter:

@@ -25,6 +25,10 @@ ATTR_IDEMPOTENCY_INJECTED = "outrigger.idempotency.injected"
 ATTR_CONFIG_VERSION = "outrigger.config.version"
 ATTR_REPLAYED = "outrigger.replayed"
 ATTR_REQUEST_ID = "http.request.header.x-request-id"
+ATTR_FALLBACK = "outrigger.fallback"
+"""Why the declared fallback answered: the real failure (an error type, or the upstream status)."""
+ATTR_FAULT = "outrigger.fault"
+"""The fault a drill injected: ``abort`` or ``delay``."""
 
 CIRCUIT_STATE_VALUES = {"closed": 0, "half-open": 1, "open": 2}
 """`outrigger_circuit_state` gauge values, keyed by the breaker's state name."""

@@ -327,3 +327,56 @@ def test_a_tunnelled_policy_is_told_what_cannot_apply_to_its_tunnels(tmp_path: P
         " tunnels (their bytes are the app's own TLS); they apply only to plain http:// requests to this"
         " policy"
     ]
+
+
+# --- a 2xx fallback answering POST ------------------------------------------------------------------
+
+FAKE_SUCCESS = (
+    "the fallback answers {status}, so a POST or PATCH that never reached the upstream looks successful"
+    " to the app; use a non-2xx status, or declare the 2xx fallback on a route matching only safe"
+    " methods (e.g. match: {{method: GET}})"
+)
+
+
+def test_a_2xx_fallback_on_a_policy_is_reported(tmp_path: Path) -> None:
+    config = load(tmp_path, [{"hosts": ["a.test"], "fallback": {"status": 200, "body": "{}"}}])
+    assert lint(config) == [
+        f"{where(config, 0)}: fallback.status: warning: {FAKE_SUCCESS.format(status=200)}"
+    ]
+
+
+def test_a_non_2xx_fallback_is_fine(tmp_path: Path) -> None:
+    config = load(
+        tmp_path, [{"hosts": ["a.test"], "fallback": {}}, {"hosts": ["b.test"], "fallback": {"status": 404}}]
+    )
+    assert lint(config) == []
+
+
+def test_a_2xx_fallback_on_a_get_only_route_is_fine_but_not_on_a_post_route(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        [
+            {
+                "hosts": ["a.test"],
+                "routes": [
+                    {
+                        "match": {"method": ["GET", "HEAD"], "path": "/v1/catalog*"},
+                        "fallback": {"status": 200},
+                    },
+                    {"match": {"method": "POST"}, "fallback": {"status": 202}},
+                    {"match": {"path": "/v1/any*"}, "fallback": {"status": 204, "body": ""}},
+                ],
+            }
+        ],
+    )
+    assert lint(config) == [
+        f"{where(config, 0)}: routes[1].fallback.status: warning: {FAKE_SUCCESS.format(status=202)}",
+        f"{where(config, 0)}: routes[2].fallback.status: warning: {FAKE_SUCCESS.format(status=204)}",
+    ]
+
+
+def test_a_2xx_fallback_in_defaults_is_reported_once_on_defaults(tmp_path: Path) -> None:
+    config = load(tmp_path, [{"hosts": ["a.test"]}], defaults={"fallback": {"status": 200}})
+    assert lint(config) == [
+        f"{defaults_where(config)}: defaults.fallback.status: warning: {FAKE_SUCCESS.format(status=200)}"
+    ]

@@ -1090,3 +1090,80 @@ def test_a_bad_main_config_gets_exactly_its_problems(
     """`extra` is added to the default main config, so its first line is line 4."""
     tree.main(extra)
     assert tree.problems() == at(tree.config, *problems)
+
+
+# --- fallback and faults (SPEC 9) ---------------------------------------------------------------
+
+
+def test_fallback_and_faults_errors_point_at_their_keys(tree: Tree) -> None:
+    path = tree.policy(
+        "a.yaml",
+        """\
+        hosts: [a.test]
+        fallback:
+          on: [circuit_open, connect-failure, 5xx]
+          status: 150
+          headers: {Content-Length: "3"}
+        faults:
+          abort: {status: 503, percent: 120}
+          delay: {duration: 2x, percent: 5}
+        """,
+    )
+    problems = tree.problems()
+    assert problems == at(
+        path,
+        (
+            3,
+            "fallback.on[1]: unknown fallback condition 'connect-failure': use circuit_open, timeout,"
+            " upstream_unreachable, rate_limited, overloaded, a status (503), a range (500-504)"
+            " or a class (5xx)",
+        ),
+        (4, "fallback.status: Input should be greater than or equal to 200"),
+        (
+            5,
+            "fallback.headers.Content-Length: 'Content-Length' is set by Outrigger itself"
+            " and cannot be declared",
+        ),
+        (7, "faults.abort.percent: Input should be less than or equal to 100"),
+        (8, "faults.delay.duration: invalid duration '2x': use a number with ms, s, m or h (e.g. 250ms)"),
+    ), problems
+
+
+def test_fallback_and_faults_load_with_defaults_and_a_route_may_override_the_fallback(tree: Tree) -> None:
+    tree.policy(
+        "a.yaml",
+        """\
+        hosts: [a.test]
+        fallback: {}
+        faults:
+          abort: {percent: 10}
+        routes:
+          - match: {method: GET, path: "/v1/catalog*"}
+            fallback: {status: 200, body: "[]"}
+        """,
+    )
+    (policy,) = tree.load().policies
+    assert policy.settings.fallback is not None
+    assert policy.settings.fallback.on == (
+        "circuit_open",
+        "timeout",
+        "upstream_unreachable",
+        "rate_limited",
+        "overloaded",
+        "5xx",
+    )
+    assert policy.settings.fallback.status == 503
+    assert policy.settings.fallback.headers == {"Content-Type": "application/json"}
+    assert policy.settings.fallback.body == '{"degraded": true}'
+    assert policy.settings.faults is not None
+    assert policy.settings.faults.header_only is True
+    assert policy.settings.faults.abort is not None
+    assert policy.settings.faults.abort.status == 503
+    route = policy.routes[0].settings
+    assert route.fallback is not None
+    assert (route.fallback.status, route.fallback.body, route.fallback.on) == (
+        200,
+        "[]",
+        policy.settings.fallback.on,
+    )
+    assert route.faults == policy.settings.faults
