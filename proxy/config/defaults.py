@@ -89,3 +89,6 @@ SERVICE_NAME = "outrigger"
 TRACE_SAMPLE_RATIO = 1.0
 ACCESS_LOG = True
 RELOAD_POLL_INTERVAL_S = 2.0
+
+FAILOVER_ON = ("circuit_open", "connect-failure", "timeout", "5xx")
+"""An upstream whose breaker refuses is skipped; an attempt failing so sends the next one onwards."""
