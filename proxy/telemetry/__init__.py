@@ -37,6 +37,7 @@ from proxy.telemetry.names import (
     ATTR_REQUEST_ID,
     ATTR_RETRY_BACKOFF_MS,
     ATTR_RETRY_REASON,
+    ATTR_UPSTREAM,
     REDACTED_VALUE,
     REQUEST_ID_HEADER,
     TRACEPARENT_HEADER,
@@ -213,6 +214,9 @@ class Telemetry:
             m.rejections(event).inc()
         if request.idempotency_key_injected:
             m.keys_injected.inc()
+        if request.failover is not None:
+            for upstream in request.failover.moves:
+                m.failovers(upstream).inc()
         if state is not None and state.limiter is not None:
             m.ratelimit_wait.observe(request.ratelimit_wait)
 
@@ -246,6 +250,8 @@ def _attributes(
         attributes[ATTR_IDEMPOTENCY_INJECTED] = request.idempotency_key_injected
     if request.replayed:
         attributes[ATTR_REPLAYED] = True
+    if request.failover is not None:
+        attributes[ATTR_UPSTREAM] = str(request.target)
     return attributes
 
 

@@ -132,6 +132,12 @@ class Metrics:
             "Access log lines dropped because stdout could not keep up",
             registry=r,
         )
+        self.failovers = Counter(
+            "outrigger_failovers",
+            "Attempts that moved to another upstream (open breaker or a failover.on outcome)",
+            ["host", "upstream"],
+            registry=r,
+        )
         r.register(_StateCollector(states))
 
     def exposition(self) -> bytes:
@@ -155,6 +161,7 @@ class PolicyMetrics:
         self._attempts: dict[str, Counter] = {}
         self._retries: dict[str, Counter] = {}
         self._rejections: dict[str, Counter] = {}
+        self._failovers: dict[str, Counter] = {}
 
     def requests(self, method: str, status: int) -> Counter:
         key = (method_label(method), status)
@@ -171,6 +178,10 @@ class PolicyMetrics:
 
     def rejections(self, kind: str) -> Counter:
         return _child(self._rejections, self._metrics.rejections, self.label, kind)
+
+    def failovers(self, upstream: str) -> Counter:
+        """Bounded: upstreams are the policy's configured ones."""
+        return _child(self._failovers, self._metrics.failovers, self.label, upstream)
 
 
 def _child(cache: dict[str, Counter], family: Counter, label: str, value: str) -> Counter:

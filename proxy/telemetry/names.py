@@ -25,6 +25,8 @@ ATTR_IDEMPOTENCY_INJECTED = "outrigger.idempotency.injected"
 ATTR_CONFIG_VERSION = "outrigger.config.version"
 ATTR_REPLAYED = "outrigger.replayed"
 ATTR_REQUEST_ID = "http.request.header.x-request-id"
+ATTR_UPSTREAM = "outrigger.upstream"
+"""With failover: the upstream of the last attempt (scheme://host[:port])."""
 
 CIRCUIT_STATE_VALUES = {"closed": 0, "half-open": 1, "open": 2}
 """`outrigger_circuit_state` gauge values, keyed by the breaker's state name."""
