@@ -7,7 +7,9 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from proxy.config.model import Policy
 from proxy.explain import redacted_settings
+from proxy.pipeline import PolicyState
 from proxy.reload import Reloader
 from proxy.server import ProxyServer
 
@@ -71,7 +73,7 @@ async def config(request: web.Request) -> web.Response:
 
 async def state(request: web.Request) -> web.Response:
     """Per policy: breaker, retry budget, limiter (and any provider pause), bulkhead, replay cache."""
-    states = request.app[PROXY_KEY].runtime.pipelines.states
+    pipelines = request.app[PROXY_KEY].runtime.pipelines
     body = {
         name: {
             "circuit_breaker": s.breaker.snapshot() if s.breaker is not None else None,
@@ -79,10 +81,27 @@ async def state(request: web.Request) -> web.Response:
             "rate_limit": s.limiter.snapshot() if s.limiter is not None else None,
             "concurrency": s.bulkhead.snapshot() if s.bulkhead is not None else None,
             "replay_cache": {"entries": len(s.replay)} if s.replay is not None else None,
+            **_failover_state(pipelines.policies[name], s),
         }
-        for name, s in states.items()
+        for name, s in pipelines.states.items()
     }
     return web.json_response(body)
+
+
+def _failover_state(policy: Policy, state: PolicyState) -> dict[str, Any]:
+    """With failover: each upstream's breaker by URL, the primary first (SPEC 9)."""
+    if policy.settings.failover is None:
+        return {}
+    primary = str(policy.upstream) if policy.upstream else "(requested host)"
+    breakers = {primary: state.breaker, **state.failover_breakers}
+    return {
+        "failover": {
+            "upstreams": [
+                {"url": url, "circuit_breaker": b.snapshot() if b is not None else None}
+                for url, b in breakers.items()
+            ]
+        }
+    }
 
 
 async def reload(request: web.Request) -> web.Response:

@@ -247,6 +247,34 @@ class RetryRecord:
     delay: float
 
 
+@dataclass(frozen=True)
+class HeaderEdits:
+    """Header rules with their secrets rendered once, at build time: what an attempt applies."""
+
+    remove: tuple[str, ...]
+    set: tuple[tuple[str, str], ...]
+
+
+@dataclass
+class FailoverState:
+    """One request's walk over its upstreams (the failover layer's per-request memory)."""
+
+    primary: UpstreamTarget
+    """The request's own upstream (the policy's, or the requested host)."""
+    settings: PolicySettings
+    headers: CIMultiDict[str]
+    """The headers before the first attempt: each attempt starts from these, so one upstream's
+    credentials never reach another."""
+    index: int = 0
+    """The upstream of the latest attempt (0 is the primary)."""
+    move_on: bool = False
+    """The latest attempt failed with a condition in ``failover.on``: the next one goes elsewhere."""
+    edits: HeaderEdits | None = None
+    """The header rules of a failover upstream for this attempt (None: the policy's own)."""
+    moves: list[str] = field(default_factory=list)
+    """Each upstream an attempt moved to (for ``outrigger_failovers_total``)."""
+
+
 @dataclass
 class ProxyRequest:
     method: str
@@ -293,6 +321,8 @@ class ProxyRequest:
     """The fault a drill injected (``abort`` or ``delay``), for spans, metrics and logs."""
     fallback: str | None = None
     """Why the declared fallback answered (an error type, or the upstream status), else None."""
+    failover: FailoverState | None = None
+    """Set by the failover layer on the first attempt (policies with ``failover`` only)."""
 
 
 async def buffered(response: ProxyResponse, limit: int) -> tuple[ProxyResponse, bytes | None]:

@@ -20,6 +20,11 @@ def redacted_settings(settings: PolicySettings) -> dict[str, Any]:
     data["headers"]["set"] = {
         name: secrets.redact(name, value) for name, value in settings.headers.set.items()
     }
+    if settings.failover is not None:
+        for written, upstream in zip(data["failover"]["upstreams"], settings.failover.upstreams, strict=True):
+            written["headers"]["set"] = {
+                name: secrets.redact(name, value) for name, value in upstream.headers.set.items()
+            }
     return data
 
 

@@ -6,6 +6,7 @@
     faults       drills: injected abort (what the app sees; never retried or counted) or delay
     idempotency  key added once so every attempt shares it; optional replay cache
     retry        conditions, backoff with jitter, Retry-After, budget, replay buffer
+    failover     picks each attempt's upstream: the first whose breaker admits it (holds their breakers)
     breaker      counts every attempt; open = fail fast (and retries stop)
     rate limit   every attempt takes a token; obeys the provider's rate-limit headers
     attempt      header rules with rendered secrets, CLIENT span
@@ -35,6 +36,7 @@ from proxy.layers.breaker import BreakerLayer, CircuitBreaker
 from proxy.layers.budget import RetryBudget
 from proxy.layers.concurrency import Bulkhead, ConcurrencyLayer
 from proxy.layers.deadline import DeadlineLayer
+from proxy.layers.failover import FailoverLayer
 from proxy.layers.fallback import FallbackLayer
 from proxy.layers.faults import FaultsLayer
 from proxy.layers.idempotency import IdempotencyLayer, ReplayCache
@@ -53,6 +55,8 @@ class PolicyState:
     breaker: CircuitBreaker | None
     bulkhead: Bulkhead | None
     limiter: RateLimiter | None
+    failover_breakers: dict[str, CircuitBreaker] = dataclasses.field(default_factory=dict)
+    """One breaker per ``failover.upstreams`` URL (the primary's is `breaker`)."""
 
     @classmethod
     def build(
@@ -88,10 +92,34 @@ class PolicyState:
             bulkhead=carry(lambda p: p.settings.concurrency, "bulkhead", lambda c: Bulkhead(name, c)),
             limiter=carry(lambda p: p.settings.rate_limit, "limiter", lambda r: RateLimiter(name, r, clock)),
         )
+        state.failover_breakers = _failover_breakers(policy, clock, previous)
         old_limiter = previous[1].limiter if previous is not None else None
         if state.limiter is not None and old_limiter is not None and state.limiter is not old_limiter:
             state.limiter.adopt_provider_view(old_limiter)
         return state
+
+
+def _failover_breaker_keys(policy: Policy) -> dict[str, tuple[Any, ...]]:
+    """Per failover upstream URL, what its breaker judged: settings, upstream and TLS."""
+    breaker, failover = policy.settings.circuit_breaker, policy.settings.failover
+    if breaker is None or failover is None:
+        return {}
+    return {str(u.url): (breaker, u.url, u.tls or policy.settings.tls) for u in failover.upstreams}
+
+
+def _failover_breakers(
+    policy: Policy, clock: Clock, previous: tuple[Policy, PolicyState] | None
+) -> dict[str, CircuitBreaker]:
+    """Each failover upstream's breaker, carried over a reload when what it judged is unchanged."""
+    keys = _failover_breaker_keys(policy)
+    old_keys = _failover_breaker_keys(previous[0]) if previous is not None else {}
+    breakers: dict[str, CircuitBreaker] = {}
+    for url, key in keys.items():
+        if previous is not None and old_keys.get(url) == key and url in previous[1].failover_breakers:
+            breakers[url] = previous[1].failover_breakers[url]
+        else:
+            breakers[url] = CircuitBreaker(f"{policy.name} -> {url}", key[0], clock)
+    return breakers
 
 
 def _budget_settings(policy: Policy) -> RetryBudgetSettings | None:
@@ -130,11 +158,20 @@ def build_layers(
         layers.append(FaultsLayer(settings.faults, clock))
     if settings.idempotency is not None:
         layers.append(IdempotencyLayer(settings.idempotency, state.replay))
+    failover = (
+        FailoverLayer(settings, state.breaker, state.failover_breakers, base_dir)
+        if settings.failover is not None
+        else None
+    )
     if settings.retries is not None:
         circuit_open = state.breaker.is_open if state.breaker else None
+        if failover is not None and circuit_open is not None:
+            circuit_open = failover.all_open  # retries stop only when no upstream is left
         retry = RetryLayer(settings.retries, settings.idempotency_header, state.budget, clock, circuit_open)
         layers.append(retry)
-    if state.breaker is not None:
+    if failover is not None:
+        layers.append(failover)  # it holds each upstream's breaker: no breaker layer of its own below
+    elif state.breaker is not None:
         layers.append(BreakerLayer(state.breaker))
     if state.limiter is not None:
         layers.append(RateLimitLayer(state.limiter))
@@ -167,7 +204,9 @@ class Pipelines:
             if policy is router.fallback:
                 # Many unrelated hosts share this policy: one breaker, limiter, bulkhead or replay cache
                 # for all of them would let one failing host shut out the rest. Only the budget is shared.
-                state = dataclasses.replace(state, breaker=None, bulkhead=None, limiter=None, replay=None)
+                state = dataclasses.replace(
+                    state, breaker=None, bulkhead=None, limiter=None, replay=None, failover_breakers={}
+                )
             self.states[policy.name] = state
             self.policies[policy.name] = policy
             variants = [(None, policy.settings), *enumerate(r.settings for r in policy.routes)]

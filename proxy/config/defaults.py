@@ -102,3 +102,5 @@ FAULT_DELAY_S = 1.0
 FAULT_HEADER_ONLY = True
 """A drill touches only requests carrying ``x-outrigger-fault: on`` unless it says otherwise, so a
 faults section copied into production cannot fail real traffic by itself."""
+FAILOVER_ON = ("circuit_open", "connect-failure", "timeout", "5xx")
+"""An upstream whose breaker refuses is skipped; an attempt failing so sends the next one onwards."""

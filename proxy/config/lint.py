@@ -164,6 +164,35 @@ def _fallback_fakes_success(settings: PolicySettings) -> Iterator[_Finding]:
     )
 
 
+def _failover(settings: PolicySettings) -> Iterator[_Finding]:
+    """Failover upstreams' own credentials are secrets too; without breakers or retries, failover
+    has little to go on."""
+    failover = settings.failover
+    if failover is None:
+        return
+    for index, upstream in enumerate(failover.upstreams):
+        for name, template in upstream.headers.set.items():
+            if secrets.looks_sensitive(name) and not secrets.has_reference(template):
+                yield _Finding(
+                    f"failover.upstreams[{index}].headers.set.{name}",
+                    "credential-looking header value written inline; write it as ${file:PATH} or"
+                    " ${env:NAME} so the secret stays out of config files",
+                    template,
+                )
+    if settings.circuit_breaker is None:
+        yield _Finding(
+            "failover",
+            "failover without a circuit_breaker section: no upstream's breaker can open, so every"
+            " request tries the primary first; add circuit_breaker (each upstream gets its own)",
+        )
+    if _retrying(settings) is None:
+        yield _Finding(
+            "failover",
+            "failover without retries: a failed attempt is not sent to the next upstream (only an"
+            " open breaker is skipped); add retries with max_attempts of 2 or more",
+        )
+
+
 SETTINGS_RULES: Sequence[Callable[[PolicySettings], Iterator[_Finding]]] = (
     _deadline,
     _unsafe_methods,
@@ -171,6 +200,7 @@ SETTINGS_RULES: Sequence[Callable[[PolicySettings], Iterator[_Finding]]] = (
     _inline_secrets,
     _tunnel_blind_spots,
     _fallback_fakes_success,
+    _failover,
 )
 
 

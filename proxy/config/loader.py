@@ -28,6 +28,7 @@ from proxy.config.model import (
     Port,
     Route,
     RouteSpec,
+    UpstreamTarget,
 )
 
 KeyPath = tuple[str | int, ...]
@@ -324,6 +325,7 @@ def _build_policy(
     ]
     if target is None or settings is None or None in routes:
         return None
+    _check_failover_primary(doc, target.upstream, settings, problems)
     return Policy(
         hosts=target.hosts,
         upstream=target.upstream,
@@ -332,6 +334,23 @@ def _build_policy(
         routes=tuple(route for route in routes if route is not None),
         source=f"{doc.file}:{doc.positions.get(doc.prefix, 1)}",
     )
+
+
+def _check_failover_primary(
+    doc: _Document, primary: UpstreamTarget | None, settings: PolicySettings, problems: _Problems
+) -> None:
+    """A failover upstream that is the primary itself would share nothing but its name (SPEC 9)."""
+    if settings.failover is None or primary is None:
+        return
+    for index, upstream in enumerate(settings.failover.upstreams):
+        if upstream.url == primary:
+            path = (*doc.prefix, "failover", "upstreams", index, "url")
+            problems.add(
+                doc.file,
+                _line_of(doc, path),
+                path,
+                f"{primary} is this policy's upstream already: list only the other upstreams",
+            )
 
 
 def _build_route(
@@ -452,16 +471,21 @@ def _secret_files(main: MainConfig, policies: Sequence[Policy], config_path: Pat
         *(p.settings for p in policies),
         *(r.settings for p in policies for r in p.routes),
     ]
+    rules = [s.headers for s in settings]
+    tls_sections = [s.tls for s in settings]
+    for failover in [s.failover for s in settings if s.failover is not None]:
+        rules.extend(upstream.headers for upstream in failover.upstreams)
+        tls_sections.extend(upstream.tls for upstream in failover.upstreams if upstream.tls is not None)
     found = {
         file
-        for s in settings
-        for template in s.headers.set.values()
+        for r in rules
+        for template in r.set.values()
         for file in secrets.referenced_files(template, config_path.parent)
     }
     tls_files = {
         file
-        for s in settings
-        for file in (s.tls.ca_file, s.tls.client_cert, s.tls.client_key)
+        for tls in tls_sections
+        for file in (tls.ca_file, tls.client_cert, tls.client_key)
         if file is not None
     }
     return sorted(found | tls_files)

@@ -418,6 +418,50 @@ class CircuitBreakerSettings(Frozen):
     failure_on: tuple[OutcomeCondition, ...] = builtin.BREAKER_FAILURE_ON
 
 
+CIRCUIT_OPEN = "circuit_open"
+"""A failover condition beyond the attempt outcomes: the upstream's breaker refuses the attempt."""
+
+
+def _check_failover_condition(value: object) -> str:
+    if isinstance(value, str) and value.strip().lower() == CIRCUIT_OPEN:
+        return CIRCUIT_OPEN
+    return _check_condition(value)
+
+
+FailoverCondition = Annotated[
+    str,
+    BeforeValidator(_check_failover_condition),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 100, "maximum": 599}]}),
+]
+"""``circuit_open`` or an attempt outcome (``connect-failure``, ``timeout``, ``503``, ``5xx``...)."""
+
+
+class FailoverUpstream(Frozen):
+    """The same API elsewhere; its own header rules replace the policy's for attempts sent to it."""
+
+    url: Upstream
+    headers: HeaderRules = HeaderRules()
+    tls: TlsSettings | None = None
+    """None: the policy's ``tls`` section (set one here when that names an SNI or client certificate)."""
+
+
+class Failover(Frozen):
+    upstreams: Annotated[tuple[FailoverUpstream, ...], Field(json_schema_extra={"minItems": 1})]
+    on: tuple[FailoverCondition, ...] = builtin.FAILOVER_ON
+
+    @field_validator("upstreams")
+    @classmethod
+    def _distinct(cls, upstreams: tuple[FailoverUpstream, ...]) -> tuple[FailoverUpstream, ...]:
+        if not upstreams:
+            raise ValueError("upstreams needs at least 1 item: the upstream to fail over to")
+        seen: set[UpstreamTarget] = set()
+        for upstream in upstreams:
+            if upstream.url in seen:
+                raise ValueError(f"{upstream.url} is listed twice: each upstream has one breaker")
+            seen.add(upstream.url)
+        return upstreams
+
+
 class Concurrency(Frozen):
     max_in_flight: int = Field(default=builtin.MAX_IN_FLIGHT, ge=1)
     max_queued: int = Field(default=builtin.MAX_QUEUED, ge=0)
@@ -562,6 +606,8 @@ class PolicySettings(Frozen):
     """The declared answer for failures in ``fallback.on`` (SPEC 9); routes may override it."""
     faults: Faults | None = None
     """Fault drills (SPEC 9): injected aborts and delays, per policy."""
+    failover: Failover | None = None
+    """Other upstreams for the same API, each with its own breaker (SPEC 9)."""
     _redactor: PathRedactor = PrivateAttr(default=NO_REDACTION)
 
     def model_post_init(self, context: Any) -> None:

@@ -17,7 +17,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from proxy import errors, secrets
 from proxy.config.model import HeaderRules
-from proxy.exchange import Handler, ProxyRequest, ProxyResponse, ReleasingBody
+from proxy.exchange import Handler, HeaderEdits, ProxyRequest, ProxyResponse, ReleasingBody
 from proxy.telemetry.names import (
     ATTR_RETRY_BACKOFF_MS,
     ATTR_RETRY_REASON,
@@ -30,16 +30,25 @@ from proxy.telemetry.tracing import inject_context
 _NOT_TRACED = trace.NoOpTracer()
 
 
+def render_rules(headers: HeaderRules, base_dir: Path) -> HeaderEdits:
+    """Header rules with their secrets read now (a rotated file makes a reload rebuild them)."""
+    return HeaderEdits(
+        headers.remove, tuple((name, secrets.render(value, base_dir)) for name, value in headers.set.items())
+    )
+
+
 class AttemptLayer:
     def __init__(self, headers: HeaderRules, base_dir: Path, tracer: trace.Tracer = _NOT_TRACED) -> None:
-        self.remove = headers.remove
-        self.set = tuple((name, secrets.render(value, base_dir)) for name, value in headers.set.items())
+        self.edits = render_rules(headers, base_dir)
         self.tracer = tracer
 
     async def __call__(self, request: ProxyRequest, next: Handler) -> ProxyResponse:
-        for name in self.remove:
+        edits = self.edits
+        if request.failover is not None and request.failover.edits is not None:
+            edits = request.failover.edits  # a failover upstream's own rules replace the policy's
+        for name in edits.remove:
             request.headers.popall(name, None)
-        for name, value in self.set:
+        for name, value in edits.set:
             request.headers[name] = value
         request.attempts += 1
         span = self._start_span(request)

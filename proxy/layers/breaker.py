@@ -138,14 +138,19 @@ class BreakerLayer:
 
     async def __call__(self, request: ProxyRequest, next: Handler) -> ProxyResponse:
         self.breaker.admit()
-        admitted_state = self.breaker.state
-        failed: bool | None = None
-        try:
-            response = await next(request)
-            failed = self.breaker.is_failure(response, None)
-            return response
-        except errors.OutriggerError as error:
-            failed = self.breaker.is_failure(None, error)
-            raise
-        finally:
-            self.breaker.finish(admitted_state, failed)
+        return await guarded(self.breaker, request, next)
+
+
+async def guarded(breaker: CircuitBreaker, request: ProxyRequest, next: Handler) -> ProxyResponse:
+    """One attempt `breaker` has just admitted, its outcome reported back to it."""
+    admitted_state = breaker.state
+    failed: bool | None = None
+    try:
+        response = await next(request)
+        failed = breaker.is_failure(response, None)
+        return response
+    except errors.OutriggerError as error:
+        failed = breaker.is_failure(None, error)
+        raise
+    finally:
+        breaker.finish(admitted_state, failed)

@@ -15,6 +15,8 @@ from proxy.telemetry import REQUEST_ID_HEADER
 log = logging.getLogger("outrigger.server")
 
 ATTEMPTS_HEADER = "x-outrigger-attempts"
+UPSTREAM_HEADER = "x-outrigger-upstream"
+"""On responses of policies with ``failover``: the upstream that answered (scheme://host[:port])."""
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -42,6 +44,12 @@ class PassThroughResponse(web.StreamResponse):
             self.headers[hdrs.CONTENT_LENGTH] = length
 
 
+def name_upstream(out: web.StreamResponse, proxy_request: ProxyRequest) -> None:
+    """``x-outrigger-upstream`` when the policy fails over (the failover layer ran)."""
+    if proxy_request.failover is not None:
+        out.headers[UPSTREAM_HEADER] = str(proxy_request.target)
+
+
 async def stream_response(
     request: web.BaseRequest,
     proxy_request: ProxyRequest,
@@ -53,6 +61,7 @@ async def stream_response(
     out = PassThroughResponse(status=response.status, reason=response.reason, headers=response.headers)
     out.headers[ATTEMPTS_HEADER] = str(proxy_request.attempts)
     out.headers[REQUEST_ID_HEADER] = request_id
+    name_upstream(out, proxy_request)
     if draining:
         out.force_close()  # tell keep-alive clients to reconnect elsewhere while we drain
     has_body = request.method != "HEAD" and response.status not in _NO_BODY_STATUSES

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from proxy.exchange import ProxyRequest, ProxyResponse, Tunnel
-from proxy.server.respond import ATTEMPTS_HEADER, PassThroughResponse
+from proxy.server.respond import ATTEMPTS_HEADER, PassThroughResponse, name_upstream
 from proxy.telemetry import REQUEST_ID_HEADER, Telemetry
 
 HIGH_WATER = 256 * 1024
@@ -129,6 +129,7 @@ async def serve_upgrade(
     out = PassThroughResponse(status=101, reason=response.reason, headers=response.headers)
     out.headers[ATTEMPTS_HEADER] = str(proxy_request.attempts)
     out.headers[REQUEST_ID_HEADER] = request_id
+    name_upstream(out, proxy_request)
     splice: Splice | None = None
     try:
         writer = await out.prepare(request)

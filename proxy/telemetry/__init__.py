@@ -39,6 +39,7 @@ from proxy.telemetry.names import (
     ATTR_REQUEST_ID,
     ATTR_RETRY_BACKOFF_MS,
     ATTR_RETRY_REASON,
+    ATTR_UPSTREAM,
     REDACTED_VALUE,
     REQUEST_ID_HEADER,
     TRACEPARENT_HEADER,
@@ -229,6 +230,9 @@ class Telemetry:
             m.fallbacks(request.fallback).inc()
         if request.fault is not None:
             m.faults(request.fault).inc()
+        if request.failover is not None:
+            for upstream in request.failover.moves:
+                m.failovers(upstream).inc()
         if state is not None and state.limiter is not None:
             m.ratelimit_wait.observe(request.ratelimit_wait)
 
@@ -266,6 +270,8 @@ def _attributes(
         attributes[ATTR_FALLBACK] = request.fallback
     if request.fault is not None:
         attributes[ATTR_FAULT] = request.fault
+    if request.failover is not None:
+        attributes[ATTR_UPSTREAM] = str(request.target)
     return attributes
 
 

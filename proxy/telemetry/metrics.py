@@ -141,6 +141,12 @@ class Metrics:
         self.faults_injected = Counter(
             "outrigger_faults_injected", "Faults injected by drills", ["host", "kind"], registry=r
         )
+        self.failovers = Counter(
+            "outrigger_failovers",
+            "Attempts that moved to another upstream (open breaker or a failover.on outcome)",
+            ["host", "upstream"],
+            registry=r,
+        )
         r.register(_StateCollector(states))
 
     def exposition(self) -> bytes:
@@ -166,6 +172,7 @@ class PolicyMetrics:
         self._rejections: dict[str, Counter] = {}
         self._fallbacks: dict[str, Counter] = {}
         self._faults: dict[str, Counter] = {}
+        self._failovers: dict[str, Counter] = {}
 
     def requests(self, method: str, status: int) -> Counter:
         key = (method_label(method), status)
@@ -188,6 +195,10 @@ class PolicyMetrics:
 
     def faults(self, kind: str) -> Counter:
         return _child(self._faults, self._metrics.faults_injected, self.label, kind)
+
+    def failovers(self, upstream: str) -> Counter:
+        """Bounded: upstreams are the policy's configured ones."""
+        return _child(self._failovers, self._metrics.failovers, self.label, upstream)
 
 
 def _child(cache: dict[str, Counter], family: Counter, label: str, value: str) -> Counter:

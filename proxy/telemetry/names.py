@@ -29,6 +29,8 @@ ATTR_FALLBACK = "outrigger.fallback"
 """Why the declared fallback answered: the real failure (an error type, or the upstream status)."""
 ATTR_FAULT = "outrigger.fault"
 """The fault a drill injected: ``abort`` or ``delay``."""
+ATTR_UPSTREAM = "outrigger.upstream"
+"""With failover: the upstream of the last attempt (scheme://host[:port])."""
 
 CIRCUIT_STATE_VALUES = {"closed": 0, "half-open": 1, "open": 2}
 """`outrigger_circuit_state` gauge values, keyed by the breaker's state name."""

@@ -1,0 +1,76 @@
+"""What telemetry records of a failover: the SERVER span's `outrigger.upstream`, the access log's
+`upstream` (who answered) and `outrigger_failovers_total{host,upstream}` (one per move)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from multidict import CIMultiDict, CIMultiDictProxy
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.config.model import Telemetry as TelemetrySettings
+from proxy.config.model import UpstreamTarget
+from proxy.exchange import FailoverState, ProxyRequest
+from proxy.target import parse_target
+from proxy.telemetry import Telemetry
+from proxy.telemetry.names import ATTR_UPSTREAM
+from tests.fakes import make_request
+
+EU = UpstreamTarget(scheme="https", host="api.eu.test", port=443)
+
+
+def _failed_over() -> ProxyRequest:
+    request = make_request()
+    primary = request.target
+    request.failover = FailoverState(primary, request.settings, request.headers.copy())
+    request.failover.moves = [str(EU)]
+    request.target = EU
+    request.attempts = 2
+    return request
+
+
+def _finish(telemetry: Telemetry, request: ProxyRequest | None) -> None:
+    observation = telemetry.start("GET", CIMultiDictProxy(CIMultiDict()), parse_target("/v1", "api.test"))
+    telemetry.finish(
+        observation,
+        status=200,
+        error_type=None,
+        policy="api.test",
+        request=request,
+        state=None,
+        config_version="v1",
+    )
+
+
+def test_span_log_and_metric_name_the_upstream_that_answered(
+    span_exporter: tuple[trace.Tracer, InMemorySpanExporter],
+) -> None:
+    tracer, exporter = span_exporter
+    stream = io.BytesIO()
+    telemetry = Telemetry(TelemetrySettings(), dict, stream)
+    telemetry.tracing.tracer = tracer
+
+    _finish(telemetry, _failed_over())
+    _finish(telemetry, _failed_over())
+    _finish(telemetry, make_request())  # no failover section: no attribute, no count
+
+    first, _, plain = exporter.get_finished_spans()
+    assert dict(first.attributes or {})[ATTR_UPSTREAM] == "https://api.eu.test"
+    assert ATTR_UPSTREAM not in dict(plain.attributes or {})
+    telemetry.access_log.flush()
+    lines = [json.loads(line) for line in stream.getvalue().decode().splitlines()]
+    assert [line["upstream"] for line in lines] == [
+        "https://api.eu.test",
+        "https://api.eu.test",
+        "http://api.test",
+    ]
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(telemetry.metrics.exposition().decode())
+        for s in family.samples
+    }
+    key = ("outrigger_failovers_total", (("host", "api.test"), ("upstream", "https://api.eu.test")))
+    assert samples[key] == 2.0
