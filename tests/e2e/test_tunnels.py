@@ -40,6 +40,17 @@ def tunnel_policy(port: int, **extra: object) -> dict[str, object]:
     }
 
 
+async def connect_head(proxy: RunningProxy, authority: str) -> tuple[int, dict[str, str]]:
+    """Send `CONNECT authority` on a fresh connection; the answer's status and headers."""
+    connection = await RawConnection.open(proxy.port)
+    try:
+        await connection.send(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        status, _, headers = await connection.read_head()
+    finally:
+        await connection.close()
+    return status, {name.lower(): value for name, value in headers}
+
+
 async def _metrics(proxy: RunningProxy) -> str:
     return await asyncio.to_thread(
         lambda: requests.get(f"http://127.0.0.1:{proxy.admin_port}/metrics", timeout=5).text
@@ -93,15 +104,9 @@ async def test_a_tunnel_outside_the_allowlist_is_refused(
 ) -> None:
     port, _ = tls_upstream
     proxy = await start_proxy([tunnel_policy(port), loopback_policy("https://plain.test", host="plain.test")])
-    target = authority.format(other=free_port())
-    connection = await RawConnection.open(proxy.port)
-    try:
-        await connection.send(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-        answer, _, headers = await connection.read_head()
-    finally:
-        await connection.close()
+    answer, headers = await connect_head(proxy, authority.format(other=free_port()))
     assert answer == status
-    assert dict((k.lower(), v) for k, v in headers)["x-outrigger-error"] == error
+    assert headers["x-outrigger-error"] == error
 
 
 async def test_a_private_address_is_refused_without_allow_private_addresses(
@@ -109,14 +114,9 @@ async def test_a_private_address_is_refused_without_allow_private_addresses(
 ) -> None:
     port, _ = tls_upstream
     proxy = await start_proxy([tunnel_policy(port, allow_private_addresses=False)])
-    connection = await RawConnection.open(proxy.port)
-    try:
-        await connection.send(f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
-        answer, _, headers = await connection.read_head()
-    finally:
-        await connection.close()
+    answer, headers = await connect_head(proxy, f"localhost:{port}")
     assert answer == 403
-    assert dict((k.lower(), v) for k, v in headers)["x-outrigger-error"] == "address_not_allowed"
+    assert headers["x-outrigger-error"] == "address_not_allowed"
 
 
 async def test_a_silent_tunnel_closes_after_idle(
