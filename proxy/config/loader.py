@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from proxy import secrets
 from proxy.config.model import (
     POLICY_TARGET_KEYS,
+    HeaderRules,
     ListenAddress,
     MainConfig,
     Policy,
@@ -28,8 +30,10 @@ from proxy.config.model import (
     Port,
     Route,
     RouteSpec,
+    TlsSettings,
     UpstreamTarget,
 )
+from proxy.tls import client_context
 
 KeyPath = tuple[str | int, ...]
 Positions = dict[KeyPath, int]
@@ -154,9 +158,9 @@ class _Locator:
 
     def report(self, error: ValidationError, problems: _Problems) -> None:
         for item in error.errors():
-            self._report_one(item["loc"], _friendly(item["type"], item["msg"]), problems)
+            self.report_at(item["loc"], _friendly(item["type"], item["msg"]), problems)
 
-    def _report_one(self, loc: Sequence[str | int], message: str, problems: _Problems) -> None:
+    def report_at(self, loc: Sequence[str | int], message: str, problems: _Problems) -> None:
         best: tuple[int, _Document, KeyPath] | None = None
         for doc in self.documents:
             depth, path = _walk(doc.data, loc)
@@ -240,6 +244,8 @@ def load_config(path: str | Path) -> Config:
     main = _validate(MainConfig, root.data, [root], context, problems)
     defaults_doc = _sub(root, "defaults") if isinstance(root.data.get("defaults"), dict) else None
     defaults_raw = defaults_doc.data if defaults_doc else {}
+    if main is not None and defaults_doc is not None:
+        _resources_load(main.defaults, [defaults_doc], context, problems)
 
     built = [
         (policy, doc)
@@ -319,6 +325,8 @@ def _build_policy(
     )
     target = _validate(PolicyTarget, target_raw, [doc], context, problems)
     settings = _validate(PolicySettings, settings_raw, [doc, *inherited], context, problems)
+    if settings is not None and not _resources_load(settings, [doc, *inherited], context, problems):
+        settings = None
     routes = [
         _build_route(route_doc, settings_raw, [doc, *inherited], context, problems)
         for route_doc in route_docs or ()
@@ -367,7 +375,46 @@ def _build_route(
         return None
     merged = deep_merge(settings_raw, spec.overrides())
     settings = _validate(PolicySettings, merged, [doc, *inherited], context, problems)
+    if settings is not None and not _resources_load(settings, [doc, *inherited], context, problems):
+        return None
     return None if settings is None else Route(match=spec.match, settings=settings)
+
+
+def _resources_load(
+    settings: PolicySettings,
+    documents: Sequence[_Document],
+    context: dict[str, Any],
+    problems: _Problems,
+) -> bool:
+    """What the models cannot check without touching files (config stays data): every TLS section
+    loads and every header secret renders, so a missing file fails at load, not on the first
+    request. Reported at the key that names it; False when anything failed."""
+    base_dir: Path = context["base_dir"]
+    found: list[tuple[KeyPath, str]] = []
+
+    def check_tls(tls: TlsSettings, at: KeyPath) -> None:
+        try:
+            client_context(tls)
+        except (ssl.SSLError, OSError) as exc:
+            found.append((at, f"cannot load TLS files: {exc}"))
+
+    def check_headers(rules: HeaderRules, at: KeyPath) -> None:
+        for name, template in rules.set.items():
+            try:
+                secrets.render(template, base_dir)
+            except secrets.SecretError as exc:
+                found.append(((*at, "set", name), str(exc)))
+
+    check_tls(settings.tls, ("tls",))
+    check_headers(settings.headers, ("headers",))
+    for index, upstream in enumerate(settings.failover.upstreams if settings.failover else ()):
+        check_headers(upstream.headers, ("failover", "upstreams", index, "headers"))
+        if upstream.tls is not None:
+            check_tls(upstream.tls, ("failover", "upstreams", index, "tls"))
+    locator = _Locator(documents)
+    for at, message in found:
+        locator.report_at(at, message, problems)
+    return not found
 
 
 def _check_claims(

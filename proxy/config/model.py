@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,7 +27,6 @@ from pydantic import (
 )
 from yarl import URL
 
-from proxy import secrets
 from proxy.config import defaults as builtin
 from proxy.config.units import ByteSize, Duration, format_duration, parse_duration
 from proxy.redaction import NO_REDACTION, PathRedactor, check_glob, compile_globs
@@ -212,25 +210,10 @@ class TlsSettings(Frozen):
         return sni
 
     @model_validator(mode="after")
-    def _loadable(self) -> TlsSettings:
+    def _key_has_its_certificate(self) -> TlsSettings:
         if self.client_key is not None and self.client_cert is None:
             raise ValueError("client_key is set but client_cert is not")
-        try:
-            self.ssl_context()
-        except (ssl.SSLError, OSError) as exc:
-            raise ValueError(f"cannot load TLS files: {exc}") from None
         return self
-
-    def ssl_context(self) -> ssl.SSLContext:
-        """A client context: verification on unless turned off, optional CA and client certificate."""
-        context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
-        if not self.verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        if self.client_cert is not None:
-            key = str(self.client_key) if self.client_key else None
-            context.load_cert_chain(str(self.client_cert), key)
-        return context
 
 
 class Timeouts(Frozen):
@@ -268,15 +251,9 @@ class Timeouts(Frozen):
         return self
 
 
-def _check_renders(template: str, info: ValidationInfo) -> str:
-    """Fail at load, not on the first request, when a secret cannot be read; checked per value
-    so the error points at the header's own key."""
-    secrets.render(template, _base_dir(info))  # SecretError is a ValueError
-    return template
-
-
-HeaderValue = Annotated[str, AfterValidator(_check_renders)]
-"""A header value template: literal text with ``${env:NAME}``/``${file:PATH}`` references."""
+HeaderValue = str
+"""A header value template: literal text with ``${env:NAME}``/``${file:PATH}`` references (read
+and checked by the loader, not here: config stays data)."""
 
 
 class HeaderRules(Frozen):

@@ -16,6 +16,7 @@ from proxy import errors
 from proxy.config import defaults
 from proxy.config.model import PolicySettings, TlsSettings, UpstreamTarget
 from proxy.exchange import ProxyRequest, ProxyResponse, end_to_end_headers
+from proxy.tls import client_context
 from proxy.transport import failures
 from proxy.transport.connection import UpstreamConnection
 from proxy.transport.pool import ConnectionPool, PoolKey
@@ -160,7 +161,7 @@ class UpstreamClient:
         """One context per distinct TLS section: pooled connections are keyed by it."""
         context = self._ssl_contexts.get(tls)
         if context is None:
-            context = self._ssl_contexts[tls] = tls.ssl_context()
+            context = self._ssl_contexts[tls] = client_context(tls)
         return context
 
 
