@@ -70,7 +70,8 @@ async def config(request: web.Request) -> web.Response:
 
 
 async def state(request: web.Request) -> web.Response:
-    """Per policy: breaker, retry budget, limiter (and any provider pause), bulkhead, replay cache."""
+    """Per policy: breaker, retry budget, limiter (and any provider pause), bulkhead, replay and
+    response caches."""
     states = request.app[PROXY_KEY].runtime.pipelines.states
     body = {
         name: {
@@ -79,6 +80,7 @@ async def state(request: web.Request) -> web.Response:
             "rate_limit": s.limiter.snapshot() if s.limiter is not None else None,
             "concurrency": s.bulkhead.snapshot() if s.bulkhead is not None else None,
             "replay_cache": {"entries": len(s.replay)} if s.replay is not None else None,
+            "cache": s.cache.snapshot() if s.cache is not None else None,
         }
         for name, s in states.items()
     }

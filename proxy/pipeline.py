@@ -1,6 +1,7 @@
 """The one place the layer order is written (see ARCHITECTURE.md).
 
     concurrency  bulkhead: in-flight cap and bounded FIFO queue; sheds load before any work
+    cache        fresh hits, revalidation, stale-if-error; coalesces misses (a hit costs no deadline work)
     deadline     total timeout over everything below, retries and backoff included
     idempotency  key added once so every attempt shares it; optional replay cache
     retry        conditions, backoff with jitter, Retry-After, budget, replay buffer
@@ -11,7 +12,7 @@
 
 A layer whose section is absent from the settings is not in the stack. State
 that must outlive one request (budget, replay cache, breaker, bulkhead,
-limiter) lives in `PolicyState`, one per policy, shared by its routes.
+limiter, response cache) lives in `PolicyState`, one per policy, shared by its routes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from proxy.exchange import Handler, Layer, ProxyRequest, ProxyResponse
 from proxy.layers.attempt import AttemptLayer
 from proxy.layers.breaker import BreakerLayer, CircuitBreaker
 from proxy.layers.budget import RetryBudget
+from proxy.layers.cache import CacheLayer, ResponseCache
 from proxy.layers.concurrency import Bulkhead, ConcurrencyLayer
 from proxy.layers.deadline import DeadlineLayer
 from proxy.layers.idempotency import IdempotencyLayer, ReplayCache
@@ -49,6 +51,7 @@ class PolicyState:
     breaker: CircuitBreaker | None
     bulkhead: Bulkhead | None
     limiter: RateLimiter | None
+    cache: ResponseCache | None = None
 
     @classmethod
     def build(
@@ -83,6 +86,7 @@ class PolicyState:
             ),
             bulkhead=carry(lambda p: p.settings.concurrency, "bulkhead", lambda c: Bulkhead(name, c)),
             limiter=carry(lambda p: p.settings.rate_limit, "limiter", lambda r: RateLimiter(name, r, clock)),
+            cache=carry(lambda p: p.settings.cache, "cache", lambda c: ResponseCache(c, clock)),
         )
         old_limiter = previous[1].limiter if previous is not None else None
         if state.limiter is not None and old_limiter is not None and state.limiter is not old_limiter:
@@ -119,6 +123,8 @@ def build_layers(
     layers: list[Layer] = []
     if state.bulkhead is not None:
         layers.append(ConcurrencyLayer(state.bulkhead))
+    if state.cache is not None:
+        layers.append(CacheLayer(state.cache, settings))
     layers.append(DeadlineLayer(settings.timeouts.total))
     if settings.idempotency is not None:
         layers.append(IdempotencyLayer(settings.idempotency, state.replay))
@@ -159,7 +165,9 @@ class Pipelines:
             if policy is router.fallback:
                 # Many unrelated hosts share this policy: one breaker, limiter, bulkhead or replay cache
                 # for all of them would let one failing host shut out the rest. Only the budget is shared.
+                # No response cache either: nobody declared these hosts' responses shareable.
                 state = dataclasses.replace(state, breaker=None, bulkhead=None, limiter=None, replay=None)
+                state = dataclasses.replace(state, cache=None)
             self.states[policy.name] = state
             self.policies[policy.name] = policy
             variants = [(None, policy.settings), *enumerate(r.settings for r in policy.routes)]

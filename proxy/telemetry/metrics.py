@@ -132,6 +132,12 @@ class Metrics:
             "Access log lines dropped because stdout could not keep up",
             registry=r,
         )
+        self.cache = Counter(
+            "outrigger_cache",
+            "Answers of cached policies: hit, miss, stale, revalidated or bypass",
+            ["host", "result"],
+            registry=r,
+        )
         r.register(_StateCollector(states))
 
     def exposition(self) -> bytes:
@@ -155,6 +161,7 @@ class PolicyMetrics:
         self._attempts: dict[str, Counter] = {}
         self._retries: dict[str, Counter] = {}
         self._rejections: dict[str, Counter] = {}
+        self._cache: dict[str, Counter] = {}
 
     def requests(self, method: str, status: int) -> Counter:
         key = (method_label(method), status)
@@ -171,6 +178,9 @@ class PolicyMetrics:
 
     def rejections(self, kind: str) -> Counter:
         return _child(self._rejections, self._metrics.rejections, self.label, kind)
+
+    def cache(self, result: str) -> Counter:
+        return _child(self._cache, self._metrics.cache, self.label, result)
 
 
 def _child(cache: dict[str, Counter], family: Counter, label: str, value: str) -> Counter:

@@ -24,6 +24,10 @@ ATTR_IDEMPOTENCY_KEY = "outrigger.idempotency.key"
 ATTR_IDEMPOTENCY_INJECTED = "outrigger.idempotency.injected"
 ATTR_CONFIG_VERSION = "outrigger.config.version"
 ATTR_REPLAYED = "outrigger.replayed"
+ATTR_CACHE = "outrigger.cache"
+"""hit | miss | stale | revalidated | bypass, on the SERVER span of a cached policy's request."""
+ATTR_CACHE_MASKED_ERROR = "outrigger.cache.masked_error"
+"""The upstream failure (error type or status) a stale answer stood in for."""
 ATTR_REQUEST_ID = "http.request.header.x-request-id"
 
 CIRCUIT_STATE_VALUES = {"closed": 0, "half-open": 1, "open": 2}
