@@ -52,7 +52,7 @@ class Harness:
         return response, data
 
 
-def ok(body: bytes = b"fresh", **headers: str) -> tuple[int, dict[str, str], bytes]:
+def ok(body: bytes = b"fresh", /, **headers: str) -> tuple[int, dict[str, str], bytes]:
     return (200, headers, body)
 
 
