@@ -276,6 +276,7 @@ class ResponseCache:
         the entry is stored again as new, or dropped if the merged headers no longer allow storing."""
         now = self.clock.now()
         merged = CIMultiDict(entry.headers)
+        merged.popall("Age", None)  # the stored response's age is over: the 304 is the new origin
         for name in {n for n in not_modified if n.lower() != "content-length"}:
             merged.popall(name, None)
             for value in not_modified.getall(name):

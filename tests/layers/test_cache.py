@@ -296,6 +296,19 @@ async def test_a_stale_entry_is_revalidated_with_its_etag_and_a_304_refreshes_it
     assert upstream.calls == 2
 
 
+async def test_a_refreshed_entry_counts_its_age_from_the_304() -> None:
+    h = Harness()
+    stored = ok(b"v1", ETag='"abc"', Age="100", **{"Cache-Control": "max-age=110"})
+    upstream = fake_upstream(stored, (304, {"ETag": '"abc"'}, b""))
+    await h.send(upstream)
+    h.clock.advance(20)
+    revalidated, _ = await h.send(upstream)
+    assert revalidated.headers["Age"] == "0"
+    h.clock.advance(100)  # 100 s after the 304: still within max-age=110
+    hit, _ = await h.send(upstream)
+    assert (hit.headers[CACHE_HEADER], hit.headers["Age"]) == ("hit", "100")
+
+
 async def test_last_modified_is_revalidated_with_if_modified_since() -> None:
     h = Harness()
     stamp = "Tue, 14 Nov 2023 22:00:00 GMT"
