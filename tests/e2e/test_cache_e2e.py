@@ -216,6 +216,22 @@ async def test_100_concurrent_misses_make_one_upstream_call(
     assert Counter(result for *_, result in replies)["miss"] == 1
 
 
+@pytest.mark.parametrize(("cache", "kept"), [({}, True), ({"ttl": "2m"}, False)])
+async def test_a_reload_keeps_the_entries_only_when_the_cache_section_is_unchanged(
+    start_proxy: StartProxy, upstream: CachingUpstream, cache: dict[str, Any], kept: bool
+) -> None:
+    proxy = await cached_proxy(start_proxy, upstream)
+    assert (await app_request(proxy, path="/max-age/60")).headers["x-outrigger-cache"] == "miss"
+    policies = proxy.config.path.parent / "policies" / "test.yaml"
+    edited = loopback_policy(upstream.url, cache=cache, timeouts={"total": "20s"})
+    policies.write_text(yaml.safe_dump([edited]))
+    reply = await call("POST", f"http://127.0.0.1:{proxy.admin_port}/reload")
+    assert (reply.status, reply.json()["ok"]) == (200, True), reply
+    after = await app_request(proxy, path="/max-age/60")
+    assert after.headers["x-outrigger-cache"] == ("hit" if kept else "miss")
+    assert upstream.hits["/max-age/60"] == (1 if kept else 2)
+
+
 @pytest.mark.timeout(180)
 async def test_10000_distinct_urls_stay_within_max_bytes(
     start_proxy: StartProxy, upstream: CachingUpstream, client: aiohttp.ClientSession
