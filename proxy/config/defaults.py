@@ -102,3 +102,6 @@ CACHE_MAX_ENTRY_BYTES = 1024 * 1024
 """Larger responses stream through and are not stored."""
 CACHE_KEY_HEADERS = ("Authorization",)
 """Requests that differ in these never share an entry (their values are hashed, never kept)."""
+CACHE_PASS_TTL_S = 60.0
+"""Not configurable: after a key's response proved unstorable (no-store, too large, ...), concurrent
+misses for it stop waiting for one another this long ("hit-for-pass"), so they pay no extra latency."""

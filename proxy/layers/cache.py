@@ -31,11 +31,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
-from cachetools import TLRUCache
+from cachetools import TLRUCache, TTLCache
 from multidict import CIMultiDict
 
 from proxy import errors
 from proxy.clock import Clock
+from proxy.config.defaults import CACHE_PASS_TTL_S
 from proxy.config.model import Cache, OutcomeSet, PolicySettings
 from proxy.config.units import format_duration
 from proxy.exchange import BytesBody, Handler, ProxyRequest, ProxyResponse, buffered
@@ -166,6 +167,10 @@ class ResponseCache:
         )
         self.inflight: dict[str, asyncio.Future[_Shared | None]] = {}
         """Misses being fetched, by key: never evicted, so a concurrent miss always finds its leader."""
+        self.passes: TTLCache[str, bool] = TTLCache(
+            maxsize=settings.max_entries, ttl=CACHE_PASS_TTL_S, timer=clock.now
+        )
+        """Keys whose last response could not be stored: their misses are not coalesced for a while."""
 
     def _expires(self, key: str, entry: CacheEntry, now: float) -> float:
         """An entry with a validator stays until evicted (it can be revalidated); one without is
@@ -327,6 +332,8 @@ class CacheLayer:
             return self._answer(request, entry, HIT)
         if request.method != "GET" or any(name in request.headers for name in _CONDITIONAL):
             return await self._forward(request, next, entry)
+        if key in cache.passes:  # its last response was not storable: waiting would only add latency
+            return (await self._fetch(key, entry, request, next))[0]
         pending = cache.inflight.get(key)
         if pending is None:
             return await self._lead(key, entry, request, next)
@@ -424,13 +431,17 @@ class CacheLayer:
             refreshed = cache.refresh(key, entry, response.headers, original)
             return self._answer(request, refreshed, REVALIDATED), _Shared(refreshed, HIT)
         freshness = cache.freshness(response.status, response.headers, original)
-        if freshness is None:
+        body = None
+        if freshness is not None:
+            response, body = await buffered(response, self.max_entry_bytes)  # too large: streams on
+        stored = None
+        if freshness is not None and body is not None:
+            stored = cache.store(key, response, body, freshness, original, self.clock.now())
+        if stored is None:
+            cache.passes[key] = True
             return response, None
-        response, body = await buffered(response, self.max_entry_bytes)
-        if body is None:  # too large: streams on, unstored
-            return response, None
-        stored = cache.store(key, response, body, freshness, original, self.clock.now())
-        return response, _Shared(stored, HIT) if stored is not None else None
+        cache.passes.pop(key, None)
+        return response, _Shared(stored, HIT)
 
 
 def _bypasses(request: ProxyRequest) -> bool:

@@ -448,6 +448,28 @@ async def test_waiters_make_their_own_calls_when_the_response_is_not_storable() 
     assert not h.cache.inflight
 
 
+async def test_once_a_key_proved_unstorable_its_misses_no_longer_wait_for_each_other() -> None:
+    h = Harness()
+    await h.send(fake_upstream(ok(b"personal", **{"Cache-Control": "no-store"})))
+    gate = asyncio.Event()
+    upstream = fake_upstream(ok(b"personal", **{"Cache-Control": "no-store"}), gate=gate)
+    tasks = [asyncio.create_task(h.send(upstream)) for _ in range(5)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert upstream.calls == 5  # all in flight at once
+    gate.set()
+    await asyncio.gather(*tasks)
+
+
+async def test_a_key_that_becomes_storable_is_coalesced_again() -> None:
+    h = Harness()
+    await h.send(fake_upstream(ok(**{"Cache-Control": "no-store"})))
+    await h.send(fake_upstream(ok(b"now public", **MAX_AGE_60)))
+    assert not h.cache.passes
+    response, body = await h.send(fake_upstream(ok(b"other")))
+    assert (response.headers[CACHE_HEADER], body) == ("hit", b"now public")
+
+
 async def test_waiters_share_a_stale_answer() -> None:
     h = Harness()
     gate = asyncio.Event()
