@@ -72,7 +72,8 @@ async def config(request: web.Request) -> web.Response:
 
 
 async def state(request: web.Request) -> web.Response:
-    """Per policy: breaker, retry budget, limiter (and any provider pause), bulkhead, replay cache."""
+    """Per policy: breaker, retry budget, limiter (and any provider pause), bulkhead, replay and
+    response caches, and each failover upstream's breaker."""
     pipelines = request.app[PROXY_KEY].runtime.pipelines
     body = {
         name: {
@@ -82,6 +83,7 @@ async def state(request: web.Request) -> web.Response:
             "concurrency": s.bulkhead.snapshot() if s.bulkhead is not None else None,
             "replay_cache": {"entries": len(s.replay)} if s.replay is not None else None,
             **_failover_state(pipelines.policies[name], s),
+            "cache": s.cache.snapshot() if s.cache is not None else None,
         }
         for name, s in pipelines.states.items()
     }

@@ -82,6 +82,11 @@ class RequestBody:
         """The app's side broke off (disconnect, bad chunking) while we read its body."""
 
     @property
+    def present(self) -> bool:
+        """The request has a body at all (even one still to be read)."""
+        return self._source is not None
+
+    @property
     def replayable(self) -> bool:
         """The same bytes can be sent again (buffered, or no body at all)."""
         return self._buffered is not None
@@ -323,6 +328,10 @@ class ProxyRequest:
     """Why the declared fallback answered (an error type, or the upstream status), else None."""
     failover: FailoverState | None = None
     """Set by the failover layer on the first attempt (policies with ``failover`` only)."""
+    cache_result: str | None = None
+    """A cached policy's answer: ``hit``, ``miss``, ``stale``, ``revalidated`` or ``bypass``."""
+    cache_masked_error: str | None = None
+    """The upstream failure a stale answer stood in for (an error type, or a status)."""
 
 
 async def buffered(response: ProxyResponse, limit: int) -> tuple[ProxyResponse, bytes | None]:

@@ -2,6 +2,7 @@
 
     fallback     outermost: the declared answer for failures in fallback.on (overloaded and timeout too)
     concurrency  bulkhead: in-flight cap and bounded FIFO queue; sheds load before any work
+    cache        fresh hits, revalidation, stale-if-error; coalesces misses (a hit costs no deadline work)
     deadline     total timeout over everything below, retries and backoff included
     faults       drills: injected abort (what the app sees; never retried or counted) or delay
     idempotency  key added once so every attempt shares it; optional replay cache
@@ -14,7 +15,7 @@
 
 A layer whose section is absent from the settings is not in the stack. State
 that must outlive one request (budget, replay cache, breaker, bulkhead,
-limiter) lives in `PolicyState`, one per policy, shared by its routes.
+limiter, response cache) lives in `PolicyState`, one per policy, shared by its routes.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from proxy.exchange import Handler, Layer, ProxyRequest, ProxyResponse
 from proxy.layers.attempt import AttemptLayer
 from proxy.layers.breaker import BreakerLayer, CircuitBreaker
 from proxy.layers.budget import RetryBudget
+from proxy.layers.cache import CacheLayer, ResponseCache
 from proxy.layers.concurrency import Bulkhead, ConcurrencyLayer
 from proxy.layers.deadline import DeadlineLayer
 from proxy.layers.failover import FailoverLayer
@@ -57,6 +59,7 @@ class PolicyState:
     limiter: RateLimiter | None
     failover_breakers: dict[str, CircuitBreaker] = dataclasses.field(default_factory=dict)
     """One breaker per ``failover.upstreams`` URL (the primary's is `breaker`)."""
+    cache: ResponseCache | None = None
 
     @classmethod
     def build(
@@ -91,6 +94,7 @@ class PolicyState:
             ),
             bulkhead=carry(lambda p: p.settings.concurrency, "bulkhead", lambda c: Bulkhead(name, c)),
             limiter=carry(lambda p: p.settings.rate_limit, "limiter", lambda r: RateLimiter(name, r, clock)),
+            cache=carry(lambda p: p.settings.cache, "cache", lambda c: ResponseCache(c, clock)),
         )
         state.failover_breakers = _failover_breakers(policy, clock, previous)
         old_limiter = previous[1].limiter if previous is not None else None
@@ -153,6 +157,8 @@ def build_layers(
         layers.append(FallbackLayer(settings.fallback))
     if state.bulkhead is not None:
         layers.append(ConcurrencyLayer(state.bulkhead, settings.timeouts.total))
+    if state.cache is not None:
+        layers.append(CacheLayer(state.cache, settings))
     layers.append(DeadlineLayer(settings.timeouts.total))
     if settings.faults is not None:
         layers.append(FaultsLayer(settings.faults, clock))
@@ -204,8 +210,15 @@ class Pipelines:
             if policy is router.fallback:
                 # Many unrelated hosts share this policy: one breaker, limiter, bulkhead or replay cache
                 # for all of them would let one failing host shut out the rest. Only the budget is shared.
+                # No response cache either: nobody declared these hosts' responses shareable.
                 state = dataclasses.replace(
-                    state, breaker=None, bulkhead=None, limiter=None, replay=None, failover_breakers={}
+                    state,
+                    breaker=None,
+                    bulkhead=None,
+                    limiter=None,
+                    replay=None,
+                    failover_breakers={},
+                    cache=None,
                 )
             self.states[policy.name] = state
             self.policies[policy.name] = policy

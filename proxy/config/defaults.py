@@ -104,3 +104,18 @@ FAULT_HEADER_ONLY = True
 faults section copied into production cannot fail real traffic by itself."""
 FAILOVER_ON = ("circuit_open", "connect-failure", "timeout", "5xx")
 """An upstream whose breaker refuses is skipped; an attempt failing so sends the next one onwards."""
+CACHE_TTL_S = 60.0
+"""Freshness of a stored response when the upstream says nothing (0: store only what Cache-Control allows)."""
+CACHE_HONOUR_CACHE_CONTROL = True
+CACHE_STALE_IF_ERROR_S = 600.0
+"""How long past its freshness an entry may still answer for a failing upstream."""
+CACHE_MAX_ENTRIES = 10_000
+CACHE_MAX_BYTES = 64 * 1024 * 1024
+"""All entries of one policy together; the least recently used go first."""
+CACHE_MAX_ENTRY_BYTES = 1024 * 1024
+"""Larger responses stream through and are not stored."""
+CACHE_KEY_HEADERS = ("Authorization",)
+"""Requests that differ in these never share an entry (their values are hashed, never kept)."""
+CACHE_PASS_TTL_S = 60.0
+"""Not configurable: after a key's response proved unstorable (no-store, too large, ...), concurrent
+misses for it stop waiting for one another this long ("hit-for-pass"), so they pay no extra latency."""

@@ -193,6 +193,25 @@ def _failover(settings: PolicySettings) -> Iterator[_Finding]:
         )
 
 
+def _cache_shares_credentials(settings: PolicySettings) -> Iterator[_Finding]:
+    """A cache not keyed by Authorization on a policy whose apps send their own: a response fetched
+    with one credential could be served to a request with another. When the policy sets (or removes)
+    Authorization itself, every request reaches the upstream with the same credential: no warning."""
+    cache = settings.cache
+    if cache is None or any(name.lower() == "authorization" for name in cache.key_headers):
+        return
+    names = [*settings.headers.set, *settings.headers.remove]
+    if any(name.lower() == "authorization" for name in names):
+        return
+    yield _Finding(
+        "cache.key_headers",
+        "the cache is not keyed by Authorization and the policy does not set Authorization itself,"
+        " so apps send their own credentials: a response fetched with one credential could be served"
+        " to another (Outrigger then stores such responses only when marked public, s-maxage or"
+        " must-revalidate); add Authorization to cache.key_headers",
+    )
+
+
 SETTINGS_RULES: Sequence[Callable[[PolicySettings], Iterator[_Finding]]] = (
     _deadline,
     _unsafe_methods,
@@ -201,6 +220,7 @@ SETTINGS_RULES: Sequence[Callable[[PolicySettings], Iterator[_Finding]]] = (
     _tunnel_blind_spots,
     _fallback_fakes_success,
     _failover,
+    _cache_shares_credentials,
 )
 
 

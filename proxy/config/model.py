@@ -559,6 +559,28 @@ class Faults(Frozen):
         return self
 
 
+class Cache(Frozen):
+    """Response cache for GET and HEAD (RFC 9111 basics) with stale-if-error (SPEC 9)."""
+
+    ttl: Duration = Field(default=builtin.CACHE_TTL_S, ge=0)
+    """Freshness when the upstream says nothing; 0 stores only what Cache-Control allows."""
+    honour_cache_control: bool = builtin.CACHE_HONOUR_CACHE_CONTROL
+    stale_if_error: Duration = Field(default=builtin.CACHE_STALE_IF_ERROR_S, ge=0)
+    max_entries: int = Field(default=builtin.CACHE_MAX_ENTRIES, ge=1)
+    max_bytes: ByteSize = Field(default=builtin.CACHE_MAX_BYTES, ge=1)
+    max_entry_bytes: ByteSize = Field(default=builtin.CACHE_MAX_ENTRY_BYTES, ge=0)
+    key_headers: tuple[HeaderName, ...] = builtin.CACHE_KEY_HEADERS
+    """Requests that differ in these never share an entry (values hashed, never kept in clear)."""
+
+    @model_validator(mode="after")
+    def _entry_fits(self) -> Cache:
+        if self.max_entry_bytes > self.max_bytes:
+            raise ValueError(
+                f"max_entry_bytes ({self.max_entry_bytes}) is larger than max_bytes ({self.max_bytes})"
+            )
+        return self
+
+
 PathGlob = Annotated[str, AfterValidator(check_glob)]
 """A ``redact_paths`` entry: ``/services/*/*/*``; each ``*`` matches within one path segment."""
 
@@ -575,6 +597,7 @@ class PolicySettings(Frozen):
     circuit_breaker: CircuitBreakerSettings | None = None
     concurrency: Concurrency | None = None
     rate_limit: RateLimit | None = None
+    cache: Cache | None = None
     redact_paths: tuple[PathGlob, ...] = builtin.REDACT_PATHS
     """Path globs whose ``*`` parts are secrets (Slack webhooks, Telegram bot tokens)."""
     connect: Literal["refuse", "tunnel"] = builtin.CONNECT_MODE

@@ -21,6 +21,7 @@ from proxy import errors
 from proxy.clock import Clock
 from proxy.config.model import Idempotency, OutcomeSet, Replay
 from proxy.exchange import BytesBody, Handler, ProxyRequest, ProxyResponse, buffered
+from proxy.layers.bounded import headers_size, put, weigher
 
 REPLAYED_HEADER = "x-outrigger-replayed"
 
@@ -32,6 +33,9 @@ class StoredResponse:
     reason: str | None
     headers: tuple[tuple[str, str], ...]
     body: bytes
+
+    def size(self) -> int:
+        return len(self.body) + headers_size(self.headers)
 
     def replay(self) -> ProxyResponse:
         headers = CIMultiDict(self.headers)
@@ -58,13 +62,7 @@ class ReplayCache:
     def __init__(self, settings: Replay, clock: Clock) -> None:
         self.settings = settings
         self.statuses = OutcomeSet(settings.statuses).statuses
-        # One size unit serves both bounds: every entry weighs at least total/max_entries, so there
-        # are never more than max_entries, and the bodies never add up past max_total_bytes.
-        unit = settings.max_total_bytes / settings.max_entries
-
-        def weight(entry: StoredResponse) -> float:
-            return max(unit, len(entry.body) + sum(len(k) + len(v) for k, v in entry.headers))
-
+        weight = weigher(settings.max_total_bytes, settings.max_entries, StoredResponse.size)
         self._entries: TTLCache[str, StoredResponse] = TTLCache(
             maxsize=settings.max_total_bytes, ttl=settings.ttl, timer=clock.now, getsizeof=weight
         )
@@ -100,11 +98,8 @@ class ReplayCache:
             return response
         finally:
             del self._pending[key]
-            if stored is not None:
-                try:
-                    self._entries[key] = stored
-                except ValueError:  # cachetools: heavier than the whole cache (huge headers)
-                    stored = None
+            if stored is not None and not put(self._entries, key, stored):
+                stored = None  # heavier than the whole cache (huge headers)
             pending.done.set_result(stored)
 
     async def _capture(

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from proxy import errors
 from proxy.exchange import ProxyRequest
+from proxy.layers.cache import CACHE_HEADER
 from proxy.server.entry import build_request
 from proxy.server.respond import ATTEMPTS_HEADER, error_response, stream_response
 from proxy.server.runtime import Runtime
@@ -44,6 +45,8 @@ async def proxy(
             reply = error_response(error, error.host or (proxy_request.host if proxy_request else ""))
             reply.headers[REQUEST_ID_HEADER] = observation.request_id
             reply.headers[ATTEMPTS_HEADER] = str(proxy_request.attempts if proxy_request else 0)
+            if proxy_request is not None and proxy_request.cache_result is not None:
+                reply.headers[CACHE_HEADER] = proxy_request.cache_result  # every answer of a cached policy
             return reply
         status = response.status
         if response.tunnel is not None:  # 101: the connection is the upgraded protocol's now

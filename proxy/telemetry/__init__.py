@@ -28,6 +28,8 @@ from proxy.telemetry.metrics import LiveState, Metrics, PolicyMetrics, States
 from proxy.telemetry.names import (
     ATTR_ATTEMPTS,
     ATTR_BREAKER_STATE,
+    ATTR_CACHE,
+    ATTR_CACHE_MASKED_ERROR,
     ATTR_CONFIG_VERSION,
     ATTR_FALLBACK,
     ATTR_FAULT,
@@ -63,6 +65,8 @@ if TYPE_CHECKING:
 __all__ = [
     "ATTR_ATTEMPTS",
     "ATTR_BREAKER_STATE",
+    "ATTR_CACHE",
+    "ATTR_CACHE_MASKED_ERROR",
     "ATTR_CONFIG_VERSION",
     "ATTR_FALLBACK",
     "ATTR_FAULT",
@@ -180,6 +184,8 @@ class Telemetry:
                 span.add_event(event)
             if error_type is not None:
                 span.add_event(error_type)
+            if request is not None and request.cache_masked_error is not None:
+                span.add_event("stale_if_error", {"error.type": request.cache_masked_error})
             if status >= 500:
                 span.set_status(StatusCode.ERROR)
             span.end()
@@ -233,6 +239,10 @@ class Telemetry:
         if request.failover is not None:
             for upstream in request.failover.moves:
                 m.failovers(upstream).inc()
+        if request.cache_result is not None:
+            m.cache(request.cache_result).inc()
+            if request.cache_masked_error in LOCAL_REFUSALS:  # e.g. circuit_open, answered stale
+                m.rejections(request.cache_masked_error).inc()
         if state is not None and state.limiter is not None:
             m.ratelimit_wait.observe(request.ratelimit_wait)
 
@@ -272,6 +282,10 @@ def _attributes(
         attributes[ATTR_FAULT] = request.fault
     if request.failover is not None:
         attributes[ATTR_UPSTREAM] = str(request.target)
+    if request.cache_result is not None:
+        attributes[ATTR_CACHE] = request.cache_result
+        if request.cache_masked_error is not None:
+            attributes[ATTR_CACHE_MASKED_ERROR] = request.cache_masked_error
     return attributes
 
 
@@ -285,7 +299,7 @@ def _log_entry(
     elapsed: float,
 ) -> dict[str, Any]:
     span_context = observation.span.get_span_context()
-    return {
+    entry = {
         "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "trace_id": format(span_context.trace_id, "032x") if span_context.is_valid else None,
         "request_id": observation.request_id,
@@ -306,3 +320,8 @@ def _log_entry(
         "fallback": request.fallback if request is not None else None,
         "fault": request.fault if request is not None else None,
     }
+    if request is not None and request.cache_result is not None:  # only cached policies' lines
+        entry["cache"] = request.cache_result
+        if request.cache_masked_error is not None:
+            entry["cache_masked_error"] = request.cache_masked_error
+    return entry

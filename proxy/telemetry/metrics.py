@@ -147,6 +147,12 @@ class Metrics:
             ["host", "upstream"],
             registry=r,
         )
+        self.cache = Counter(
+            "outrigger_cache",
+            "Answers of cached policies: hit, miss, stale, revalidated or bypass",
+            ["host", "result"],
+            registry=r,
+        )
         r.register(_StateCollector(states))
 
     def exposition(self) -> bytes:
@@ -173,6 +179,7 @@ class PolicyMetrics:
         self._fallbacks: dict[str, Counter] = {}
         self._faults: dict[str, Counter] = {}
         self._failovers: dict[str, Counter] = {}
+        self._cache: dict[str, Counter] = {}
 
     def requests(self, method: str, status: int) -> Counter:
         key = (method_label(method), status)
@@ -199,6 +206,9 @@ class PolicyMetrics:
     def failovers(self, upstream: str) -> Counter:
         """Bounded: upstreams are the policy's configured ones."""
         return _child(self._failovers, self._metrics.failovers, self.label, upstream)
+
+    def cache(self, result: str) -> Counter:
+        return _child(self._cache, self._metrics.cache, self.label, result)
 
 
 def _child(cache: dict[str, Counter], family: Counter, label: str, value: str) -> Counter:

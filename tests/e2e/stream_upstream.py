@@ -2,7 +2,8 @@
 
     python -m tests.e2e.stream_upstream --port PORT
 
-- ``GET /download?size=N`` streams N bytes of `pattern` without holding more than one block.
+- ``GET /download?size=N`` streams N bytes of `pattern` without holding more than one block
+  (with Content-Length; add ``&chunked`` for a chunked body).
 - ``POST|PUT /upload?stall_after=N&stall=S`` drains the body chunk by chunk (stopping to read for S
   seconds once N bytes arrived, to push back on the sender) and answers ``{"bytes": n, "sha256": hex}``.
 - ``GET /health`` answers ``ok``.
@@ -40,7 +41,8 @@ def pattern(size: int) -> Iterator[bytes]:
 async def download(request: web.Request) -> web.StreamResponse:
     size = int(request.query.get("size", "0"))
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-    response.content_length = size
+    if "chunked" not in request.query:  # ?chunked: no Content-Length, the size is known only at the end
+        response.content_length = size
     await response.prepare(request)
     for block in pattern(size):
         await response.write(block)  # waits for the socket to drain: nothing piles up here

@@ -175,6 +175,7 @@ async def test_state_has_a_section_per_policy_and_null_for_absent_layers(
         "rate_limit": None,
         "concurrency": None,
         "replay_cache": None,
+        "cache": None,
     }
     full = body["full.test"]
     assert full["circuit_breaker"] == {
