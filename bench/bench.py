@@ -290,6 +290,7 @@ class OutriggerVariant:
     description: str
     full: bool
     traced: bool = False
+    cached: bool = False  # full + a response cache: every measured request is a fresh hit
     policies: int = 1  # the benchmarked policy plus policies - 1 for other hosts
 
 
@@ -302,6 +303,12 @@ def outrigger_variants() -> list[OutriggerVariant]:
             "outrigger-full + every request traced (OTLP/HTTP to the local sink)",
             full=True,
             traced=True,
+        ),
+        OutriggerVariant(
+            "outrigger-cached",
+            "outrigger-full + cache (ttl 1h): the cache-hit path",
+            full=True,
+            cached=True,
         ),
     ]
     variants += [
@@ -352,6 +359,8 @@ def write_outrigger_config(
     }
     if variant.full:
         policy.update(FULL_LAYERS)
+    if variant.cached:
+        policy["cache"] = {"ttl": "1h", "max_entry_bytes": "2MiB", "max_bytes": "64MiB"}
     (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (root / "policies" / "bench.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))
     if variant.policies > 1:

@@ -59,6 +59,25 @@ async def test_fallback_answers_when_the_upstream_is_down_and_the_real_failure_s
     assert metrics.value("outrigger_requests_total", host=HOST, method="GET", code="503") == 1
 
 
+async def test_a_stale_entry_beats_the_fallback_which_answers_only_when_nothing_is_cached(
+    aiohttp_server: AiohttpServerFactory, start_proxy: StartProxy
+) -> None:
+    """Cache and fallback together: the declared answer is for when nothing better exists."""
+    upstream = await ScriptedUpstream(
+        (200, {"Cache-Control": "max-age=0"}, b"last good"), 503, 503, 503
+    ).start(aiohttp_server)
+    policy = loopback_policy(
+        upstream.url, cache={"ttl": "0s", "stale_if_error": "1m"}, fallback={}, circuit_breaker={}
+    )
+    proxy = await start_proxy([policy])
+    assert (await app_request(proxy, "GET", "/cached")).body == b"last good"
+    stale = await app_request(proxy, "GET", "/cached")
+    assert (stale.status, stale.body, stale.headers["x-outrigger-stale"]) == (200, b"last good", "true")
+    assert "x-outrigger-fallback" not in stale.headers
+    nothing_cached = await app_request(proxy, "GET", "/never-seen")
+    _assert_fallback(nothing_cached.status, nothing_cached.headers, nothing_cached.body, "503")
+
+
 async def test_fallback_answers_for_an_open_breaker_without_calling_the_upstream(
     aiohttp_server: AiohttpServerFactory, start_proxy: StartProxy
 ) -> None:
