@@ -39,6 +39,10 @@ CONTROL_PREFIX = "x-outrigger-"
 """Outrigger's own headers: never forwarded upstream, and an upstream's never passed to the app."""
 
 
+_NEVER_NAMED = frozenset({"", "close", "content-length"})
+"""Connection tokens that never remove a header: Content-Length is the message's framing, and
+dropping it on the app's say-so would turn a body into a second, smuggled request."""
+
 REQUEST_DROP = HOP_BY_HOP | {"host", "expect"}
 """Not forwarded from the app: Host is the upstream's own; Outrigger answers Expect itself."""
 
@@ -60,7 +64,7 @@ def end_to_end_headers(
             control.append((lower, value))
         else:
             kept.append((name, value))
-    if named and (named := named - drop - {"", "close"}):
+    if named and (named := named - drop - _NEVER_NAMED):
         kept = [(name, value) for name, value in kept if name.lower() not in named]
     return CIMultiDict(kept), control
 

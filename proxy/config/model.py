@@ -256,11 +256,27 @@ HeaderValue = str
 and checked by the loader, not here: config stays data)."""
 
 
+_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "host"})
+
+
+def _not_framing(name: str) -> str:
+    """Outrigger writes the message framing and Host itself: a rule touching them could desync the
+    upstream connection (a body read as a second request)."""
+    if name.lower() in _FRAMING_HEADERS:
+        raise ValueError(
+            f"{name} is written by Outrigger from the request itself; it cannot be set or removed"
+        )
+    return name
+
+
+RuleHeaderName = Annotated[HeaderName, AfterValidator(_not_framing)]
+
+
 class HeaderRules(Frozen):
     """Headers set or removed on every upstream request; values may reference secrets."""
 
-    set: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
-    remove: tuple[HeaderName, ...] = ()
+    set: dict[RuleHeaderName, HeaderValue] = Field(default_factory=dict)
+    remove: tuple[RuleHeaderName, ...] = ()
 
 
 ERROR_CONDITIONS = ("connect-failure", "reset", "timeout")

@@ -432,8 +432,8 @@ class CacheLayer:
             return self._answer(request, refreshed, REVALIDATED), _Shared(refreshed, HIT)
         freshness = cache.freshness(response.status, response.headers, original)
         body = None
-        if freshness is not None:
-            response, body = await buffered(response, self.max_entry_bytes)  # too large: streams on
+        if freshness is not None and _known_small(response, self.max_entry_bytes):
+            response, body = await buffered(response, self.max_entry_bytes)
         stored = None
         if freshness is not None and body is not None:
             stored = cache.store(key, response, body, freshness, original, self.clock.now())
@@ -442,6 +442,18 @@ class CacheLayer:
             return response, None
         cache.passes.pop(key, None)
         return response, _Shared(stored, HIT)
+
+
+def _known_small(response: ProxyResponse, limit: int) -> bool:
+    """Read the body ahead of the app only when its length is declared and fits: a stream without
+    a length (SSE, an LLM answer, anything chunked) must reach the app as it comes, never after
+    the cache has waited for its end (it is not stored)."""
+    if response.status == 204:
+        return True  # never a body
+    if "text/event-stream" in response.headers.get("Content-Type", "").lower():
+        return False
+    length = response.headers.get("Content-Length", "")
+    return length.isdigit() and int(length) <= limit
 
 
 def _bypasses(request: ProxyRequest) -> bool:

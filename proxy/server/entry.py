@@ -117,7 +117,7 @@ def route(
             raise errors.BadRequest("no Host header: Outrigger cannot tell which upstream to call")
         host, port = (target.host, target.port) if host_header else ("", None)
     if dedicated is not None:
-        if host and not _names_this_port(host, dedicated, runtime):
+        if host and not _names_this_port(host, port, dedicated, runtime):
             raise errors.HostNotAllowed(
                 f"port {local_port} serves only {dedicated.name}: Host {host} is refused here"
                 " (use localhost, a loopback address or one of the policy's hosts)",
@@ -135,12 +135,13 @@ def route(
     return policy, host, upstream_for(policy, host, port), path_qs
 
 
-def _names_this_port(host: str, dedicated: Policy, runtime: Runtime) -> bool:
+def _names_this_port(host: str, port: int | None, dedicated: Policy, runtime: Runtime) -> bool:
     """A dedicated port answers only for itself: a page using DNS rebinding (Host: evil.example)
     must not borrow the credentials this policy injects (SPEC 2)."""
     if host == "localhost" or is_loopback_literal(host):
         return True
-    return runtime.router.policy_for_host(host) is dedicated
+    router = runtime.router
+    return router.policy_for_host(host) is dedicated or router.policy_for_host(host, port) is dedicated
 
 
 async def request_body(request: web.BaseRequest) -> AsyncIterator[bytes]:
@@ -153,10 +154,8 @@ async def request_body(request: web.BaseRequest) -> AsyncIterator[bytes]:
 
 
 def parse_timeout_ms(value: str) -> float:
-    try:
-        millis = int(value)
-    except ValueError:
-        millis = 0
+    """Digits only, and few enough that the seconds are a float (a 400-digit value is a 400)."""
+    millis = int(value) if value.isdigit() and len(value) <= 12 else 0
     if millis <= 0:
         raise errors.BadRequest(f"{TIMEOUT_HEADER} must be a positive integer number of milliseconds")
     return millis / 1000

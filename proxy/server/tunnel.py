@@ -41,17 +41,20 @@ async def serve_connect(
             try:
                 assert port is not None
                 connection = await upstream.open_tunnel(host, port, policy.settings)
-                out = PassThroughResponse(status=200, reason="Connection established")
-                out.headers[REQUEST_ID_HEADER] = observation.request_id
-                writer = await out.prepare(request)
-                assert writer is not None, "a fresh response always gets a writer"
-                out.force_close()
-                status, error_type, result = 200, None, "closed"  # an app hanging up is the usual end
-                splice = Splice(request, writer, connection, policy.settings.timeouts.idle)
                 try:
-                    ending = await splice.run()
+                    out = PassThroughResponse(status=200, reason="Connection established")
+                    out.headers[REQUEST_ID_HEADER] = observation.request_id
+                    writer = await out.prepare(request)
+                    assert writer is not None, "a fresh response always gets a writer"
+                    out.force_close()
+                    status, error_type, result = 200, None, "closed"  # an app hanging up: the usual end
+                    splice = Splice(request, writer, connection, policy.settings.timeouts.idle)
+                    try:
+                        ending = await splice.run()
+                    finally:
+                        to_upstream, to_app = splice.to_upstream, splice.to_app
                 finally:
-                    to_upstream, to_app = splice.to_upstream, splice.to_app
+                    connection.close()  # unpooled: nobody else would (idempotent after the splice's)
                 result = ending
                 if ending == "idle_timeout":
                     error_type = ending

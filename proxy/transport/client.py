@@ -73,10 +73,12 @@ class UpstreamClient:
         attempt) as long as the body can be sent again.
         """
         target, settings = request.target, request.settings
+        # one `connect` budget for the attempt: DNS, pool wait, TCP and TLS, every address (SPEC 4)
+        connect_by = asyncio.get_running_loop().time() + settings.timeouts.connect
         addresses = self.resolver.cached(target.host, target.port, settings.allow_private_addresses)
         if addresses is None:
             try:
-                async with asyncio.timeout(settings.timeouts.connect):
+                async with asyncio.timeout_at(connect_by):
                     addresses = await self.resolver.resolve(
                         target.host, target.port, settings.allow_private_addresses
                     )
@@ -86,10 +88,10 @@ class UpstreamClient:
             addresses = addresses[:1]  # a streamed body can go out only once
         for address in addresses[:-1]:
             with contextlib.suppress(errors.ConnectFailure):
-                return await self._send_to(address, request)
-        return await self._send_to(addresses[-1], request)
+                return await self._send_to(address, request, connect_by)
+        return await self._send_to(addresses[-1], request, connect_by)
 
-    async def _send_to(self, address: str, request: ProxyRequest) -> ProxyResponse:
+    async def _send_to(self, address: str, request: ProxyRequest, connect_by: float) -> ProxyResponse:
         target, settings = request.target, request.settings
         if target.scheme == "https":
             key = PoolKey(
@@ -99,7 +101,7 @@ class UpstreamClient:
             key = PoolKey(address, target.port, None, None)
         connection = self.pool.idle(key)
         if connection is None:
-            connection = await self._connect(key, target, settings.timeouts.connect)
+            connection = await self._connect(key, target, settings.timeouts.connect, connect_by)
         body = request.body.for_attempt()
         chunked = body is not None and request.body.length is None
         try:
@@ -130,7 +132,9 @@ class UpstreamClient:
             tunnel=connection if switched else None,
         )
 
-    async def _connect(self, key: PoolKey, target: UpstreamTarget, within: float) -> UpstreamConnection:
+    async def _connect(
+        self, key: PoolKey, target: UpstreamTarget, within: float, connect_by: float
+    ) -> UpstreamConnection:
         """A connection for `key` within `connect`: pool wait, TCP and the TLS handshake."""
         loop = asyncio.get_running_loop()
         authority = target.authority
@@ -146,7 +150,7 @@ class UpstreamClient:
             return connection
 
         try:
-            async with asyncio.timeout(within):
+            async with asyncio.timeout_at(connect_by):
                 return await self.pool.connect(key, open_connection)
         except TimeoutError:
             raise failures.connect_timed_out(authority, within) from None
@@ -169,12 +173,21 @@ def _request_head(request: ProxyRequest, chunked: bool) -> bytes:
     """Request line and headers as the app sent them; Host names the upstream (SPEC 4)."""
     headers = request.headers
     headers.popall("Host", None)
+    # Framing comes from the body as parsed, never from the header map: nothing a header rule or
+    # the app's Connection tokens did to it may turn a body into a second, smuggled request.
+    headers.popall("Transfer-Encoding", None)
+    length = None if chunked else request.body.length
+    framing = ""
+    if headers.getall("Content-Length", []) != ([] if length is None else [str(length)]):
+        headers.popall("Content-Length", None)  # kept in place only when it is exactly right
+        framing = "" if length is None else f"Content-Length: {length}\r\n"
     lines = [f"{request.method} {request.path_qs} HTTP/1.1\r\nHost: {request.target.authority}\r\n"]
     lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
     if request.upgrade is not None:
         lines.append(f"Connection: Upgrade\r\nUpgrade: {request.upgrade}\r\n")
     if chunked:
         lines.append("Transfer-Encoding: chunked\r\n")
+    lines.append(framing)
     lines.append("\r\n")
     return "".join(lines).encode("utf-8", "surrogateescape")
 

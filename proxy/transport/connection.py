@@ -168,6 +168,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        if not 100 <= status <= 599:
+            self._fail(failures.invalid_response(self.authority, f"status {status} is not HTTP's"))
+            raise _HeadDone
         if status == 101 and self._upgrade_requested:
             self._switched = self._head_done = True
             if self._head_waiter is not None and not self._head_waiter.done():

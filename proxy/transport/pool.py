@@ -62,6 +62,10 @@ class ConnectionPool:
             queue.append(waiter)
             try:
                 await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake(key)  # it was handed a turn just as it gave up: pass the turn on
+                raise
             finally:
                 if waiter in queue:
                     queue.remove(waiter)

@@ -313,3 +313,36 @@ async def test_5_mib_responses_stream_through_a_cached_policy_in_bounded_memory(
 def _listen_port(config: Path) -> int:
     port: int = yaml.safe_load(config.read_text())["listen"]["port"]
     return port
+
+
+@pytest.mark.parametrize("content_type", ["text/event-stream", "application/json"])
+async def test_a_stream_without_a_length_flows_through_a_cached_policy_as_it_comes(
+    aiohttp_server: AiohttpServer, start_proxy: StartProxy, content_type: str
+) -> None:
+    """The cache reads ahead only bodies with a Content-Length that fits: an SSE stream (or any
+    chunked answer) must reach the app as it is sent, not when it ends."""
+    loop = asyncio.get_running_loop()
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "max-age=60"})
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        await asyncio.sleep(1.5)
+        await response.write(b"data: last\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/stream", events)
+    server = await aiohttp_server(app)
+    proxy = await start_proxy([loopback_policy(f"http://127.0.0.1:{server.port}", cache={})])
+    started = loop.time()
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client,
+        client.get(f"{proxy.url}/stream", headers={"Host": "upstream.test"}) as response,
+    ):
+        first = await response.content.readuntil(b"\n\n")
+        first_at = loop.time() - started
+        rest = await response.read()
+    assert (first, rest) == (b"data: first\n\n", b"data: last\n\n")
+    assert first_at < 1.0, f"the first event waited {first_at:.2f}s for the stream's end"

@@ -6,6 +6,7 @@ connected. Every generated error is checked against SPEC 5 (status, JSON body, h
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 from pathlib import Path
@@ -19,9 +20,17 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpServer
 
+from proxy.config.loader import ConfigError, load_config
 from tests.conftest import Launch, RunningProxy, StartProxy, free_port, loopback_policy, write_config
 from tests.e2e.procs import RawUpstream, assert_error, assert_error_response, config_ports
-from tests.e2e.upstreams import CountingUpstream, raw_exchange, request_bytes
+from tests.e2e.upstreams import (
+    CountingUpstream,
+    RawScript,
+    RawScriptedUpstream,
+    raw_exchange,
+    request_bytes,
+    response_bytes,
+)
 from tests.fakes import CALL_TIMEOUT
 
 HOST = "upstream.test"
@@ -106,6 +115,37 @@ async def test_wildcard_allowlist_matches_on_label_boundaries(
             status, headers, body, expected_status=403, error_type="host_not_allowed", host=requested
         )
         assert raw_upstream.connections == 0
+
+
+@pytest.mark.parametrize(
+    "connection",
+    ["keep-alive, Content-Length", "Content-Length", "close, content-length"],
+)
+async def test_connection_tokens_cannot_strip_the_framing_and_smuggle_a_request(
+    start_proxy: StartProxy, connection: str
+) -> None:
+    """`Connection: Content-Length` must not drop the body's framing: the upstream would read the
+    body as a second request that no policy ever saw (headers rules, limits, logs bypassed)."""
+    ok = RawScript(response_bytes("HTTP/1.1 200 OK\nContent-Length: 2", b"ok"))
+    async with RawScriptedUpstream({"/x": ok, "/smuggled": ok}) as upstream:
+        proxy = await start_proxy([loopback_policy(upstream.url, headers={"remove": ["X-Internal-Debug"]})])
+        smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\nX-Internal-Debug: 1\r\n\r\n"
+        head = f"POST /x HTTP/1.1\nHost: upstream.test\nConnection: {connection}"
+        head += f"\nContent-Length: {len(smuggled)}"
+        response = await raw_exchange(proxy.port, request_bytes(head, smuggled))
+        assert response.status == 200
+        for _ in range(50):  # a smuggled request would arrive right behind the first
+            await asyncio.sleep(0.01)
+        heads = list(upstream.heads)
+    assert len(heads) == 1, heads
+    assert f"\r\nContent-Length: {len(smuggled)}\r\n".encode() in heads[0]
+
+
+@pytest.mark.parametrize("name", ["Content-Length", "Transfer-Encoding", "Host"])
+def test_header_rules_cannot_touch_the_framing(tmp_path: Path, name: str) -> None:
+    for rules in ({"set": {name: "1"}}, {"remove": [name]}):
+        with pytest.raises(ConfigError, match=f"{name} is written by Outrigger"):
+            load_config(write_config(tmp_path, [loopback_policy("http://127.0.0.1:9", headers=rules)]))
 
 
 async def test_absolute_target_decides_the_policy_not_the_host_header(

@@ -53,7 +53,9 @@ class Harness:
 
 
 def ok(body: bytes = b"fresh", /, **headers: str) -> tuple[int, dict[str, str], bytes]:
-    return (200, headers, body)
+    """A 200 as upstreams send small answers: with its Content-Length (the cache reads ahead only
+    bodies whose declared length fits)."""
+    return (200, {"Content-Length": str(len(body)), **headers}, body)
 
 
 # --- fresh hits ----------------------------------------------------------------------------------
@@ -193,7 +195,7 @@ async def test_only_2xx_and_explicitly_fresh_301_404_410_are_stored(
     status: int, headers: dict[str, str], stored: bool
 ) -> None:
     h = Harness()
-    upstream = fake_upstream((status, headers, b""))
+    upstream = fake_upstream((status, {"Content-Length": "0", **headers}, b""))
     await h.send(upstream)
     await h.send(upstream)
     assert upstream.calls == (1 if stored else 2)

@@ -215,6 +215,7 @@ async def test_a_truncated_body_is_a_reset_never_a_short_body(transport: Upstrea
             "response head larger than 65536 bytes",
             id="oversized-head",
         ),
+        pytest.param(b"HTTP/1.1 000 X\r\nContent-Length: 0\r\n\r\n", "status 0 is not HTTP's", id="status-0"),
     ],
 )
 async def test_malformed_response_heads_are_upstream_unreachable(
@@ -501,3 +502,22 @@ async def test_no_head_within_per_try_is_an_attempt_timeout(transport: UpstreamC
         assert asyncio.get_running_loop().time() - started < 1.0
     finally:
         await upstream.close()
+
+
+async def test_a_turn_handed_to_a_waiter_that_gives_up_passes_to_the_next() -> None:
+    """Cap 1: the connection comes back just as waiter A is cancelled; B must get it, not starve."""
+    client = UpstreamClient(max_connections_per_upstream=1)
+    upstream = await RawUpstream("ok").start()
+    try:
+        held = await client.send(get(upstream.port))
+        a = asyncio.ensure_future(exchange(client, get(upstream.port)))
+        b = asyncio.ensure_future(exchange(client, get(upstream.port)))
+        await asyncio.sleep(0.05)
+        assert await read_all(held) == b"ok"  # gives the connection back: A's turn...
+        a.cancel()  # ...which A gives up in the same pass
+        _, body = await asyncio.wait_for(b, 2)
+        assert body == b"ok"
+        assert a.cancelled()
+    finally:
+        await upstream.close()
+        await client.close()
