@@ -1,7 +1,7 @@
 """Secrets carried in URL paths, hidden wherever a path is written down.
 
 Some APIs put the credential in the path itself: a Slack webhook is
-``/services/T000/B000/XXXX``, a Telegram bot calls ``/bot<token>/sendMessage``.
+``/services/T000/B000/<secret>``, a Telegram bot calls ``/bot<token>/sendMessage``.
 A policy's ``redact_paths`` lists path globs; where one matches, the text each
 ``*`` matched is written as ``REDACTED`` (``/services/REDACTED/REDACTED/REDACTED``,
 ``/botREDACTED/sendMessage``). A ``*`` never crosses a ``/``; the whole path must

@@ -29,10 +29,12 @@ from typing import Any, Literal
 import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config.model import Policy, PolicySettings, UpstreamTarget
 from proxy.exchange import ProxyRequest, ProxyResponse, RequestBody
+from proxy.target import parse_target
+from proxy.telemetry import Telemetry
 from tests.conftest import RunningProxy
 
 WALL_START = 1_700_000_000.0
@@ -376,3 +378,17 @@ async def admin_state(proxy: RunningProxy) -> dict[str, Any]:
     reply = await call("GET", f"http://127.0.0.1:{proxy.admin_port}/state")
     body: dict[str, Any] = reply.json()
     return body
+
+
+def finish_request(telemetry: Telemetry, request: ProxyRequest | None) -> None:
+    """One GET /v1 through `telemetry`, answered 200 by policy ``api.test``: what the server does."""
+    observation = telemetry.start("GET", CIMultiDictProxy(CIMultiDict()), parse_target("/v1", "api.test"))
+    telemetry.finish(
+        observation,
+        status=200,
+        error_type=None,
+        policy="api.test",
+        request=request,
+        state=None,
+        config_version="v1",
+    )

@@ -6,29 +6,13 @@ import io
 import json
 from typing import Any
 
-from multidict import CIMultiDict, CIMultiDictProxy
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config.model import Telemetry as TelemetrySettings
-from proxy.exchange import ProxyRequest
-from proxy.target import parse_target
 from proxy.telemetry import ATTR_CACHE, ATTR_CACHE_MASKED_ERROR, Telemetry
-from tests.fakes import make_request
-
-
-def finish(telemetry: Telemetry, request: ProxyRequest) -> None:
-    observation = telemetry.start("GET", CIMultiDictProxy(CIMultiDict()), parse_target("/v1", "api.test"))
-    telemetry.finish(
-        observation,
-        status=200,
-        error_type=None,
-        policy="api.test",
-        request=request,
-        state=None,
-        config_version="v1",
-    )
+from tests.fakes import finish_request, make_request
 
 
 def samples(telemetry: Telemetry, family: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -55,7 +39,7 @@ def test_a_stale_answer_shows_its_result_and_the_failure_it_masked(
     telemetry.tracing.tracer = tracer
     request = make_request()
     request.cache_result, request.cache_masked_error = "stale", "circuit_open"
-    finish(telemetry, request)
+    finish_request(telemetry, request)
 
     (span,) = exporter.get_finished_spans()
     attributes = dict(span.attributes or {})
@@ -76,7 +60,7 @@ def test_an_uncached_policys_request_records_nothing_about_the_cache(
     stream = io.BytesIO()
     telemetry = Telemetry(TelemetrySettings(), dict, stream)
     telemetry.tracing.tracer = tracer
-    finish(telemetry, make_request())
+    finish_request(telemetry, make_request())
 
     (span,) = exporter.get_finished_spans()
     assert ATTR_CACHE not in (span.attributes or {})

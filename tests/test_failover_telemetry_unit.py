@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 
-from multidict import CIMultiDict, CIMultiDictProxy
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,10 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.config.model import Telemetry as TelemetrySettings
 from proxy.config.model import UpstreamTarget
 from proxy.exchange import FailoverState, ProxyRequest
-from proxy.target import parse_target
 from proxy.telemetry import Telemetry
 from proxy.telemetry.names import ATTR_UPSTREAM
-from tests.fakes import make_request
+from tests.fakes import finish_request, make_request
 
 EU = UpstreamTarget(scheme="https", host="api.eu.test", port=443)
 
@@ -32,19 +30,6 @@ def _failed_over() -> ProxyRequest:
     return request
 
 
-def _finish(telemetry: Telemetry, request: ProxyRequest | None) -> None:
-    observation = telemetry.start("GET", CIMultiDictProxy(CIMultiDict()), parse_target("/v1", "api.test"))
-    telemetry.finish(
-        observation,
-        status=200,
-        error_type=None,
-        policy="api.test",
-        request=request,
-        state=None,
-        config_version="v1",
-    )
-
-
 def test_span_log_and_metric_name_the_upstream_that_answered(
     span_exporter: tuple[trace.Tracer, InMemorySpanExporter],
 ) -> None:
@@ -53,9 +38,9 @@ def test_span_log_and_metric_name_the_upstream_that_answered(
     telemetry = Telemetry(TelemetrySettings(), dict, stream)
     telemetry.tracing.tracer = tracer
 
-    _finish(telemetry, _failed_over())
-    _finish(telemetry, _failed_over())
-    _finish(telemetry, make_request())  # no failover section: no attribute, no count
+    finish_request(telemetry, _failed_over())
+    finish_request(telemetry, _failed_over())
+    finish_request(telemetry, make_request())  # no failover section: no attribute, no count
 
     first, _, plain = exporter.get_finished_spans()
     assert dict(first.attributes or {})[ATTR_UPSTREAM] == "https://api.eu.test"
