@@ -48,6 +48,7 @@ class PathRedactor:
         if not self.patterns:
             return path_qs
         path, sep, query = path_qs.partition("?")
+        path = _normalised(path)
         for pattern in self.patterns:
             match = pattern.fullmatch(path)
             if match is None:
@@ -59,6 +60,19 @@ class PathRedactor:
                 end = stop
             return "".join([*pieces, path[end:], sep, query])
         return path_qs
+
+
+_UNRESERVED_ESCAPE = re.compile(r"%(2[dDeE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[eE])")
+_SLASHES = re.compile(r"//+")
+
+
+def _normalised(path: str) -> str:
+    """The path as the upstream will most likely read it, so `//services/...`, a trailing ``/`` or
+    ``%73ervices`` cannot slip a secret past a glob: escaped unreserved characters decoded
+    (RFC 3986 6.2.2.2), repeated slashes collapsed, a trailing slash dropped."""
+    path = _UNRESERVED_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), path)
+    path = _SLASHES.sub("/", path)
+    return path[:-1] if len(path) > 1 and path.endswith("/") else path
 
 
 def compile_globs(globs: tuple[str, ...]) -> PathRedactor:

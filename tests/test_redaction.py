@@ -121,3 +121,18 @@ async def test_the_attempt_span_url_hides_the_path_secret(
     url = str((client.attributes or {})["url.full"])
     assert url == "http://api.test/services/REDACTED/REDACTED/REDACTED?x=REDACTED"
     assert "XXXXsecret" not in url
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "//services/T000/B000/SECRET",
+        "/services//T000/B000/SECRET",
+        "/services/T000/B000/SECRET/",
+        "/%73ervices/T000/B000/SECRET",
+        "/services/T000/B000/SECRE%54",
+    ],
+)
+def test_path_variants_cannot_slip_a_secret_past_a_glob(path: str) -> None:
+    redactor = compile_globs((SLACK,))
+    assert redactor.redact(path + "?x=1") == "/services/REDACTED/REDACTED/REDACTED?x=1"

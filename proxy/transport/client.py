@@ -35,7 +35,7 @@ class UpstreamClient:
         self.resolver = resolver or CheckedResolver()
         self._max_head_bytes = max_header_bytes
         self.pool = ConnectionPool(max_connections_per_upstream, keepalive)
-        self._ssl_contexts: dict[TlsSettings, ssl.SSLContext] = {}
+        self._ssl_contexts: dict[TlsSettings, tuple[_FileStamps, ssl.SSLContext]] = {}
 
     async def close(self) -> None:
         self.pool.close_all()
@@ -158,15 +158,18 @@ class UpstreamClient:
             raise failures.cannot_connect(authority, exc) from exc
 
     def forget_tls_contexts(self) -> None:
-        """New attempts build their contexts (and so their pool keys) from the files as they are now."""
-        self._ssl_contexts.clear()
+        """Contexts whose files changed are built again from the files as they are now (and so get
+        new pool keys); the others, and their pooled connections, stay."""
+        for tls, (files, _) in list(self._ssl_contexts.items()):
+            if _tls_files(tls) != files:
+                del self._ssl_contexts[tls]
 
     def _ssl_context(self, tls: TlsSettings) -> ssl.SSLContext:
         """One context per distinct TLS section: pooled connections are keyed by it."""
-        context = self._ssl_contexts.get(tls)
-        if context is None:
-            context = self._ssl_contexts[tls] = client_context(tls)
-        return context
+        cached = self._ssl_contexts.get(tls)
+        if cached is None:
+            cached = self._ssl_contexts[tls] = (_tls_files(tls), client_context(tls))
+        return cached[1]
 
 
 def _request_head(request: ProxyRequest, chunked: bool) -> bytes:
@@ -190,6 +193,23 @@ def _request_head(request: ProxyRequest, chunked: bool) -> bytes:
     lines.append(framing)
     lines.append("\r\n")
     return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+_FileStamps = tuple[tuple[str, int, int], ...]
+
+
+def _tls_files(tls: TlsSettings) -> _FileStamps:
+    """(path, mtime, size) of each file a TLS section reads: a rotation changes one of them."""
+    stamps = []
+    for path in (tls.ca_file, tls.client_cert, tls.client_key):
+        if path is not None:
+            try:
+                stat = path.stat()
+            except OSError:
+                stamps.append((str(path), -1, -1))
+            else:
+                stamps.append((str(path), stat.st_mtime_ns, stat.st_size))
+    return tuple(stamps)
 
 
 def _unpooled(connection: UpstreamConnection) -> None:

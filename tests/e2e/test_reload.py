@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -1051,7 +1053,9 @@ async def test_a_reload_renders_secrets_off_the_event_loop(
 # --------------------------------------------------------------------------- TLS files
 
 
-async def test_apply_forgets_cached_tls_contexts(tmp_path: Path, start_proxy: StartProxy) -> None:
+async def test_a_reload_rebuilds_only_the_tls_contexts_whose_files_changed(
+    tmp_path: Path, start_proxy: StartProxy
+) -> None:
     _, ca_file = write_ca_file_config(tmp_path)
     proxy = await start_proxy([loopback_policy("https://127.0.0.1:9", tls={"ca_file": str(ca_file)})])
     tls = proxy.config.policies[0].settings.tls
@@ -1059,7 +1063,11 @@ async def test_apply_forgets_cached_tls_contexts(tmp_path: Path, start_proxy: St
     before = proxy.server.upstream._ssl_context(tls)
     assert proxy.server.upstream._ssl_context(tls) is before, "cached between reloads"
     await proxy.server.apply(load_config(proxy.config.path))
-    assert proxy.server.upstream._ssl_context(tls) is not before, "a reload re-reads the TLS files"
+    assert proxy.server.upstream._ssl_context(tls) is before, "unchanged files: pooled TLS stays"
+    trustme.CA().cert_pem.write_to_path(str(ca_file))  # a rotated CA
+    os.utime(ca_file, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+    await proxy.server.apply(load_config(proxy.config.path))
+    assert proxy.server.upstream._ssl_context(tls) is not before, "a rotated file is read again"
 
 
 # --------------------------------------------------------------------------- no reload while draining
