@@ -1,15 +1,11 @@
 #!/usr/bin/env bash
-# Install Outrigger with its test dependencies into .venv, then run ruff, mypy and the test suite.
+# Install the system packages and Outrigger with its test dependencies (.venv), then run ruff, mypy
+# and the test suite.
 # The same command runs in CI (.ci/run). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-command -v curl >/dev/null || { echo "curl is required by the end-to-end tests (apt-get install curl)" >&2; exit 1; }
-command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || {
-    echo "nginx is required by the differential transport tests, which start their own on loopback" \
-        "(apt-get install nginx; .ci/run installs it without starting a system nginx)" >&2
-    exit 1
-}
+scripts/system-deps.sh  # curl, python3-venv and nginx (apt-get, as root, when missing)
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
