@@ -26,6 +26,7 @@ from pytest_aiohttp import AiohttpServer
 from proxy import event_loop
 from proxy.admin import build_admin_app
 from proxy.config.loader import Config, load_config
+from proxy.config.model import Telemetry as TelemetrySettings
 from proxy.reload import Reloader
 from proxy.server import ProxyServer
 from proxy.server import lifecycle as server_lifecycle
@@ -164,6 +165,24 @@ def span_exporter() -> Iterator[tuple[trace.Tracer, InMemorySpanExporter]]:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     yield provider.get_tracer("test"), exporter
     provider.shutdown()
+
+
+@dataclass
+class RecordingTelemetry:
+    """A `Telemetry` whose spans end in `exporter` and whose access log is written to `stream`."""
+
+    telemetry: Telemetry
+    exporter: InMemorySpanExporter
+    stream: io.BytesIO
+
+
+@pytest.fixture
+def recording_telemetry(span_exporter: tuple[trace.Tracer, InMemorySpanExporter]) -> RecordingTelemetry:
+    tracer, exporter = span_exporter
+    stream = io.BytesIO()
+    telemetry = Telemetry(TelemetrySettings(), dict, stream)
+    telemetry.tracing.tracer = tracer
+    return RecordingTelemetry(telemetry, exporter, stream)
 
 
 @pytest.fixture

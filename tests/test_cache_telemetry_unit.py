@@ -6,12 +6,10 @@ import io
 import json
 from typing import Any
 
-from opentelemetry import trace
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config.model import Telemetry as TelemetrySettings
 from proxy.telemetry import ATTR_CACHE, ATTR_CACHE_MASKED_ERROR, Telemetry
+from tests.conftest import RecordingTelemetry
 from tests.fakes import finish_request, make_request
 
 
@@ -31,12 +29,13 @@ def log_lines(telemetry: Telemetry, stream: io.BytesIO) -> list[dict[str, Any]]:
 
 
 def test_a_stale_answer_shows_its_result_and_the_failure_it_masked(
-    span_exporter: tuple[trace.Tracer, InMemorySpanExporter],
+    recording_telemetry: RecordingTelemetry,
 ) -> None:
-    tracer, exporter = span_exporter
-    stream = io.BytesIO()
-    telemetry = Telemetry(TelemetrySettings(), dict, stream)
-    telemetry.tracing.tracer = tracer
+    telemetry, exporter, stream = (
+        recording_telemetry.telemetry,
+        recording_telemetry.exporter,
+        recording_telemetry.stream,
+    )
     request = make_request()
     request.cache_result, request.cache_masked_error = "stale", "circuit_open"
     finish_request(telemetry, request)
@@ -54,12 +53,13 @@ def test_a_stale_answer_shows_its_result_and_the_failure_it_masked(
 
 
 def test_an_uncached_policys_request_records_nothing_about_the_cache(
-    span_exporter: tuple[trace.Tracer, InMemorySpanExporter],
+    recording_telemetry: RecordingTelemetry,
 ) -> None:
-    tracer, exporter = span_exporter
-    stream = io.BytesIO()
-    telemetry = Telemetry(TelemetrySettings(), dict, stream)
-    telemetry.tracing.tracer = tracer
+    telemetry, exporter, stream = (
+        recording_telemetry.telemetry,
+        recording_telemetry.exporter,
+        recording_telemetry.stream,
+    )
     finish_request(telemetry, make_request())
 
     (span,) = exporter.get_finished_spans()

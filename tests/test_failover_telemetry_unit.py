@@ -3,18 +3,14 @@
 
 from __future__ import annotations
 
-import io
 import json
 
-from opentelemetry import trace
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config.model import Telemetry as TelemetrySettings
 from proxy.config.model import UpstreamTarget
 from proxy.exchange import FailoverState, ProxyRequest
-from proxy.telemetry import Telemetry
 from proxy.telemetry.names import ATTR_UPSTREAM
+from tests.conftest import RecordingTelemetry
 from tests.fakes import finish_request, make_request
 
 EU = UpstreamTarget(scheme="https", host="api.eu.test", port=443)
@@ -31,12 +27,13 @@ def _failed_over() -> ProxyRequest:
 
 
 def test_span_log_and_metric_name_the_upstream_that_answered(
-    span_exporter: tuple[trace.Tracer, InMemorySpanExporter],
+    recording_telemetry: RecordingTelemetry,
 ) -> None:
-    tracer, exporter = span_exporter
-    stream = io.BytesIO()
-    telemetry = Telemetry(TelemetrySettings(), dict, stream)
-    telemetry.tracing.tracer = tracer
+    telemetry, exporter, stream = (
+        recording_telemetry.telemetry,
+        recording_telemetry.exporter,
+        recording_telemetry.stream,
+    )
 
     finish_request(telemetry, _failed_over())
     finish_request(telemetry, _failed_over())
