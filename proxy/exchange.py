@@ -336,6 +336,12 @@ class ProxyRequest:
     """A cached policy's answer: ``hit``, ``miss``, ``stale``, ``revalidated`` or ``bypass``."""
     cache_masked_error: str | None = None
     """The upstream failure a stale answer stood in for (an error type, or a status)."""
+    credential_key: int | None = None
+    """Index of the pooled API key the latest attempt used (None: no key pool): a provider's pause
+    or cooldown then belongs to that key, not to the whole host."""
+    retry_at_once: bool = False
+    """The latest attempt failed for a reason another attempt avoids (another key took over): the
+    retry layer retries without a backoff wait, still within max_attempts and the budget."""
 
 
 async def buffered(response: ProxyResponse, limit: int) -> tuple[ProxyResponse, bytes | None]:
