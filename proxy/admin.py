@@ -73,7 +73,7 @@ async def config(request: web.Request) -> web.Response:
 
 async def state(request: web.Request) -> web.Response:
     """Per policy: breaker, retry budget, limiter (and any provider pause), bulkhead, replay and
-    response caches, and each failover upstream's breaker."""
+    response caches, each failover upstream's breaker, and credentials (token state, keys by index)."""
     pipelines = request.app[PROXY_KEY].runtime.pipelines
     body = {
         name: {
@@ -84,6 +84,7 @@ async def state(request: web.Request) -> web.Response:
             "replay_cache": {"entries": len(s.replay)} if s.replay is not None else None,
             **_failover_state(pipelines.policies[name], s),
             "cache": s.cache.snapshot() if s.cache is not None else None,
+            **_credentials_state(s),
         }
         for name, s in pipelines.states.items()
     }
@@ -104,6 +105,15 @@ def _failover_state(policy: Policy, state: PolicyState) -> dict[str, Any]:
             ]
         }
     }
+
+
+def _credentials_state(state: PolicyState) -> dict[str, Any]:
+    """With credentials: the token's state (never the token), or each key by index (never its value)."""
+    if state.token_source is not None:
+        return {"credentials": {"oauth2": state.token_source.snapshot()}}
+    if state.key_pool is not None:
+        return {"credentials": {"keys": state.key_pool.snapshot()}}
+    return {}
 
 
 async def reload(request: web.Request) -> web.Response:

@@ -14,6 +14,7 @@
     ├── UpstreamUnreachable     502 upstream_unreachable
     │   ├── ConnectFailure          retry condition "connect-failure"
     │   └── ConnectionReset         retry condition "reset"
+    ├── CredentialsUnavailable  502 credentials_unavailable (the token endpoint failed)
     └── Timeout                 504 timeout (the total deadline)
         └── AttemptTimeout          retry condition "timeout" (one attempt's per_try)
     FaultInjected               faults.abort.status fault_injected (a drill, not a failure)
@@ -122,6 +123,14 @@ class ConnectionReset(UpstreamUnreachable):
     """The connection closed before a complete response head arrived."""
 
     condition = "reset"
+
+
+class CredentialsUnavailable(OutriggerError):
+    """No credential to send: the OAuth2 token endpoint failed or answered nonsense. Not an attempt
+    outcome (the upstream was never asked), so neither retried nor counted by the breaker."""
+
+    status = 502
+    error_type = "credentials_unavailable"
 
 
 class ClientDisconnected(OutriggerError):

@@ -15,7 +15,7 @@ from proxy.telemetry.names import redact_query
 
 
 def redacted_settings(settings: PolicySettings) -> dict[str, Any]:
-    """Settings as config YAML would write them, with header secrets redacted."""
+    """Settings as config YAML would write them, with header and credential secrets redacted."""
     data = settings.model_dump(mode="json", exclude_none=True)
     data["headers"]["set"] = {
         name: secrets.redact(name, value) for name, value in settings.headers.set.items()
@@ -25,6 +25,13 @@ def redacted_settings(settings: PolicySettings) -> dict[str, Any]:
             written["headers"]["set"] = {
                 name: secrets.redact(name, value) for name, value in upstream.headers.set.items()
             }
+    if settings.credentials is not None:
+        section = data["credentials"]
+        if settings.credentials.oauth2 is not None:
+            oauth2 = settings.credentials.oauth2
+            section["oauth2"]["client_secret"] = secrets.redact("client_secret", oauth2.client_secret)
+        if settings.credentials.keys is not None:
+            section["keys"]["values"] = [secrets.redact("key", v) for v in settings.credentials.keys.values]
     return data
 
 

@@ -10,12 +10,13 @@
     failover     picks each attempt's upstream: the first whose breaker admits it (holds their breakers)
     breaker      counts every attempt; open = fail fast (and retries stop)
     rate limit   every attempt takes a token; obeys the provider's rate-limit headers
+    credentials  OAuth2 token (one refresh + re-send on 401) or one key of a pool (per-key cooldown)
     attempt      header rules with rendered secrets, CLIENT span
     transport    SSRF-checked connect, TLS, pooled connection; connect, per_try and idle timeouts
 
 A layer whose section is absent from the settings is not in the stack. State
 that must outlive one request (budget, replay cache, breaker, bulkhead,
-limiter, response cache) lives in `PolicyState`, one per policy, shared by its routes.
+limiter, response cache, token source, key pool) lives in `PolicyState`, one per policy, shared by its routes.
 """
 
 from __future__ import annotations
@@ -29,14 +30,17 @@ from typing import Any
 from opentelemetry import trace
 
 from proxy.clock import SYSTEM_CLOCK, Clock
+from proxy.config import defaults
 from proxy.config.loader import Config
 from proxy.config.model import Policy, PolicySettings, RetryBudgetSettings
+from proxy.credentials import KeyPool, TokenSource, build_key_pool, build_token_source
 from proxy.exchange import Handler, Layer, ProxyRequest, ProxyResponse
 from proxy.layers.attempt import AttemptLayer
 from proxy.layers.breaker import BreakerLayer, CircuitBreaker
 from proxy.layers.budget import RetryBudget
 from proxy.layers.cache import CacheLayer, ResponseCache
 from proxy.layers.concurrency import Bulkhead, ConcurrencyLayer
+from proxy.layers.credentials import KeyPoolLayer, OAuth2Layer
 from proxy.layers.deadline import DeadlineLayer
 from proxy.layers.failover import FailoverLayer
 from proxy.layers.fallback import FallbackLayer
@@ -60,13 +64,21 @@ class PolicyState:
     failover_breakers: dict[str, CircuitBreaker] = dataclasses.field(default_factory=dict)
     """One breaker per ``failover.upstreams`` URL (the primary's is `breaker`)."""
     cache: ResponseCache | None = None
+    token_source: TokenSource | None = None
+    key_pool: KeyPool | None = None
 
     @classmethod
     def build(
-        cls, policy: Policy, clock: Clock, previous: tuple[Policy, PolicyState] | None = None
+        cls,
+        policy: Policy,
+        clock: Clock,
+        previous: tuple[Policy, PolicyState] | None = None,
+        base_dir: Path = Path("."),
     ) -> PolicyState:
         """Fresh state, except that each piece whose section is unchanged since `previous` carries over
-        (a reload must not reset an open breaker, a spent budget or a provider-imposed pause)."""
+        (a reload must not reset an open breaker, a spent budget or a provider-imposed pause). The
+        credentials compare as rendered: a rotated secret file renews only what it feeds (`base_dir`
+        resolves relative ``${file:}`` references)."""
 
         name = policy.name
 
@@ -97,6 +109,13 @@ class PolicyState:
             cache=carry(lambda p: p.settings.cache, "cache", lambda c: ResponseCache(c, clock)),
         )
         state.failover_breakers = _failover_breakers(policy, clock, previous)
+        credentials = policy.settings.credentials
+        state.token_source = build_token_source(
+            name, credentials, base_dir, clock, previous[1].token_source if previous else None
+        )
+        state.key_pool = build_key_pool(
+            name, credentials, base_dir, clock, previous[1].key_pool if previous else None
+        )
         old_limiter = previous[1].limiter if previous is not None else None
         if state.limiter is not None and old_limiter is not None and state.limiter is not old_limiter:
             state.limiter.adopt_provider_view(old_limiter)
@@ -181,6 +200,18 @@ def build_layers(
         layers.append(BreakerLayer(state.breaker))
     if state.limiter is not None:
         layers.append(RateLimitLayer(state.limiter))
+    if state.token_source is not None:
+        replay = settings.retries.max_replay_bytes if settings.retries else defaults.MAX_REPLAY_BYTES
+        layers.append(OAuth2Layer(state.token_source, replay, tracer))
+    elif state.key_pool is not None:
+        limit = settings.rate_limit
+        layers.append(
+            KeyPoolLayer(
+                state.key_pool,
+                limit.max_wait if limit else defaults.RATE_LIMIT_MAX_WAIT_S,
+                limit.max_pause if limit else defaults.RATE_LIMIT_MAX_PAUSE_S,
+            )
+        )
     layers.append(AttemptLayer(settings.headers, base_dir, tracer))
     return layers
 
@@ -206,7 +237,7 @@ class Pipelines:
             policies.append(router.fallback)
         for policy in policies:
             before = previous.state_of(policy.name) if previous is not None else None
-            state = PolicyState.build(policy, clock, before)
+            state = PolicyState.build(policy, clock, before, base_dir)
             if policy is router.fallback:
                 # Many unrelated hosts share this policy: one breaker, limiter, bulkhead or replay cache
                 # for all of them would let one failing host shut out the rest. Only the budget is shared.
@@ -219,6 +250,8 @@ class Pipelines:
                     replay=None,
                     failover_breakers={},
                     cache=None,
+                    token_source=None,  # nor credentials: they were issued for a known upstream
+                    key_pool=None,
                 )
             self.states[policy.name] = state
             self.policies[policy.name] = policy

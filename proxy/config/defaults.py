@@ -119,3 +119,27 @@ CACHE_KEY_HEADERS = ("Authorization",)
 CACHE_PASS_TTL_S = 60.0
 """Not configurable: after a key's response proved unstorable (no-store, too large, ...), concurrent
 misses for it stop waiting for one another this long ("hit-for-pass"), so they pay no extra latency."""
+
+OAUTH2_AUTH: Final = "basic"
+"""Client authentication at the token endpoint: HTTP Basic (RFC 6749 2.3.1), or ``body`` form fields."""
+OAUTH2_REFRESH_BEFORE_S = 60.0
+"""A token is refreshed in the background this long before it expires."""
+OAUTH2_DEFAULT_LIFETIME_S = 3600.0
+"""Lifetime assumed for a token whose response names no ``expires_in`` (RFC 6749 leaves it to docs)."""
+OAUTH2_CONNECT_TIMEOUT_S = 2.0
+OAUTH2_REQUEST_TIMEOUT_S = 5.0
+"""One call to the token endpoint, connect to the end of its body."""
+OAUTH2_ATTEMPTS = 3
+"""Calls per token fetch: connection failures, timeouts, 429 and 5xx are tried again."""
+OAUTH2_BACKOFF_BASE_S = 0.1
+OAUTH2_BACKOFF_MAX_S = 1.0
+OAUTH2_REFRESH_RETRY_S = 5.0
+"""After a failed background refresh, the next one waits this long (the old token still serves)."""
+OAUTH2_MAX_RESPONSE_BYTES = 64 * 1024
+"""A token response larger than this is malformed (no unbounded buffering)."""
+KEYS_HEADER = "Authorization"
+KEYS_FORMAT = "Bearer {key}"
+KEYS_STRATEGY: Final = "round_robin"
+KEYS_COOLDOWN_ON = ("429", "401")
+KEY_COOLDOWN_S = 60.0
+"""How long a key rests after a ``cooldown_on`` status that names no Retry-After or reset."""

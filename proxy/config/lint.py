@@ -21,7 +21,7 @@ import yaml
 
 from proxy import secrets
 from proxy.config.defaults import KEYED_METHODS
-from proxy.config.loader import Config
+from proxy.config.loader import Config, format_path
 from proxy.config.model import Backoff, Policy, PolicySettings, Retries, Route, split_host_pattern
 from proxy.config.units import format_duration
 
@@ -121,6 +121,20 @@ def _inline_secrets(settings: PolicySettings) -> Iterator[_Finding]:
             )
 
 
+def _inline_credentials(settings: PolicySettings) -> Iterator[_Finding]:
+    """A client secret or API key typed into a config file is as exposed as an inline header."""
+    if settings.credentials is None:
+        return
+    for at, template in settings.credentials.secret_templates():
+        if at == ("oauth2", "client_id") or secrets.has_reference(template):
+            continue  # a client id names the client; it is not the secret
+        yield _Finding(
+            format_path(("credentials", *at)),
+            "secret written inline; write it as ${file:PATH} or ${env:NAME} so it stays out of config files",
+            template,
+        )
+
+
 def _tunnel_blind_spots(settings: PolicySettings) -> Iterator[_Finding]:
     """A CONNECT tunnel carries bytes Outrigger cannot read (TLS from the app to the upstream)."""
     if settings.connect != "tunnel":
@@ -195,12 +209,15 @@ def _failover(settings: PolicySettings) -> Iterator[_Finding]:
 
 def _cache_shares_credentials(settings: PolicySettings) -> Iterator[_Finding]:
     """A cache not keyed by Authorization on a policy whose apps send their own: a response fetched
-    with one credential could be served to a request with another. When the policy sets (or removes)
-    Authorization itself, every request reaches the upstream with the same credential: no warning."""
+        with one credential could be served to a request with another. When the policy sets (or removes)
+        Authorization itself (header rules or credentials), every request reaches the upstream with one of
+    its credentials: no warning."""
     cache = settings.cache
     if cache is None or any(name.lower() == "authorization" for name in cache.key_headers):
         return
     names = [*settings.headers.set, *settings.headers.remove]
+    if settings.credentials is not None:
+        names.append(settings.credentials.header)
     if any(name.lower() == "authorization" for name in names):
         return
     yield _Finding(
@@ -217,6 +234,7 @@ SETTINGS_RULES: Sequence[Callable[[PolicySettings], Iterator[_Finding]]] = (
     _unsafe_methods,
     _no_budget,
     _inline_secrets,
+    _inline_credentials,
     _tunnel_blind_spots,
     _fallback_fakes_success,
     _failover,

@@ -21,6 +21,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from proxy import secrets
 from proxy.config.model import (
     POLICY_TARGET_KEYS,
+    Credentials,
     HeaderRules,
     ListenAddress,
     MainConfig,
@@ -405,8 +406,17 @@ def _resources_load(
             except secrets.SecretError as exc:
                 found.append(((*at, "set", name), str(exc)))
 
+    def check_credentials(credentials: Credentials) -> None:
+        for at, template in credentials.secret_templates():
+            try:
+                secrets.render(template, base_dir)
+            except secrets.SecretError as exc:
+                found.append((("credentials", *at), str(exc)))
+
     check_tls(settings.tls, ("tls",))
     check_headers(settings.headers, ("headers",))
+    if settings.credentials is not None:
+        check_credentials(settings.credentials)
     for index, upstream in enumerate(settings.failover.upstreams if settings.failover else ()):
         check_headers(upstream.headers, ("failover", "upstreams", index, "headers"))
         if upstream.tls is not None:
@@ -523,11 +533,15 @@ def _secret_files(main: MainConfig, policies: Sequence[Policy], config_path: Pat
     for failover in [s.failover for s in settings if s.failover is not None]:
         rules.extend(upstream.headers for upstream in failover.upstreams)
         tls_sections.extend(upstream.tls for upstream in failover.upstreams if upstream.tls is not None)
+    templates = [template for r in rules for template in r.set.values()]
+    templates.extend(
+        template
+        for s in settings
+        if s.credentials is not None
+        for _, template in s.credentials.secret_templates()
+    )
     found = {
-        file
-        for r in rules
-        for template in r.set.values()
-        for file in secrets.referenced_files(template, config_path.parent)
+        file for template in templates for file in secrets.referenced_files(template, config_path.parent)
     }
     tls_files = {
         file

@@ -475,6 +475,90 @@ class RateLimit(Frozen):
         return self.rate / self.per
 
 
+SecretTemplate = str
+"""A secret written as ``${file:PATH}`` / ``${env:NAME}`` (or, lint warns, inline): kept as the
+template; rendered when pipelines are built, like a header value."""
+
+
+def _check_token_url(url: str) -> str:
+    parsed = URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"token_url {url!r} must be an http(s):// URL")
+    if parsed.user or parsed.fragment:
+        raise ValueError(f"token_url {url!r} may not carry credentials or a fragment")
+    return url
+
+
+class OAuth2Settings(Frozen):
+    """Client-credentials grant (RFC 6749 4.4): the token goes in ``Authorization: Bearer``."""
+
+    token_url: Annotated[str, AfterValidator(_check_token_url)]
+    client_id: SecretTemplate
+    client_secret: SecretTemplate
+    scope: str | None = None
+    audience: str | None = None
+    auth: Literal["basic", "body"] = builtin.OAUTH2_AUTH
+    refresh_before: Duration = Field(default=builtin.OAUTH2_REFRESH_BEFORE_S, ge=0)
+
+
+def _check_key_format(text: str) -> str:
+    if "{key}" not in text:
+        raise ValueError("format must contain {key}, where the key goes (e.g. 'Bearer {key}')")
+    if any(ch in text for ch in "\r\n\0"):
+        raise ValueError("format may not contain CR, LF or NUL")
+    return text
+
+
+def _distinct_keys(values: tuple[str, ...]) -> tuple[str, ...]:
+    if not values:
+        raise ValueError("values needs at least 1 item: the keys of the pool")
+    if len(set(values)) != len(values):
+        raise ValueError("a key is listed twice: each key has its own cooldown")
+    return values
+
+
+class KeyPoolSettings(Frozen):
+    """API keys (or accounts) used in turn; each rests on its own after a ``cooldown_on`` status."""
+
+    header: RuleHeaderName = builtin.KEYS_HEADER
+    format: Annotated[str, AfterValidator(_check_key_format)] = builtin.KEYS_FORMAT
+    values: Annotated[
+        tuple[SecretTemplate, ...], AfterValidator(_distinct_keys), Field(json_schema_extra={"minItems": 1})
+    ]
+    strategy: Literal["round_robin", "least_used"] = builtin.KEYS_STRATEGY
+    cooldown_on: tuple[StatusCondition, ...] = builtin.KEYS_COOLDOWN_ON
+
+
+class Credentials(Frozen):
+    """What authenticates each attempt (SPEC 10): an OAuth2 token or one key of a pool."""
+
+    oauth2: OAuth2Settings | None = None
+    keys: KeyPoolSettings | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Credentials:
+        if self.oauth2 is None and self.keys is None:
+            raise ValueError("credentials needs oauth2 or keys")
+        if self.oauth2 is not None and self.keys is not None:
+            raise ValueError("set oauth2 or keys, not both: each attempt carries one credential")
+        return self
+
+    def secret_templates(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Each secret template with its key path in the section (render checks, watched files)."""
+        if self.oauth2 is not None:
+            return [
+                (("oauth2", "client_id"), self.oauth2.client_id),
+                (("oauth2", "client_secret"), self.oauth2.client_secret),
+            ]
+        assert self.keys is not None
+        return [(("keys", "values", index), value) for index, value in enumerate(self.keys.values)]
+
+    @property
+    def header(self) -> str:
+        """The request header the credential goes in."""
+        return self.keys.header if self.keys is not None else "Authorization"
+
+
 FALLBACK_ERROR_TYPES = ("circuit_open", "timeout", "upstream_unreachable", "rate_limited", "overloaded")
 """Outrigger error types a fallback may answer for (``upstream_unreachable`` covers connect
 failures and resets, ``timeout`` both ``per_try`` and ``total``)."""
@@ -624,12 +708,27 @@ class PolicySettings(Frozen):
     """Fault drills (SPEC 9): injected aborts and delays, per policy."""
     failover: Failover | None = None
     """Other upstreams for the same API, each with its own breaker (SPEC 9)."""
+    credentials: Credentials | None = None
+    """OAuth2 client credentials or an API key pool (SPEC 10), per policy."""
     _redactor: PathRedactor = PrivateAttr(default=NO_REDACTION)
 
     def model_post_init(self, context: Any) -> None:
         """Compile ``redact_paths`` once, at load: requests only run the compiled patterns."""
         if self.redact_paths:
             self._redactor = compile_globs(self.redact_paths)
+
+    @model_validator(mode="after")
+    def _credentials_header_untouched(self) -> PolicySettings:
+        """Header rules apply after the credentials layer: one naming its header would undo it."""
+        if self.credentials is None:
+            return self
+        header = self.credentials.header.lower()
+        if any(name.lower() == header for name in (*self.headers.set, *self.headers.remove)):
+            raise ValueError(
+                f"headers sets or removes {self.credentials.header}, which credentials writes;"
+                " drop it from headers"
+            )
+        return self
 
     def redact_path(self, path_qs: str) -> str:
         """`path_qs` as logs, spans and error bodies may show it (query values aside)."""

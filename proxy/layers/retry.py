@@ -4,7 +4,8 @@ A request is retried only when all hold: the outcome is a condition in `on`
 (or the provider's hint header says so), the method is safe (or carries an
 idempotency key), the body was small enough to keep, attempts remain, the
 backoff ends before the deadline, and the budget has room. Otherwise the last
-upstream response, or the last error, goes back as it is.
+upstream response, or the last error, goes back as it is. An attempt that left
+`retry_at_once` set (its key rests, another is ready) is retried without a wait.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class RetryLayer:
                 attempt += 1
                 response: ProxyResponse | None = None
                 failure: RetryableFailure | None = None
+                request.retry_at_once = False
                 try:
                     response = await next(request)
                 except (errors.ConnectFailure, errors.ConnectionReset, errors.AttemptTimeout) as exc:
@@ -136,7 +138,8 @@ class RetryLayer:
         if self.circuit_open is not None and self.circuit_open():
             log.debug("not retrying %s: the circuit breaker is open", request.target.host)
             return None
-        delay = self._delay(attempt, response)
+        # another key takes over at once: the wait the response asked for is that key's alone
+        delay = 0.0 if request.retry_at_once else self._delay(attempt, response)
         if delay is None:
             log.debug("not retrying %s: Retry-After exceeds retry_after.max", request.target.host)
             return None

@@ -37,6 +37,10 @@ class _LimiterView(Protocol):
     def quota(self) -> _QuotaView | None: ...
 
 
+class _KeyPoolView(Protocol):
+    def counts(self) -> Mapping[str, int]: ...
+
+
 class LiveState(Protocol):
     """What telemetry reads of one policy's live state. The pipeline's `PolicyState` fits it, so
     the dependency runs from pipeline to telemetry only."""
@@ -46,6 +50,9 @@ class LiveState(Protocol):
 
     @property
     def limiter(self) -> _LimiterView | None: ...
+
+    @property
+    def key_pool(self) -> _KeyPoolView | None: ...
 
 
 States = Callable[[], Mapping[str, LiveState]]
@@ -73,7 +80,15 @@ class _StateCollector(Collector):
             "The provider's quota size, as last reported by its RateLimit headers",
             labels=["host"],
         )
+        keys = GaugeMetricFamily(
+            "outrigger_credential_keys",
+            "API keys of a policy's key pool, by state (ready, resting)",
+            labels=["host", "state"],
+        )
         for name, state in self._states().items():
+            if state.key_pool is not None:
+                for key_state, count in state.key_pool.counts().items():
+                    keys.add_metric([name, key_state], count)
             if state.breaker is not None:
                 circuit.add_metric([name], CIRCUIT_STATE_VALUES[state.breaker.state])
             quota = state.limiter.quota if state.limiter is not None else None
@@ -81,7 +96,7 @@ class _StateCollector(Collector):
                 remaining.add_metric([name], quota.remaining)
             if quota is not None and quota.limit is not None:
                 limit.add_metric([name], quota.limit)
-        yield from (circuit, remaining, limit)
+        yield from (circuit, remaining, limit, keys)
 
 
 class Metrics:
