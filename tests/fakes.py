@@ -11,8 +11,9 @@ headers and body, a ready `ProxyResponse`, or an exception to raise).
 
 `ScriptedUpstream` is a real aiohttp server on 127.0.0.1 for end-to-end tests:
 it answers from a script (statuses, headers, bodies, or a reset without any
-answer) and records each request it received, with its arrival time. `Gate` and
-`body_in_two_parts` are handlers for its script; `call` and `app_request` are the app's side.
+answer) and records each request it received, with its arrival time. `Gate`,
+`TokenEndpoint` (an OAuth2 token endpoint) and `body_in_two_parts` are handlers
+for its script; `call` and `app_request` are the app's side.
 (For exact response bytes per path, on a bare TCP server, see
 `tests.e2e.upstreams.RawScriptedUpstream`.)
 """
@@ -314,6 +315,31 @@ class Gate:
                 return
             await asyncio.sleep(0.02)
         raise AssertionError(f"only {self.arrived} of {count} requests reached the upstream")
+
+
+class TokenEndpoint:
+    """An OAuth2 token endpoint handler for `ScriptedUpstream`: issues ``token-1``, ``token-2``, ...
+    (each call after `delay` seconds), or answers `failure` (status, body) while that is set."""
+
+    def __init__(self, expires_in: int | None = 3600, delay: float = 0.0, prefix: str = "token") -> None:
+        self.expires_in = expires_in
+        self.delay = delay
+        self.prefix = prefix
+        self.issued: list[str] = []
+        self.failure: tuple[int, str] | None = None
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.failure is not None:
+            status, text = self.failure
+            return web.Response(status=status, text=text, content_type="application/json")
+        token = f"{self.prefix}-{len(self.issued) + 1}"
+        self.issued.append(token)
+        document: dict[str, Any] = {"access_token": token, "token_type": "Bearer"}
+        if self.expires_in is not None:
+            document["expires_in"] = self.expires_in
+        return web.json_response(document)
 
 
 def body_in_two_parts(

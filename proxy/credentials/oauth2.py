@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 import aiohttp
-from oauthlib.oauth2 import BackendApplicationClient, OAuth2Error
+from oauthlib.oauth2 import BackendApplicationClient, MissingTokenError, OAuth2Error
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, StatusCode
@@ -202,6 +202,8 @@ class TokenSource:
         try:
             status, body = await self._post(session)
             span.set_attribute("http.response.status_code", status)
+            if status == 429 or status >= 500:
+                raise _Retryable(f"answered {status}")
             return self._parse(status, body)
         except (_Retryable, errors.CredentialsUnavailable) as failure:
             span.set_attribute("error.type", _error_type(failure))
@@ -232,8 +234,6 @@ class TokenSource:
             raise _Retryable("timed out") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise _Retryable(f"cannot connect ({type(exc).__name__})") from None
-        if status == 429 or status >= 500:
-            raise _Retryable(f"answered {status}")
         return status, data
 
     def _parse(self, status: int, data: bytes) -> _Token:
@@ -251,8 +251,11 @@ class TokenSource:
             parsed = BackendApplicationClient(self._client_id).parse_request_body_response(
                 data.decode("utf-8")
             )
+        except MissingTokenError:
+            raise unavailable("no access_token") from None
         except OAuth2Error as exc:
-            raise unavailable(f"error {exc.error}" if exc.error in _RFC6749_ERRORS else "an error") from None
+            named = f"error {exc.error}" if exc.error in _RFC6749_ERRORS else "an error response"
+            raise unavailable(named) from None
         except (ValueError, TypeError, AttributeError, Warning):  # not JSON, a scope warning, ...
             raise unavailable("a malformed token response") from None
         value = parsed.get("access_token")

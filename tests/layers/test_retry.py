@@ -14,7 +14,7 @@ from multidict import CIMultiDict
 
 from proxy import errors
 from proxy.clock import Clock
-from proxy.exchange import ProxyResponse, RetryRecord
+from proxy.exchange import Handler, ProxyRequest, ProxyResponse, RetryRecord
 from proxy.layers import retry as retry_module
 from proxy.layers.attempt import AttemptLayer
 from proxy.layers.budget import RetryBudget
@@ -296,6 +296,67 @@ async def test_retries_record_reason_and_delay() -> None:
     assert [r.reason for r in request.retries] == ["503", "connect-failure", "timeout"]
     assert [r.delay for r in request.retries] == pytest.approx([0.1, 0.2, 0.4])
     assert [r.delay for r in request.retries] == h.clock.sleeps
+
+
+# --- retry at once (another key took over) -------------------------------------------------------
+
+
+def _key_rests(step: int | tuple[int, dict[str, str]]) -> Any:
+    """A fake attempt answering `step` that leaves ``retry_at_once`` set, as the key pool layer does."""
+
+    async def attempt(request: ProxyRequest, next: Handler) -> ProxyResponse:
+        response = await next(request)
+        request.retry_at_once = response.status == 429
+        return response
+
+    return attempt
+
+
+async def test_retry_at_once_skips_backoff_and_retry_after() -> None:
+    h = Harness(on=["429"])
+    request = h.request("GET")
+    upstream = fake_upstream((429, {"Retry-After": "30"}), 429, 200)
+    response = await compose([h.layer, _key_rests(429)], upstream)(request)
+    assert response.status == 200
+    assert upstream.calls == 3
+    assert h.clock.sleeps == [0.0, 0.0]
+    assert h.uniform.calls == []
+    assert request.retries == [RetryRecord("429", 0.0), RetryRecord("429", 0.0)]
+
+
+async def test_retry_at_once_still_needs_the_condition_attempts_and_budget() -> None:
+    h = Harness(on=["503"])
+    upstream = fake_upstream(429, 200)
+    response = await compose([h.layer, _key_rests(429)], upstream)(h.request("GET"))
+    assert response.status == 429  # 429 is not in `on`: no retry, however fast it could be
+    assert upstream.calls == 1
+
+    h = Harness(on=["429"], max_attempts=2)
+    upstream = fake_upstream((429, {"Retry-After": "30"}))
+    assert (await compose([h.layer, _key_rests(429)], upstream)(h.request("GET"))).status == 429
+    assert upstream.calls == 2
+    assert h.clock.sleeps == [0.0]  # at once, and then no attempt is left
+
+    h = Harness(on=["429"], budget={"ratio": 0, "min_per_second": 0})
+    upstream = fake_upstream(429, 200)
+    assert (await compose([h.layer, _key_rests(429)], upstream)(h.request("GET"))).status == 429
+    assert upstream.calls == 1
+
+
+async def test_retry_at_once_is_reset_before_each_attempt() -> None:
+    """An attempt that does not set it (a 503 after a 429) gets the normal backoff."""
+    h = Harness(on=["429", "503"], fraction=0.5)
+    request = h.request("GET")
+    upstream = fake_upstream(429, (503, {"Retry-After": "3"}), 200)
+
+    async def only_first(request: ProxyRequest, next: Handler) -> ProxyResponse:
+        response = await next(request)
+        if upstream.calls == 1:
+            request.retry_at_once = True
+        return response
+
+    assert (await compose([h.layer, only_first], upstream)(request)).status == 200
+    assert h.clock.sleeps == [0.0, 3.0]
 
 
 # --- Retry-After ----------------------------------------------------------------------------------
