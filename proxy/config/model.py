@@ -778,7 +778,7 @@ _TWILIO_ONLY = ("public_url",)
 def _check_http_url(value: str, key: str, *, query: bool) -> str:
     url = URL(value)
     if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"{key} {value!r} must be an absolute http:// or https:// URL")
+        raise ValueError(f"{key} {value!r} must be an absolute http(s) URL")
     if url.user or url.fragment or (not query and url.query_string):
         extra = "credentials or a fragment" if query else "a query, credentials or a fragment"
         raise ValueError(f"{key} {value!r} may not carry {extra}")

@@ -75,6 +75,7 @@ class WebhookListener:
             auto_decompress=False,  # the signature covers the bytes as sent
             access_log=None,
             handler_cancellation=True,
+            lingering_time=0,  # a refused body is not read on after the answer: the connection closes
         )
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=_CANCEL_GRACE_S)
         await self._runner.setup()
