@@ -57,6 +57,10 @@ CACHE_FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     # SPEC 9: answers of policies with a cache (their traffic: test_cache_e2e)
     "outrigger_cache": ("counter", frozenset({"host", "result"})),
 }
+WEBHOOK_FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
+    # SPEC 11: inbound webhook requests (their traffic: tests/webhooks/test_listener.py)
+    "outrigger_webhooks": ("counter", frozenset({"route", "result"})),
+}
 ACCESS_LOG_FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     # beyond SPEC 8, asked for by issue 9: access log lines dropped because stdout could not keep up
     "outrigger_access_log_dropped": ("counter", frozenset()),
@@ -157,6 +161,7 @@ async def test_no_families_beyond_spec(aiohttp_server: AiohttpServerFactory, sta
         *FALLBACK_FAULT_FAMILIES,
         *FAILOVER_FAMILIES,
         *CACHE_FAMILIES,
+        *WEBHOOK_FAMILIES,
     }
     assert set(metrics.families) <= known, sorted(metrics.families)
 
