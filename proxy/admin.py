@@ -8,7 +8,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.config.model import Policy
-from proxy.explain import redacted_settings
+from proxy.explain import redacted_settings, redacted_webhooks
 from proxy.pipeline import PolicyState
 from proxy.reload import Reloader
 from proxy.server import ProxyServer
@@ -63,8 +63,9 @@ async def config(request: web.Request) -> web.Response:
         "last_reload": last.as_dict() if last else None,
         "last_reload_error": last.error if last and not last.ok else None,
         "main": {
-            **main.model_dump(mode="json", exclude={"defaults"}),
+            **main.model_dump(mode="json", exclude={"defaults", "webhooks"}),
             "defaults": redacted_settings(main.defaults),
+            "webhooks": redacted_webhooks(main.webhooks),
         },
         "policies": policies,
     }

@@ -18,6 +18,14 @@
     └── Timeout                 504 timeout (the total deadline)
         └── AttemptTimeout          retry condition "timeout" (one attempt's per_try)
     FaultInjected               faults.abort.status fault_injected (a drill, not a failure)
+    WebhookRefused                  answered by the webhook listener (SPEC 11), never by the proxy
+    ├── SignatureInvalid        401 signature_invalid
+    ├── SignatureExpired        401 signature_expired (authentic, but outside `tolerance`)
+    ├── WebhookNotFound         404 not_found (no route has that path)
+    ├── WebhookMethodNotAllowed 405 method_not_allowed (routes take POST only)
+    ├── WebhookBodyTimeout      408 request_timeout (the body did not arrive in time)
+    ├── BodyTooLarge            413 body_too_large (above the route's max_body_bytes)
+    └── StoreUnavailable        503 store_unavailable (the event could not be stored)
 
 Layers raise these; only the server turns them into responses, so the error
 body is written in exactly one place.
@@ -161,6 +169,51 @@ class FaultInjected(OutriggerError):
     def __init__(self, message: str, *, status: int, host: str = "") -> None:
         super().__init__(message, host=host)
         self.status = status  # type: ignore[misc]  # the drill's own status, per instance
+
+
+class WebhookRefused(OutriggerError):
+    """An inbound webhook refused before it was handed on; messages name what failed, never the
+    signature or the secret."""
+
+
+class SignatureInvalid(WebhookRefused):
+    status = 401
+    error_type = "signature_invalid"
+
+
+class SignatureExpired(WebhookRefused):
+    status = 401
+    error_type = "signature_expired"
+
+
+class WebhookNotFound(WebhookRefused):
+    status = 404
+    error_type = "not_found"
+
+
+class WebhookMethodNotAllowed(WebhookRefused):
+    status = 405
+    error_type = "method_not_allowed"
+
+    def headers(self) -> CIMultiDict[str]:
+        headers = super().headers()
+        headers["Allow"] = "POST"
+        return headers
+
+
+class WebhookBodyTimeout(WebhookRefused):
+    status = 408
+    error_type = "request_timeout"
+
+
+class BodyTooLarge(WebhookRefused):
+    status = 413
+    error_type = "body_too_large"
+
+
+class StoreUnavailable(WebhookRefused):
+    status = 503
+    error_type = "store_unavailable"
 
 
 LOCAL_REFUSALS = frozenset(

@@ -9,7 +9,7 @@ from yarl import URL
 
 from proxy import secrets
 from proxy.config.loader import Config
-from proxy.config.model import PolicySettings
+from proxy.config.model import PolicySettings, Webhooks
 from proxy.routing import Router, dedicated_upstream, upstream_for
 from proxy.telemetry.names import redact_query
 
@@ -32,6 +32,21 @@ def redacted_settings(settings: PolicySettings) -> dict[str, Any]:
             section["oauth2"]["client_secret"] = secrets.redact("client_secret", oauth2.client_secret)
         if settings.credentials.keys is not None:
             section["keys"]["values"] = [secrets.redact("key", v) for v in settings.credentials.keys.values]
+    return data
+
+
+def redacted_webhooks(webhooks: Webhooks | None) -> dict[str, Any] | None:
+    """The ``webhooks`` section as written, each secret shown only as its ``${file:}``/``${env:}``
+    reference (a secret written inline is replaced)."""
+    if webhooks is None:
+        return None
+    data = webhooks.model_dump(mode="json", exclude_none=True)
+    for written, route in zip(data["routes"], webhooks.routes, strict=True):
+        verify = route.verify
+        if verify.secret is not None:
+            written["verify"]["secret"] = secrets.redact("secret", verify.secret)
+        if verify.secrets is not None:
+            written["verify"]["secrets"] = [secrets.redact("secret", t) for t in verify.secrets]
     return data
 
 

@@ -21,6 +21,8 @@ log = logging.getLogger("outrigger.reload")
 
 RESTART_ONLY = ("listen", "admin", "limits", "drain_timeout", "drain_idle", "telemetry")
 """Main-config keys bound to sockets, the HTTP parser or the exporter at start-up."""
+WEBHOOKS_LISTEN = "webhooks.listen"
+"""Restart-only too (the webhook listener's socket); the rest of ``webhooks`` reloads."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,15 @@ class Reloader:
 
 def _check_restart_only(current: Config, new: Config) -> None:
     changed = [key for key in RESTART_ONLY if getattr(current.main, key) != getattr(new.main, key)]
+    if _webhooks_listen(current) != _webhooks_listen(new):
+        changed.append(WEBHOOKS_LISTEN)
     if changed:
         raise ConfigError(
             [f"{new.path}: {', '.join(changed)} changed: restart Outrigger to apply (not reloadable)"]
         )
+
+
+def _webhooks_listen(config: Config) -> object:
+    """The webhook listener's address; None without a ``webhooks`` section (adding or removing the
+    section opens or closes a listener, so it is a restart too)."""
+    return config.main.webhooks.listen if config.main.webhooks is not None else None

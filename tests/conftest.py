@@ -31,6 +31,7 @@ from proxy.reload import Reloader
 from proxy.server import ProxyServer
 from proxy.server import lifecycle as server_lifecycle
 from proxy.telemetry import Telemetry
+from proxy.webhooks.sink import EventSink
 from tests.e2e.otlp_receiver import OtlpReceiver
 from tests.e2e.procs import OutriggerProcess, RawUpstream
 from tests.e2e.upstreams import CountingUpstream
@@ -117,9 +118,11 @@ async def start_proxy(tmp_path: Path, started_servers: list[ProxyServer]) -> Asy
     """Start Outrigger (proxy + admin listeners) from policy dicts and main-config overrides."""
     started: list[tuple[ProxyServer, web.AppRunner]] = []
 
-    async def start(policies: list[dict[str, Any]], **main: Any) -> RunningProxy:
+    async def start(
+        policies: list[dict[str, Any]], *, webhook_sink: EventSink | None = None, **main: Any
+    ) -> RunningProxy:
         config = load_config(write_config(tmp_path, policies, **main))
-        server = ProxyServer(config)
+        server = ProxyServer(config, webhook_sink)
         admin = web.AppRunner(build_admin_app(server, Reloader(server)), access_log=None)
         await admin.setup()
         await web.TCPSite(admin, "127.0.0.1", config.main.admin.port).start()

@@ -143,3 +143,20 @@ KEYS_STRATEGY: Final = "round_robin"
 KEYS_COOLDOWN_ON = ("429", "401")
 KEY_COOLDOWN_S = 60.0
 """How long a key rests after a ``cooldown_on`` status that names no Retry-After or reset."""
+WEBHOOKS_LISTEN_HOST = "127.0.0.1"
+"""Loopback like every listener (SPEC 7): providers reach it only once it is configured to 0.0.0.0
+(or a pod IP) behind an ingress."""
+WEBHOOKS_LISTEN_PORT = 15002
+WEBHOOK_TOLERANCE_S = 300.0
+"""How far a signed timestamp may be from now (either way): the providers' own SDKs use 5 minutes."""
+WEBHOOK_DEDUPE_S = 72 * 3600.0
+"""Redeliveries of one event id within this window are acknowledged, not forwarded again."""
+WEBHOOK_MAX_BODY_BYTES = 1024 * 1024
+"""Larger webhook bodies are refused (413) before they are read or verified."""
+WEBHOOK_BODY_TIMEOUT_S = 30.0
+"""Not configurable: a webhook body must arrive whole within this (else 408), so a sender that stalls
+cannot hold a handler open."""
+WEBHOOK_DELIVERY_MAX_ATTEMPTS = 20
+WEBHOOK_DELIVERY_BACKOFF_BASE_S = 1.0
+WEBHOOK_DELIVERY_BACKOFF_MAX_S = 600.0
+WEBHOOK_DELIVERY_TTL_S = 72 * 3600.0

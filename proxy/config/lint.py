@@ -285,15 +285,30 @@ def _open_proxy(config: Config) -> Iterator[_Finding]:
         )
 
 
-def _defaults_line(config_path: Path) -> int:
-    """Line of the ``defaults:`` key in the main config (1 if it cannot be found)."""
+def _inline_webhook_secrets(config: Config) -> Iterator[_Finding]:
+    """A webhook signing secret typed into the config ends up in git and ConfigMaps like any other."""
+    for index, route in enumerate(config.main.webhooks.routes if config.main.webhooks else ()):
+        verify = route.verify
+        written = [("secret", verify.secret)] if verify.secret is not None else []
+        written += [(f"secrets[{n}]", t) for n, t in enumerate(verify.secrets or ())]
+        for key, template in written:
+            if not secrets.has_reference(template):
+                yield _Finding(
+                    f"webhooks.routes[{index}].verify.{key}",
+                    "webhook secret written inline; write it as ${file:PATH} or ${env:NAME}"
+                    " so the secret stays out of config files",
+                )
+
+
+def _main_key_line(config_path: Path, name: str) -> int:
+    """Line of a top-level key (``defaults:``, ``webhooks:``) in the main config (1 if not found)."""
     try:
         node = yaml.compose(config_path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
     except (OSError, yaml.YAMLError):
         return 1
     if isinstance(node, yaml.MappingNode):
         for key, _value in node.value:
-            if isinstance(key, yaml.ScalarNode) and key.value == "defaults":
+            if isinstance(key, yaml.ScalarNode) and key.value == name:
                 return int(key.start_mark.line) + 1
     return 1
 
@@ -312,9 +327,13 @@ def lint(config: Config) -> list[str]:
     """Every warning for a loaded config, defaults first, then policies in load order."""
     warnings: list[str] = []
     inherited = _settings_findings(config.main.defaults)
-    where = f"{config.path}:{_defaults_line(config.path)}"
+    where = f"{config.path}:{_main_key_line(config.path, 'defaults')}"
     warnings += [_format(where, f"defaults.{f.path}", f.message) for f in inherited]
     warnings += [_format(where, f.path, f.message) for f in _open_proxy(config)]
+    webhooks = list(_inline_webhook_secrets(config))
+    if webhooks:
+        at = f"{config.path}:{_main_key_line(config.path, 'webhooks')}"
+        warnings += [_format(at, f.path, f.message) for f in webhooks]
     for policy in config.policies:
         own = _settings_findings(policy.settings)
         findings = [f for f in own if f not in inherited]

@@ -35,6 +35,7 @@ from proxy.config.model import (
     UpstreamTarget,
 )
 from proxy.tls import client_context
+from proxy.webhooks.routes import route_key
 
 KeyPath = tuple[str | int, ...]
 Positions = dict[KeyPath, int]
@@ -247,6 +248,8 @@ def load_config(path: str | Path) -> Config:
     defaults_raw = defaults_doc.data if defaults_doc else {}
     if main is not None and defaults_doc is not None:
         _resources_load(main.defaults, [defaults_doc], context, problems)
+    if main is not None:
+        _webhook_secrets_load(main, root, context, problems)
 
     built = [
         (policy, doc)
@@ -427,6 +430,29 @@ def _resources_load(
     return not found
 
 
+def _webhook_secret_templates(main: MainConfig) -> Iterable[tuple[KeyPath, str, str]]:
+    """(key path, scheme, template) of every webhook secret, as written."""
+    for index, route in enumerate(main.webhooks.routes if main.webhooks is not None else ()):
+        at: KeyPath = ("webhooks", "routes", index, "verify")
+        verify = route.verify
+        if verify.secret is not None:
+            yield (*at, "secret"), verify.scheme, verify.secret
+        for number, template in enumerate(verify.secrets or ()):
+            yield (*at, "secrets", number), verify.scheme, template
+
+
+def _webhook_secrets_load(
+    main: MainConfig, root: _Document, context: dict[str, Any], problems: _Problems
+) -> None:
+    """Every webhook secret renders into a key now, so a missing file fails at load, not on the
+    first webhook (reported at the key that names it; the message never holds the secret)."""
+    for at, scheme, template in _webhook_secret_templates(main):
+        try:
+            route_key(scheme, template, context["base_dir"])
+        except ValueError as exc:  # SecretError is one
+            problems.add(root.file, _line_of(root, at), at, str(exc))
+
+
 def _check_claims(
     built: Sequence[tuple[Policy, _Document]],
     root: _Document,
@@ -446,6 +472,14 @@ def _check_claims(
         )
     ports: dict[int, str] = {listen: "used by the main listener", admin: "used by the admin listener"}
     claimed: dict[str, str] = {}
+    webhooks = main.webhooks if main is not None else None
+    if webhooks is not None:
+        at: KeyPath = ("webhooks", "listen", "port")
+        port = webhooks.listen.port
+        if port in ports:
+            problems.add(root.file, _line_of(root, at), at, f"port {port} is already {ports[port]}")
+        else:
+            ports[port] = "used by the webhook listener"
 
     def claim(
         owners: dict[Any, str], key: Any, doc: _Document, path: KeyPath, what: str, source: str
@@ -522,7 +556,8 @@ def _policy_files(directory: Path) -> list[Path]:
 
 
 def _secret_files(main: MainConfig, policies: Sequence[Policy], config_path: Path) -> list[Path]:
-    """Files whose rotation must reach running requests: ``${file:...}`` secrets and TLS material."""
+    """Files whose rotation must reach running requests: ``${file:...}`` secrets (headers and
+    webhook routes) and TLS material."""
     settings = [
         main.defaults,
         *(p.settings for p in policies),
@@ -533,13 +568,16 @@ def _secret_files(main: MainConfig, policies: Sequence[Policy], config_path: Pat
     for failover in [s.failover for s in settings if s.failover is not None]:
         rules.extend(upstream.headers for upstream in failover.upstreams)
         tls_sections.extend(upstream.tls for upstream in failover.upstreams if upstream.tls is not None)
-    templates = [template for r in rules for template in r.set.values()]
-    templates.extend(
-        template
-        for s in settings
-        if s.credentials is not None
-        for _, template in s.credentials.secret_templates()
-    )
+    templates = [
+        *(template for r in rules for template in r.set.values()),
+        *(
+            template
+            for s in settings
+            if s.credentials is not None
+            for _, template in s.credentials.secret_templates()
+        ),
+        *(template for _, _, template in _webhook_secret_templates(main)),
+    ]
     found = {
         file for template in templates for file in secrets.referenced_files(template, config_path.parent)
     }

@@ -867,6 +867,135 @@ class Telemetry(Frozen):
     access_log: bool = builtin.ACCESS_LOG
 
 
+WebhookScheme = Literal["stripe", "github", "slack", "standard", "shopify", "twilio", "hmac"]
+TIMESTAMP_SCHEMES = frozenset({"stripe", "slack", "standard"})
+"""Schemes that sign a timestamp, so `tolerance` applies (the others cannot tell a replay)."""
+_HMAC_ONLY = ("header", "algorithm", "encoding", "prefix", "id_header")
+_TWILIO_ONLY = ("public_url",)
+
+
+def _check_http_url(value: str, key: str, *, query: bool) -> str:
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{key} {value!r} must be an absolute http(s) URL")
+    if url.user or url.fragment or (not query and url.query_string):
+        extra = "credentials or a fragment" if query else "a query, credentials or a fragment"
+        raise ValueError(f"{key} {value!r} may not carry {extra}")
+    return value
+
+
+class WebhookVerify(Frozen):
+    """How a route's requests prove they come from the provider (SPEC 11)."""
+
+    scheme: WebhookScheme
+    secret: str | None = None
+    """A ``${file:PATH}`` or ``${env:NAME}`` template (rendered when the listener's routes are built)."""
+    secrets: tuple[str, ...] | None = None
+    """Several secrets, any of which may sign (rotation); instead of `secret`."""
+    tolerance: Duration = Field(default=builtin.WEBHOOK_TOLERANCE_S, gt=0)
+    header: HeaderName | None = None
+    algorithm: Literal["sha1", "sha256", "sha512"] = "sha256"
+    encoding: Literal["hex", "base64"] = "hex"
+    prefix: str = ""
+    id_header: HeaderName | None = None
+    """hmac: the header carrying the provider's event id (for dedupe); none by default."""
+    public_url: str | None = None
+    """twilio: the URL Twilio calls, as Twilio sees it (scheme, host, port, path): it signs that URL,
+    which behind an ingress or load balancer is not the listener's own address."""
+
+    @field_validator("secret", "secrets")
+    @classmethod
+    def _not_blank(cls, value: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+        for secret in (value,) if isinstance(value, str) else value or ():
+            if not secret.strip():
+                raise ValueError("a secret may not be empty")
+        if value is not None and not value:
+            raise ValueError("secrets needs at least 1 item")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, url: str | None) -> str | None:
+        return None if url is None else _check_http_url(url, "public_url", query=False)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WebhookVerify:
+        if (self.secret is None) == (self.secrets is None):
+            raise ValueError("set exactly one of secret or secrets")
+        misplaced = [
+            key
+            for key, scheme in [*((k, "hmac") for k in _HMAC_ONLY), *((k, "twilio") for k in _TWILIO_ONLY)]
+            if key in self.model_fields_set and self.scheme != scheme
+        ]
+        if misplaced:
+            raise ValueError(f"{', '.join(misplaced)} do not apply to scheme {self.scheme}")
+        if "tolerance" in self.model_fields_set and self.scheme not in TIMESTAMP_SCHEMES:
+            raise ValueError(f"tolerance does not apply: scheme {self.scheme} signs no timestamp")
+        if self.scheme == "hmac" and self.header is None:
+            raise ValueError("scheme hmac needs header: the header that carries the signature")
+        if self.scheme == "twilio" and self.public_url is None:
+            raise ValueError("scheme twilio needs public_url: the URL Twilio calls (it signs that URL)")
+        return self
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        """Every secret template, the one to try first first."""
+        return (self.secret,) if self.secret is not None else self.secrets or ()
+
+
+class DeliveryBackoff(Backoff):
+    base: Duration = Field(default=builtin.WEBHOOK_DELIVERY_BACKOFF_BASE_S, gt=0)
+    max: Duration = Field(default=builtin.WEBHOOK_DELIVERY_BACKOFF_MAX_S, gt=0)
+
+
+class WebhookDelivery(Frozen):
+    """How a stored event is delivered to the app: until it answers 2xx, `max_attempts` or `ttl`."""
+
+    max_attempts: int = Field(default=builtin.WEBHOOK_DELIVERY_MAX_ATTEMPTS, ge=1)
+    backoff: DeliveryBackoff = DeliveryBackoff()
+    ttl: Duration = Field(default=builtin.WEBHOOK_DELIVERY_TTL_S, gt=0)
+
+
+class WebhookRouteSettings(Frozen):
+    path: str
+    """Matched exactly (no globs); also the ``route`` label of the webhook metrics."""
+    verify: WebhookVerify
+    forward: str
+    """The app's URL the verified event is delivered to."""
+    dedupe: Duration = Field(default=builtin.WEBHOOK_DEDUPE_S, gt=0)
+    delivery: WebhookDelivery = WebhookDelivery()
+    max_body_bytes: ByteSize = Field(default=builtin.WEBHOOK_MAX_BODY_BYTES, ge=1)
+
+    @field_validator("path")
+    @classmethod
+    def _exact_path(cls, path: str) -> str:
+        if not path.startswith("/") or any(ch in path for ch in "?#* \t"):
+            raise ValueError("path must start with '/' and hold no query, fragment, '*' or spaces")
+        return path
+
+    @field_validator("forward")
+    @classmethod
+    def _forward_url(cls, url: str) -> str:
+        return _check_http_url(url, "forward", query=True)
+
+
+class Webhooks(Frozen):
+    listen: ListenAddress = ListenAddress(
+        host=builtin.WEBHOOKS_LISTEN_HOST, port=builtin.WEBHOOKS_LISTEN_PORT
+    )
+    routes: tuple[WebhookRouteSettings, ...] = ()
+
+    @field_validator("routes")
+    @classmethod
+    def _distinct(cls, routes: tuple[WebhookRouteSettings, ...]) -> tuple[WebhookRouteSettings, ...]:
+        seen: set[str] = set()
+        for route in routes:
+            if route.path in seen:
+                raise ValueError(f"path {route.path} is listed twice")
+            seen.add(route.path)
+        return routes
+
+
 class MainConfig(Frozen):
     """The main config file. That ``listen`` and ``admin`` use different ports is checked by the
     loader with the policies' ports, where the clashing line is known."""
@@ -883,6 +1012,8 @@ class MainConfig(Frozen):
     telemetry: Telemetry = Telemetry()
     reload_poll_interval: Duration = Field(default=builtin.RELOAD_POLL_INTERVAL_S, gt=0)
     """How often config, policy and secret files are checked for changes (by content hash)."""
+    webhooks: Webhooks | None = None
+    """Inbound webhooks (SPEC 11); absent: no webhook listener."""
 
 
 def _base_dir(info: ValidationInfo) -> Path:

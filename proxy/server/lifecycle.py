@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 from aiohttp import web
@@ -18,6 +18,9 @@ from proxy.server.protocol import ProxyWebServer
 from proxy.server.runtime import Runtime
 from proxy.telemetry import Telemetry
 from proxy.transport import UpstreamClient
+from proxy.webhooks.listener import WebhookListener
+from proxy.webhooks.routes import WebhookRoutes
+from proxy.webhooks.sink import EventSink
 
 log = logging.getLogger("outrigger.server")
 
@@ -67,10 +70,13 @@ class DrainTracker:
         return None, min(quiet_at, self.deadline) - now
 
 
-class ProxyServer:
-    """The proxy listeners (main and per-policy ports) and the current `Runtime`."""
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
-    def __init__(self, config: Config) -> None:
+
+class ProxyServer:
+    """The proxy listeners (main and per-policy ports), the webhook listener, the current `Runtime`."""
+
+    def __init__(self, config: Config, webhook_sink: EventSink | None = None) -> None:
         self._upstream: UpstreamClient | None = None
         self._runtime: Runtime | None = None
         self._initial = config
@@ -84,6 +90,9 @@ class ProxyServer:
         self._drain: DrainTracker | None = None
         """Set by drain(): the idle clock every request arriving or ending restarts."""
         self.telemetry = Telemetry(config.main.telemetry, self._states)
+        self._webhook_sink = webhook_sink
+        """Where verified webhook events go; None: they are answered 503 store_unavailable."""
+        self._webhooks: WebhookListener | None = None
 
     def _states(self) -> dict[str, PolicyState]:
         return self._runtime.pipelines.states if self._runtime is not None else {}
@@ -103,7 +112,7 @@ class ProxyServer:
         self._runtime = Runtime.build(config, self._upstream, self.telemetry.tracer)
         limits = config.main.limits
         server = ProxyWebServer(
-            self._handle,
+            self._tracked(self._proxy),
             self._refused,
             max_line_size=limits.max_header_bytes,
             max_field_size=limits.max_header_bytes,
@@ -117,6 +126,16 @@ class ProxyServer:
         await self._open(config.main.listen.port)
         for port in self.runtime.router.ports:
             await self._open(port)
+        if config.main.webhooks is not None:
+            self._webhooks = WebhookListener(self._webhook_routes, self._webhook_sink, self.telemetry)
+            await self._webhooks.start(config.main.webhooks.listen, limits, self._tracked)
+
+    def _webhook_routes(self) -> tuple[WebhookRoutes, str]:
+        """The running config's webhook routes (present while the listener runs: its ``listen``
+        is restart-only, so a reload can neither add nor remove the section)."""
+        runtime = self.runtime
+        assert runtime.webhooks is not None
+        return runtime.webhooks, runtime.config.version
 
     def build_runtime(self, config: Config) -> Runtime:
         """The runtime for `config`, carrying state over from the running one. Blocking: it renders
@@ -203,6 +222,8 @@ class ProxyServer:
             self.draining = True
             for port in list(self._sites):
                 await self._close(port)
+            if self._webhooks is not None:
+                await self._webhooks.close()
         loop = asyncio.get_running_loop()
         deadline = self._drain.deadline if self._drain else loop.time() + self._initial.main.drain_timeout
         stopped = interrupted if interrupted is not None else asyncio.Event()
@@ -225,29 +246,38 @@ class ProxyServer:
             await asyncio.wait(self._in_flight, timeout=_CANCEL_GRACE_S)
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._webhooks is not None:
+            await self._webhooks.cleanup()
         if self._upstream is not None:
             await self._upstream.close()
         await asyncio.to_thread(self.telemetry.close)
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        task: asyncio.Task[object] | None = asyncio.current_task()
-        assert task is not None
-        self._in_flight.add(task)
-        if self._drain is not None:
-            self._drain.active()
-        try:
-            response = await handler.proxy(
-                request, self.runtime, self.telemetry, self.upstream, self.draining
-            )
-        finally:
-            self._in_flight.discard(task)
+    def _tracked(self, serve: Handler) -> Handler:
+        """`serve` counted in flight, so drains and shutdown wait for it (proxy and webhook
+        requests alike)."""
+
+        async def tracked(request: web.BaseRequest) -> web.StreamResponse:
+            task: asyncio.Task[object] | None = asyncio.current_task()
+            assert task is not None
+            self._in_flight.add(task)
             if self._drain is not None:
                 self._drain.active()
-            if self.draining and not self._in_flight:
-                self._drained.set()
-        if self.draining and not response.prepared:
-            response.force_close()  # Outrigger's own answers too: the app reconnects elsewhere
-        return response
+            try:
+                response = await serve(request)
+            finally:
+                self._in_flight.discard(task)
+                if self._drain is not None:
+                    self._drain.active()
+                if self.draining and not self._in_flight:
+                    self._drained.set()
+            if self.draining and not response.prepared:
+                response.force_close()  # Outrigger's own answers too: the client reconnects elsewhere
+            return response
+
+        return tracked
+
+    async def _proxy(self, request: web.BaseRequest) -> web.StreamResponse:
+        return await handler.proxy(request, self.runtime, self.telemetry, self.upstream, self.draining)
 
     def _refused(self, request: web.BaseRequest, error: errors.OutriggerError) -> str:
         return handler.refused(request, error, self.runtime, self.telemetry)

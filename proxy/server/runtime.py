@@ -10,6 +10,7 @@ from proxy.config.loader import Config
 from proxy.pipeline import Pipelines
 from proxy.routing import Router
 from proxy.transport import UpstreamClient
+from proxy.webhooks.routes import WebhookRoutes
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,8 @@ class Runtime:
     config: Config
     router: Router
     pipelines: Pipelines
+    webhooks: WebhookRoutes | None
+    """The webhook routes with their keys rendered; None without a ``webhooks`` section."""
 
     @classmethod
     def build(
@@ -26,4 +29,6 @@ class Runtime:
     ) -> Runtime:
         router = Router(config)
         pipelines = Pipelines(config, router, upstream, tracer, previous.pipelines if previous else None)
-        return cls(config, router, pipelines)
+        webhooks = config.main.webhooks
+        routes = WebhookRoutes(webhooks, config.path.parent) if webhooks is not None else None
+        return cls(config, router, pipelines, routes)

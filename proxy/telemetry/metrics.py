@@ -168,6 +168,12 @@ class Metrics:
             ["host", "result"],
             registry=r,
         )
+        self.webhooks = Counter(
+            "outrigger_webhooks",
+            "Inbound webhook requests that matched a route, by result",
+            ["route", "result"],
+            registry=r,
+        )
         r.register(_StateCollector(states))
 
     def exposition(self) -> bytes:

@@ -61,6 +61,10 @@ CREDENTIAL_FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     # SPEC 10: keys of a pool by state (traffic: tests/e2e/test_credentials_e2e.py)
     "outrigger_credential_keys": ("gauge", frozenset({"host", "state"})),
 }
+WEBHOOK_FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
+    # SPEC 11: inbound webhook requests (their traffic: tests/webhooks/test_listener.py)
+    "outrigger_webhooks": ("counter", frozenset({"route", "result"})),
+}
 ACCESS_LOG_FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     # beyond SPEC 8, asked for by issue 9: access log lines dropped because stdout could not keep up
     "outrigger_access_log_dropped": ("counter", frozenset()),
@@ -162,6 +166,7 @@ async def test_no_families_beyond_spec(aiohttp_server: AiohttpServerFactory, sta
         *FAILOVER_FAMILIES,
         *CACHE_FAMILIES,
         *CREDENTIAL_FAMILIES,
+        *WEBHOOK_FAMILIES,
     }
     assert set(metrics.families) <= known, sorted(metrics.families)
 
