@@ -162,6 +162,11 @@ check "proxied body" "hello through outrigger" \
     "$(curl -sf -H 'Host: upstream.test' "http://127.0.0.1:$main_port/hello.txt")"
 check "x-outrigger-attempts" 1 "$(curl -sf -o /dev/null -D - -H 'Host: upstream.test' \
     "http://127.0.0.1:$main_port/hello.txt" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-outrigger-attempts" {print $2}')"
+# data_dir (SPEC 11) must be the image's volume: the default, beside the config, is read-only here.
+check "data_dir on the volume" ok "$(curl -sf "http://127.0.0.1:$admin_port/config" | python3 -c '
+import json, sys
+main = json.load(sys.stdin)["main"]
+print("ok" if main.get("data_dir", "/var/lib/outrigger") == "/var/lib/outrigger" else main["data_dir"])')"
 check "HEALTHCHECK" 0 "$(podman healthcheck run "$container" >/dev/null 2>&1; echo $?)"
 check "runs as" 10001 "$(podman exec "$container" id -u)"
 check "read-only root" 1 "$(podman exec "$container" sh -c 'touch /opt/venv/x 2>/dev/null; echo $?')"
