@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # Outrigger sidecar image (docs/deploy.md).
 #
 # Two stages: the builder makes wheels of Outrigger and every dependency; the
