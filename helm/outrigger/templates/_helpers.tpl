@@ -2,10 +2,15 @@
 Named templates for the Outrigger sidecar.
 
 Public:
-  outrigger.sidecar   the container spec (one list item) for `initContainers:`
-                      (native sidecar, the default), or for `containers:` with
-                      nativeSidecar: false
-  outrigger.volumes   the volumes it needs (list items) for `volumes:`
+  outrigger.sidecar         the container spec (one list item) for `initContainers:`
+                            (native sidecar, the default), or for `containers:` with
+                            nativeSidecar: false
+  outrigger.volumes         the volumes it needs (list items) for `volumes:`
+  outrigger.podAnnotations  for the pod template's `annotations:`: a checksum of the
+                            restart-only config keys, so only a change Outrigger cannot
+                            hot-reload rolls the pods
+  outrigger.servicePort     a port (list item) for your Service's `ports:`, the one
+                            metrics.serviceMonitor scrapes
 
 Both take the root context `.`. They work when this chart is installed on
 its own and when it is a dependency of an app chart (values under
@@ -37,6 +42,46 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{- printf "%s:%s" .Values.image.repository $tag -}}
 {{- end -}}
 
+{{- define "outrigger.adminPort" -}}
+{{- (.Values.config.admin | default dict).port | default 15000 -}}
+{{- end -}}
+
+{{- define "outrigger.dataClaimName" -}}
+{{- $pvc := .Values.data.persistentVolumeClaim -}}
+{{- if $pvc.claimName -}}
+{{- $pvc.claimName -}}
+{{- else if $pvc.create -}}
+{{- printf "%s-outrigger-data" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- fail "outrigger: data.volume persistentVolumeClaim needs data.persistentVolumeClaim.claimName or create: true" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The config keys the running proxy hot-reloads (everything else needs a restart:
+     proxy/reload.py RESTART_ONLY, and any key this list does not know yet). */}}
+{{- define "outrigger.hotReloadedKeys" -}}
+policy_dirs unknown_hosts defaults reload_poll_interval
+{{- end -}}
+
+{{- define "outrigger.restartChecksum" -}}
+{{- $hot := splitList " " (include "outrigger.hotReloadedKeys" .) -}}
+{{- $restart := dict -}}
+{{- range $key, $value := .Values.config -}}
+{{- if not (has $key $hot) -}}
+{{- $_ := set $restart $key $value -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml $restart | sha256sum -}}
+{{- end -}}
+
+{{/* Values that cannot work together fail the render instead of a pod. */}}
+{{- define "outrigger.check" -}}
+{{- $dataDir := .Values.config.data_dir -}}
+{{- if and $dataDir (ne (toString $dataDir) .Values.data.mountPath) -}}
+{{- fail (printf "outrigger: config.data_dir (%v) must be data.mountPath (%s), the only writable path" $dataDir .Values.data.mountPath) -}}
+{{- end -}}
+{{- end -}}
+
 {{/* URL of an admin endpoint, as seen from inside the pod. */}}
 {{- define "outrigger.adminUrl" -}}
 {{- $admin := .ctx.Values.config.admin | default dict -}}
@@ -50,16 +95,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{- end -}}
 
 {{- define "outrigger.probe" -}}
-{{- $admin := .ctx.Values.config.admin | default dict -}}
 {{- if eq .ctx.Values.probes.mode "httpGet" -}}
 httpGet:
   path: {{ .path }}
-  port: {{ $admin.port | default 15000 }}
+  port: outrigger-admin
 {{- else if eq .ctx.Values.probes.mode "exec" -}}
 # Runs inside the pod, so it reaches the loopback-only admin listener.
 exec:
   command:
     - python
+    - -I                         # isolated, no site: a stdlib-only probe starts fastest
+    - -S
     - -c
     - {{ printf "import sys, urllib.request as u; sys.exit(0 if u.build_opener(u.ProxyHandler({})).open('%s', timeout=2).status == 200 else 1)" (include "outrigger.adminUrl" .) | quote }}
 {{- else -}}
@@ -72,11 +118,15 @@ exec:
 
 {{/* The container, from a resolved context. */}}
 {{- define "outrigger.sidecarFor" -}}
+{{- include "outrigger.check" . -}}
 {{- $v := .Values -}}
 - name: outrigger
   image: {{ include "outrigger.image" . | quote }}
   imagePullPolicy: {{ $v.image.pullPolicy }}
   args: ["run", "-c", "/etc/outrigger/config.yaml"]
+  ports:
+    - name: outrigger-admin
+      containerPort: {{ include "outrigger.adminPort" . }}
   {{- if $v.nativeSidecar }}
   # Native sidecar (Kubernetes >= 1.29): list this under initContainers. It stops only
   # after the app has exited, so no preStop hook is needed; on SIGTERM it drains itself.
@@ -97,11 +147,10 @@ exec:
           - -c
           - {{ printf "import time; time.sleep(%v)" (($v.classicSidecar | default dict).preStopSleepSeconds | default 10) | quote }}
   {{- end }}
-  {{- if $v.nativeSidecar }}
-  # The app's containers start once this passes: Outrigger is ready before the app's first call.
+  # Readiness and liveness wait for this; as a native sidecar the app's containers do too,
+  # so Outrigger is ready before the app's first call.
   startupProbe:
     {{- include "outrigger.probe" (dict "ctx" . "path" "/readyz" "settings" $v.probes.startup) | nindent 4 }}
-  {{- end }}
   readinessProbe:
     {{- include "outrigger.probe" (dict "ctx" . "path" "/readyz" "settings" $v.probes.readiness) | nindent 4 }}
   livenessProbe:
@@ -124,6 +173,8 @@ exec:
       readOnly: true
     - name: outrigger-tmp
       mountPath: /tmp
+    - name: outrigger-data
+      mountPath: {{ $v.data.mountPath }}
     {{- range $i, $s := $v.secrets }}
     - name: {{ printf "outrigger-secret-%d" $i }}
       mountPath: {{ required "outrigger: each secrets[] entry needs mountPath" $s.mountPath }}
@@ -150,6 +201,17 @@ exec:
 - name: outrigger-tmp
   emptyDir:
     sizeLimit: 16Mi
+{{- if eq $v.data.volume "emptyDir" }}
+- name: outrigger-data
+  emptyDir:
+    {{- toYaml $v.data.emptyDir | nindent 4 }}
+{{- else if eq $v.data.volume "persistentVolumeClaim" }}
+- name: outrigger-data
+  persistentVolumeClaim:
+    claimName: {{ include "outrigger.dataClaimName" . }}
+{{- else if ne $v.data.volume "external" }}
+{{- fail "outrigger: data.volume must be emptyDir, persistentVolumeClaim or external" }}
+{{- end }}
 {{- range $i, $s := $v.secrets }}
 - name: {{ printf "outrigger-secret-%d" $i }}
   secret:
@@ -196,4 +258,19 @@ with (templates cannot return objects):
 {{- $r := dict -}}
 {{- include "outrigger.resolve" (dict "root" . "out" $r) -}}
 {{- include "outrigger.volumesFor" $r.ctx -}}
+{{- end -}}
+
+{{- define "outrigger.podAnnotations" -}}
+{{- $r := dict -}}
+{{- include "outrigger.resolve" (dict "root" . "out" $r) -}}
+checksum/outrigger-restart: {{ include "outrigger.restartChecksum" $r.ctx }}
+{{- end -}}
+
+{{- define "outrigger.servicePort" -}}
+{{- $r := dict -}}
+{{- include "outrigger.resolve" (dict "root" . "out" $r) -}}
+- name: outrigger-admin
+  port: {{ include "outrigger.adminPort" $r.ctx }}
+  targetPort: outrigger-admin
+  protocol: TCP
 {{- end -}}
