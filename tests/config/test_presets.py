@@ -258,3 +258,14 @@ def test_a_wheel_ships_the_presets(tmp_path: Path) -> None:
     (wheel,) = (tmp_path / "dist").glob("outrigger-*.whl")
     shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.startswith("proxy/presets/")}
     assert shipped == {f"proxy/presets/{name}.yaml" for name in SHIPPED}
+
+
+def test_the_example_config_built_on_presets_passes_check_strict(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--strict", "-c", str(REPO / "config.example.yaml")]) == 0
+    assert "warning" not in capsys.readouterr().out
+    built = {p.name: p.preset for p in load_config(REPO / "config.example.yaml").policies}
+    assert {name: preset for name, preset in built.items() if preset} == {
+        "api.stripe.com": "stripe",
+        "api.openai.com": "openai",
+        "*.s3.eu-west-1.amazonaws.com": "aws",
+    }
