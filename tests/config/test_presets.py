@@ -269,3 +269,15 @@ def test_the_example_config_built_on_presets_passes_check_strict(capsys: pytest.
         "api.openai.com": "openai",
         "*.s3.eu-west-1.amazonaws.com": "aws",
     }
+
+
+def test_a_preset_file_that_is_not_one_policy_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    (shelf / "two.yaml").write_text("- hosts: [a.test]\n- hosts: [b.test]\n")
+    monkeypatch.setattr(presets, "PRESET_DIR", shelf)
+    assert problems(tmp_path, {"p.yaml": "preset: two\n"}) == (
+        f"{shelf / 'two.yaml'}:1: (top level): a preset file must hold one policy (a mapping)",
+    )
