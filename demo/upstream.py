@@ -5,8 +5,9 @@ server fails in small, predictable ways so a newcomer can watch Outrigger
 proxy a request, retry a flaky one, honour ``Retry-After`` and (once a
 path keeps failing) open its circuit breaker.
 
-Run it with ``python demo/upstream.py --port 8080``. It binds 127.0.0.1
-only and needs nothing but aiohttp.
+Run it with ``python demo/upstream.py --port 8080 [--standby-port 8081]``. It
+binds 127.0.0.1 only and needs nothing but aiohttp. The standby port serves the
+same endpoints as a second "region", for the failover step.
 
 Endpoints:
 
@@ -15,6 +16,10 @@ Endpoints:
 - ``GET /down``: always 503.
 - ``GET /slow?ms=N``: waits N ms (default 3000, at most 60000), then 200.
 - ``GET /ratelimited``: 429 with ``Retry-After: 1`` on every other call.
+- ``GET /catalog``: 200 with ``Cache-Control: max-age=1`` on the first call,
+  then 503 forever: a cached copy outlives its upstream.
+- ``GET /region``: 503 on the primary port (a region that is down), 200 on the
+  standby port.
 - ``POST /echo``: the headers it received and the body it read, as JSON.
 - ``GET /stats``: how many calls reached each path.
 """
@@ -23,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
 import time
 from collections import Counter
@@ -39,6 +46,9 @@ UNMATCHED = "(unmatched)"
 log = logging.getLogger("demo-upstream")
 
 CALLS: web.AppKey[Counter[str]] = web.AppKey("calls", Counter)
+REGION: web.AppKey[str] = web.AppKey("region", str)
+PRIMARY = "primary"
+STANDBY = "standby"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -133,6 +143,25 @@ async def ratelimited(request: web.Request) -> web.Response:
     return web.json_response({"message": "ratelimited: allowed this time", "call": n})
 
 
+async def catalog(request: web.Request) -> web.Response:
+    """Fresh for 1 s once, then failing: shows the cache answering for a failed upstream."""
+    n = _calls_to(request)
+    if n == 1:
+        return web.json_response(
+            {"catalog": ["kayak", "paddle", "outrigger"], "call": n},
+            headers={"Cache-Control": "max-age=1"},
+        )
+    return web.json_response({"error": "catalog: the database is down", "call": n}, status=503)
+
+
+async def region(request: web.Request) -> web.Response:
+    """Down in the primary region, up in the standby: shows failover."""
+    name = request.app[REGION]
+    if name == PRIMARY:
+        return web.json_response({"error": "region: the primary region is down"}, status=503)
+    return web.json_response({"message": f"region: served by the {name} region"})
+
+
 async def echo(request: web.Request) -> web.Response:
     """Return the headers and body that arrived: shows what Outrigger injected."""
     body = await request.read()
@@ -153,16 +182,19 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response(dict(sorted(request.app[CALLS].items())))
 
 
-def make_app() -> web.Application:
+def make_app(region_name: str = PRIMARY) -> web.Application:
     """Build the application; separate from main() so tests can use it."""
     app = web.Application(middlewares=[count_and_log])
     app[CALLS] = Counter()
+    app[REGION] = region_name
     app.router.add_get("/", hello)
     app.router.add_get("/hello", hello)
     app.router.add_get("/flaky", flaky)
     app.router.add_get("/down", down)
     app.router.add_get("/slow", slow)
     app.router.add_get("/ratelimited", ratelimited)
+    app.router.add_get("/catalog", catalog)
+    app.router.add_get("/region", region)
     app.router.add_post("/echo", echo)
     app.router.add_get("/stats", stats)
     return app
@@ -174,15 +206,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Misbehaving demo upstream for Outrigger (binds 127.0.0.1 only)."
     )
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    parser.add_argument(
+        "--standby-port", type=int, default=None, help="also serve the standby region on this port"
+    )
     return parser.parse_args(argv)
+
+
+async def serve(port: int, standby_port: int | None) -> None:
+    """Serve the primary region (and the standby one) until cancelled."""
+    regions = [(PRIMARY, port)] + ([(STANDBY, standby_port)] if standby_port is not None else [])
+    runners = []
+    try:
+        for name, region_port in regions:
+            runner = web.AppRunner(make_app(name), access_log=None)
+            runners.append(runner)
+            await runner.setup()
+            await web.TCPSite(runner, HOST, region_port).start()
+            log.info("demo upstream (%s region) listening on http://%s:%d", name, HOST, region_port)
+        await asyncio.Event().wait()
+    finally:
+        for runner in runners:
+            await runner.cleanup()
 
 
 def main(argv: list[str] | None = None) -> None:
     """Serve until Ctrl-C or SIGTERM."""
     args = parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s upstream %(message)s")
-    log.info("demo upstream listening on http://%s:%d", HOST, args.port)
-    web.run_app(make_app(), host=HOST, port=args.port, access_log=None, print=None)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends it like Ctrl-C
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(args.port, args.standby_port))
 
 
 if __name__ == "__main__":

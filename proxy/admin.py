@@ -44,6 +44,7 @@ async def config(request: web.Request) -> web.Response:
         {
             "hosts": list(policy.hosts),
             "source": policy.source,
+            "preset": policy.preset,
             "upstream": str(policy.upstream) if policy.upstream else None,
             "listen": policy.listen,
             "settings": redacted_settings(policy.settings),

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from proxy import event_loop
 from proxy.admin import build_admin_app
+from proxy.config import presets
 from proxy.config.lint import lint
 from proxy.config.loader import Config, ConfigError, load_config
 from proxy.config.model import PolicySettings, PolicyTarget
@@ -157,6 +158,10 @@ def policy_file_schema() -> dict[str, object]:
         pass
 
     policy = PolicyFile.model_json_schema()
+    policy["properties"][presets.PRESET_KEY] = {
+        "description": "a provider preset this policy is built on; its own keys win",
+        "enum": list(presets.names()),
+    }
     definitions = policy.pop("$defs", {})
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -81,6 +81,7 @@ def explain(config: Config, method: str, url: str) -> str:
         "request": f"{method.upper()} {target.with_user(None).with_query(None)}{_query_names(url)}",
         "policy": policy.name,
         "source": policy.source,
+        "preset": policy.preset,
         "matched_by": matched_by,
         "route": None
         if match.route is None

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from proxy import secrets
+from proxy.config import presets
 from proxy.config.model import (
     POLICY_TARGET_KEYS,
     Credentials,
@@ -306,33 +307,41 @@ def _build_policy(
     context: dict[str, Any],
     problems: _Problems,
 ) -> Policy | None:
-    """One policy with `defaults` merged in. Its target, its settings and each route are
-    validated independently, so one bad part hides no problem in another."""
+    """One policy over its preset, with `defaults` merged in (built-in < defaults < preset < policy <
+    route). Its target, its settings and each route are validated independently, so one bad part
+    hides no problem in another."""
     if not isinstance(doc.data, dict):
         problems.add(doc.file, doc.positions.get(doc.prefix, 1), doc.prefix, "a policy must be a mapping")
         return None
+    written = {k: v for k, v in doc.data.items() if k != presets.PRESET_KEY}
+    preset_doc: _Document | None = None
+    if presets.PRESET_KEY in doc.data:
+        preset_doc = _preset_document(doc, problems)
+        if preset_doc is None:
+            return None
+    data = deep_merge(preset_doc.data, written) if preset_doc else written
+    own = [doc, preset_doc] if preset_doc else [doc]
     inherited = [defaults_doc] if defaults_doc else []
     # a list of routes is validated item by item below; anything else is left to PolicyTarget to reject
-    raw_routes = doc.data.get("routes")
+    raw_routes = data.get("routes")
+    routes_doc = preset_doc if preset_doc and "routes" not in written else doc
     route_docs = (
-        [_sub(_sub(doc, "routes"), i) for i in range(len(raw_routes))]
+        [_sub(_sub(routes_doc, "routes"), i) for i in range(len(raw_routes))]
         if isinstance(raw_routes, list)
         else None
     )
     target_raw = {
         k: v
-        for k, v in doc.data.items()
+        for k, v in data.items()
         if k in POLICY_TARGET_KEYS and not (k == "routes" and route_docs is not None)
     }
-    settings_raw = deep_merge(
-        defaults_raw, {k: v for k, v in doc.data.items() if k not in POLICY_TARGET_KEYS}
-    )
-    target = _validate(PolicyTarget, target_raw, [doc], context, problems)
-    settings = _validate(PolicySettings, settings_raw, [doc, *inherited], context, problems)
-    if settings is not None and not _resources_load(settings, [doc, *inherited], context, problems):
+    settings_raw = deep_merge(defaults_raw, {k: v for k, v in data.items() if k not in POLICY_TARGET_KEYS})
+    target = _validate(PolicyTarget, target_raw, own, context, problems)
+    settings = _validate(PolicySettings, settings_raw, [*own, *inherited], context, problems)
+    if settings is not None and not _resources_load(settings, [*own, *inherited], context, problems):
         settings = None
     routes = [
-        _build_route(route_doc, settings_raw, [doc, *inherited], context, problems)
+        _build_route(route_doc, settings_raw, [*own, *inherited], context, problems)
         for route_doc in route_docs or ()
     ]
     if target is None or settings is None or None in routes:
@@ -345,7 +354,29 @@ def _build_policy(
         settings=settings,
         routes=tuple(route for route in routes if route is not None),
         source=f"{doc.file}:{doc.positions.get(doc.prefix, 1)}",
+        preset=None if preset_doc is None else preset_doc.file.stem,
     )
+
+
+def _preset_document(doc: _Document, problems: _Problems) -> _Document | None:
+    """The preset a policy names, parsed; None (with the problem reported) when there is none such."""
+    name = doc.data[presets.PRESET_KEY]
+    file = presets.path_of(name) if isinstance(name, str) else None
+    if file is None:
+        at = (*doc.prefix, presets.PRESET_KEY)
+        problems.add(
+            doc.file,
+            _line_of(doc, at),
+            at,
+            f"unknown preset {name!r}: use one of {', '.join(presets.names())}",
+        )
+        return None
+    preset = _compose(file, problems)
+    if preset is None or not isinstance(preset.data, dict):
+        if preset is not None:
+            problems.add(file, 1, (), "a preset file must hold one policy (a mapping)")
+        return None
+    return preset
 
 
 def _check_failover_primary(
@@ -485,7 +516,7 @@ def _check_claims(
         owners: dict[Any, str], key: Any, doc: _Document, path: KeyPath, what: str, source: str
     ) -> None:
         if key in owners:
-            problems.add(doc.file, doc.positions.get(path, 1), path, f"{what} is already {owners[key]}")
+            problems.add(doc.file, _line_of(doc, path), path, f"{what} is already {owners[key]}")
         else:
             owners[key] = source
 
@@ -539,7 +570,10 @@ def watched_files(config_path: Path, main: MainConfig, policies: Sequence[Policy
         if (directory := _lexical(config_path.parent / entry)).is_dir()
         for file in _policy_files(directory)
     ]
-    return [config_path, *policy_files, *_secret_files(main, policies, config_path)]
+    preset_files = sorted(
+        {file for p in policies if p.preset and (file := presets.path_of(p.preset)) is not None}
+    )
+    return [config_path, *policy_files, *preset_files, *_secret_files(main, policies, config_path)]
 
 
 def current_fingerprint(config: Config) -> str:

@@ -1,7 +1,7 @@
 """Typed, frozen config models. Validated once at load; layers never re-check.
 
-`PolicySettings` is the mergeable body (built-in < ``defaults`` < host policy
-< route). A section that later issues add (retries, breaker, ...) goes here as
+`PolicySettings` is the mergeable body (built-in < ``defaults`` < preset <
+host policy < route). A section that later issues add (retries, breaker, ...) goes here as
 one optional field; a missing section means its layer is not in the pipeline.
 """
 
@@ -686,7 +686,7 @@ PathGlob = Annotated[str, AfterValidator(check_glob)]
 
 
 class PolicySettings(Frozen):
-    """The part of a policy that merges: built-in < defaults < host policy < route."""
+    """The part of a policy that merges: built-in < defaults < preset < host policy < route."""
 
     tls: TlsSettings = TlsSettings()
     allow_private_addresses: bool = builtin.ALLOW_PRIVATE_ADDRESSES
@@ -824,6 +824,8 @@ class Policy(Frozen):
     routes: tuple[Route, ...]
     source: str
     """FILE:LINE where the policy is written, for explain and error messages."""
+    preset: str | None = None
+    """The provider preset it is built on (``preset: stripe``), for explain and /config."""
 
     @property
     def name(self) -> str:

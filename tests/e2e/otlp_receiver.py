@@ -2,9 +2,10 @@
 
 `OtlpReceiver` is an aiohttp server accepting ``POST /v1/traces`` with a
 protobuf ``ExportTraceServiceRequest`` body (optionally gzip-encoded, as the
-SDK's exporter may send it). Every span is decoded into an `ExportedSpan`
-with hex ids, plain-Python attribute values, events and its resource's
-attributes, so tests can assert on exactly what reached the collector.
+SDK's exporter may send it). Every span is decoded (proxy/telemetry/otlp_decode.py,
+shared with the demo's trace printer) into an `ExportedSpan` with hex ids,
+plain-Python attribute values, events and its resource's attributes, so tests
+can assert on exactly what reached the collector.
 
 Outrigger exports through a `BatchSpanProcessor`, i.e. later and on another
 thread: `wait_for_spans` polls (bounded) until the expected spans arrived.
@@ -13,102 +14,22 @@ thread: `wait_for_spans` polls (bounded) until the expected spans arrived.
 from __future__ import annotations
 
 import asyncio
-import gzip
 import time
-import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import web
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+from proxy.telemetry.otlp_decode import (
+    STATUS_CODE_ERROR,
+    ExportedEvent,
+    ExportedSpan,
+    decode,
+    unpack,
 )
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-SPAN_KIND_SERVER = Span.SpanKind.SPAN_KIND_SERVER
-SPAN_KIND_CLIENT = Span.SpanKind.SPAN_KIND_CLIENT
-STATUS_CODE_ERROR = 2
-
-
-def any_value(value: AnyValue) -> Any:
-    """An OTLP `AnyValue` as the Python value the SDK was given."""
-    kind = value.WhichOneof("value")
-    if kind is None:
-        return None
-    if kind == "array_value":
-        return [any_value(item) for item in value.array_value.values]
-    if kind == "kvlist_value":
-        return attributes_of(value.kvlist_value.values)
-    return getattr(value, kind)
-
-
-def attributes_of(pairs: Iterable[KeyValue]) -> dict[str, Any]:
-    return {pair.key: any_value(pair.value) for pair in pairs}
-
-
-@dataclass(frozen=True)
-class ExportedEvent:
-    name: str
-    attributes: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class ExportedSpan:
-    name: str
-    kind: int
-    trace_id: str
-    span_id: str
-    parent_span_id: str | None
-    attributes: dict[str, Any]
-    events: tuple[ExportedEvent, ...]
-    resource: dict[str, Any]
-    status_code: int
-    start_ns: int
-    end_ns: int
-
-    @property
-    def is_server(self) -> bool:
-        return self.kind == SPAN_KIND_SERVER
-
-    @property
-    def is_client(self) -> bool:
-        return self.kind == SPAN_KIND_CLIENT
-
-    @property
-    def event_names(self) -> list[str]:
-        return [event.name for event in self.events]
-
-
-def decode(body: bytes) -> list[ExportedSpan]:
-    request = ExportTraceServiceRequest()
-    request.ParseFromString(body)
-    spans: list[ExportedSpan] = []
-    for resource_spans in request.resource_spans:
-        resource = attributes_of(resource_spans.resource.attributes)
-        for scope_spans in resource_spans.scope_spans:
-            for span in scope_spans.spans:
-                spans.append(
-                    ExportedSpan(
-                        name=span.name,
-                        kind=span.kind,
-                        trace_id=span.trace_id.hex(),
-                        span_id=span.span_id.hex(),
-                        parent_span_id=span.parent_span_id.hex() or None,
-                        attributes=attributes_of(span.attributes),
-                        events=tuple(
-                            ExportedEvent(event.name, attributes_of(event.attributes))
-                            for event in span.events
-                        ),
-                        resource=resource,
-                        status_code=span.status.code,
-                        start_ns=span.start_time_unix_nano,
-                        end_ns=span.end_time_unix_nano,
-                    )
-                )
-    return spans
+__all__ = ["STATUS_CODE_ERROR", "ExportedEvent", "ExportedSpan", "OtlpReceiver"]
 
 
 @dataclass
@@ -128,12 +49,7 @@ class OtlpReceiver:
         return f"http://127.0.0.1:{self.port}/v1/traces"
 
     async def _traces(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        encoding = request.headers.get("Content-Encoding", "").lower()
-        if encoding == "gzip":
-            body = gzip.decompress(body)
-        elif encoding == "deflate":
-            body = zlib.decompress(body)
+        body = unpack(await request.read(), request.headers.get("Content-Encoding", ""))
         self.exports += 1
         self.raw_bodies.append(body)
         self.spans.extend(decode(body))

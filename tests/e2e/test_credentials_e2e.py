@@ -20,8 +20,9 @@ import pytest
 from aiohttp import web
 
 from proxy.explain import explain
+from proxy.telemetry.otlp_decode import SPAN_KIND_CLIENT
 from tests.conftest import AccessLog, StartProxy, free_port, loopback_policy
-from tests.e2e.otlp_receiver import SPAN_KIND_CLIENT, OtlpReceiver
+from tests.e2e.otlp_receiver import OtlpReceiver
 from tests.e2e.procs import assert_error, wait_until
 from tests.e2e.test_tracing import traced
 from tests.fakes import AiohttpServerFactory, ScriptedUpstream, TokenEndpoint, admin_state, app_request, call
