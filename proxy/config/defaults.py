@@ -119,3 +119,15 @@ CACHE_KEY_HEADERS = ("Authorization",)
 CACHE_PASS_TTL_S = 60.0
 """Not configurable: after a key's response proved unstorable (no-store, too large, ...), concurrent
 misses for it stop waiting for one another this long ("hit-for-pass"), so they pay no extra latency."""
+
+DATA_DIR = "outrigger-data"
+"""The embedded store's folder (main config ``data_dir``), beside the config file unless absolute."""
+DELIVERY_MAX_ATTEMPTS = 20
+DELIVERY_BACKOFF_BASE_S = 1.0
+DELIVERY_BACKOFF_MAX_S = 600.0
+DELIVERY_TTL_S = 24 * 3600.0
+"""A delivery not done this long after it was accepted goes dead."""
+DELIVERY_MAX_BODY_BYTES = 1024 * 1024
+"""Larger fire-and-forget bodies are refused (413 body_too_large); nothing is stored."""
+DELIVERY_RETRY_ON = RETRY_ON
+"""A policy without ``retries`` still has its deliveries retried on the usual transient outcomes."""

@@ -404,6 +404,21 @@ class Idempotency(Frozen):
     replay: Replay | None = None
 
 
+class DeliveryBackoff(Backoff):
+    base: Duration = Field(default=builtin.DELIVERY_BACKOFF_BASE_S, gt=0)
+    max: Duration = Field(default=builtin.DELIVERY_BACKOFF_MAX_S, gt=0)
+
+
+class Delivery(Frozen):
+    """Fire-and-forget (SPEC 11): ``Prefer: respond-async`` requests are stored, answered 202 and
+    delivered through the policy by the worker."""
+
+    max_attempts: int = Field(default=builtin.DELIVERY_MAX_ATTEMPTS, ge=1)
+    backoff: DeliveryBackoff = DeliveryBackoff()
+    ttl: Duration = Field(default=builtin.DELIVERY_TTL_S, gt=0)
+    max_body_bytes: ByteSize = Field(default=builtin.DELIVERY_MAX_BODY_BYTES, ge=0)
+
+
 class CircuitBreakerSettings(Frozen):
     failure_threshold: int = Field(default=builtin.BREAKER_FAILURE_THRESHOLD, ge=1)
     reset_timeout: Duration = Field(default=builtin.BREAKER_RESET_TIMEOUT_S, gt=0)
@@ -624,6 +639,8 @@ class PolicySettings(Frozen):
     """Fault drills (SPEC 9): injected aborts and delays, per policy."""
     failover: Failover | None = None
     """Other upstreams for the same API, each with its own breaker (SPEC 9)."""
+    delivery: Delivery | None = None
+    """Durable fire-and-forget delivery (SPEC 11); per policy (routes cannot change it)."""
     _redactor: PathRedactor = PrivateAttr(default=NO_REDACTION)
 
     def model_post_init(self, context: Any) -> None:
@@ -784,6 +801,13 @@ class MainConfig(Frozen):
     telemetry: Telemetry = Telemetry()
     reload_poll_interval: Duration = Field(default=builtin.RELOAD_POLL_INTERVAL_S, gt=0)
     """How often config, policy and secret files are checked for changes (by content hash)."""
+    data_dir: Path = Field(default=Path(builtin.DATA_DIR), validate_default=True)
+    """The embedded delivery store's folder; created on first use (only when something needs it)."""
+
+    @field_validator("data_dir")
+    @classmethod
+    def _resolve_data_dir(cls, path: Path, info: ValidationInfo) -> Path:
+        return path if path.is_absolute() else _base_dir(info) / path
 
 
 def _base_dir(info: ValidationInfo) -> Path:

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from proxy import errors
 from proxy.config.loader import Config
+from proxy.delivery import service as delivery
 from proxy.pipeline import PolicyState
 from proxy.server import handler
 from proxy.server.protocol import ProxyWebServer
@@ -84,6 +85,8 @@ class ProxyServer:
         self._drain: DrainTracker | None = None
         """Set by drain(): the idle clock every request arriving or ending restarts."""
         self.telemetry = Telemetry(config.main.telemetry, self._states)
+        self.deliveries: delivery.DeliveryService | None = None
+        """Built when a config first needs it (a policy with ``delivery``); None costs nothing."""
 
     def _states(self) -> dict[str, PolicyState]:
         return self._runtime.pipelines.states if self._runtime is not None else {}
@@ -114,6 +117,7 @@ class ProxyServer:
         )
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=_CANCEL_GRACE_S)
         await self._runner.setup()
+        await self._start_deliveries(config)
         await self._open(config.main.listen.port)
         for port in self.runtime.router.ports:
             await self._open(port)
@@ -147,9 +151,19 @@ class ProxyServer:
                 for port in opened:
                     await self._close(port)
                 raise
+            await self._start_deliveries(config)
             self._runtime = runtime
             for port in sorted(set(self._sites) - wanted):
                 await self._close(port)
+
+    async def _start_deliveries(self, config: Config) -> None:
+        """The store and worker, the first time a config asks for them; they then stay for the
+        process's life (deliveries already stored outlive a reload that drops their policy)."""
+        if self.deliveries is None and delivery.wanted(config):
+            self.deliveries = delivery.DeliveryService(
+                config.main.data_dir, lambda: self.runtime, self.telemetry
+            )
+            await self.deliveries.start()
 
     @property
     def upstream(self) -> UpstreamClient:
@@ -223,6 +237,9 @@ class ProxyServer:
             for task in self._in_flight:
                 task.cancel()
             await asyncio.wait(self._in_flight, timeout=_CANCEL_GRACE_S)
+        if self.deliveries is not None:  # attempts in flight may finish within the drain's time
+            grace = 0.0 if stopped.is_set() else deadline - loop.time()
+            await self.deliveries.stop(grace)
         if self._runner is not None:
             await self._runner.cleanup()
         if self._upstream is not None:
@@ -237,7 +254,7 @@ class ProxyServer:
             self._drain.active()
         try:
             response = await handler.proxy(
-                request, self.runtime, self.telemetry, self.upstream, self.draining
+                request, self.runtime, self.telemetry, self.upstream, self.draining, self.deliveries
             )
         finally:
             self._in_flight.discard(task)

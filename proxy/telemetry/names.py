@@ -35,6 +35,14 @@ ATTR_FAULT = "outrigger.fault"
 """The fault a drill injected: ``abort`` or ``delay``."""
 ATTR_UPSTREAM = "outrigger.upstream"
 """With failover: the upstream of the last attempt (scheme://host[:port])."""
+ATTR_DELIVERY_ID = "outrigger.delivery.id"
+"""The stored delivery: on the SERVER span of the request that was accepted (202), and on every
+delivery attempt's span."""
+ATTR_DELIVERY_ATTEMPT = "outrigger.delivery.attempt"
+"""1 for the first delivery attempt."""
+ATTR_DELIVERY_SOURCE = "outrigger.delivery.source"
+"""The policy name, or the webhook route, a delivery belongs to."""
+DELIVERY_ID_HEADER = "x-outrigger-delivery-id"
 
 CIRCUIT_STATE_VALUES = {"closed": 0, "half-open": 1, "open": 2}
 """`outrigger_circuit_state` gauge values, keyed by the breaker's state name."""

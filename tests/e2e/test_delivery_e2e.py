@@ -1,0 +1,209 @@
+"""Fire-and-forget delivery end to end (SPEC 11): real Outrigger, real upstreams, the admin API."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from pytest_aiohttp import AiohttpServer
+
+from tests.conftest import StartProxy, free_port, loopback_policy
+from tests.e2e.otlp_receiver import OtlpReceiver
+from tests.e2e.procs import assert_error, wait_until
+from tests.fakes import Reply, ScriptedUpstream, app_request, call
+
+FAST = {"backoff": {"base": "50ms", "max": "200ms"}}
+"""Delivery retries a test can wait for."""
+
+
+def delivery_policy(upstream: str, delivery: dict[str, Any] | None = None, **policy: Any) -> dict[str, Any]:
+    return loopback_policy(upstream, delivery={**FAST, **(delivery or {})}, **policy)
+
+
+async def fire(proxy: Any, data: bytes = b'{"amount": 1}', **headers: str) -> Reply:
+    return await app_request(
+        proxy, "POST", "/v1/charges", headers={"Prefer": "respond-async", **headers}, data=data
+    )
+
+
+async def admin(proxy: Any, method: str, path: str) -> Reply:
+    return await call(method, f"http://127.0.0.1:{proxy.admin_port}{path}")
+
+
+async def settled(proxy: Any, delivery_id: str, state: str, within: float = 10.0) -> dict[str, Any]:
+    """The delivery's admin view once it is in `state` (fails after `within` seconds)."""
+    seen: dict[str, Any] = {}
+
+    async def reached() -> bool:
+        nonlocal seen
+        seen = (await admin(proxy, "GET", f"/deliveries/{delivery_id}")).json()
+        return seen.get("state") == state
+
+    assert await wait_until(reached, within=within, interval=0.05), seen
+    return seen
+
+
+async def test_accepted_with_202_id_and_location_then_delivered_once_the_upstream_is_up(
+    start_proxy: StartProxy, aiohttp_server: AiohttpServer
+) -> None:
+    port = free_port()
+    proxy = await start_proxy([delivery_policy(f"http://127.0.0.1:{port}")])
+
+    reply = await fire(proxy)
+
+    assert reply.status == 202, reply.body
+    delivery_id = reply.headers["x-outrigger-delivery-id"]
+    assert reply.headers["Location"] == f"/deliveries/{delivery_id}"
+    assert reply.json() == {"id": delivery_id, "state": "pending", "location": f"/deliveries/{delivery_id}"}
+    await wait_until(
+        lambda: _attempted(proxy, delivery_id), within=5
+    )  # at least one attempt failed against nothing
+    upstream = await ScriptedUpstream(200).start(functools.partial(aiohttp_server, port=port))
+    view = await settled(proxy, delivery_id, "done")
+    assert view["last_status"] == 200
+    assert view["attempts"] >= 2
+    assert upstream.count == 1
+    seen = upstream.seen[0]
+    assert seen.method == "POST"
+    assert seen.path_qs == "/v1/charges"
+    assert seen.body == b'{"amount": 1}'
+    assert "Prefer" not in seen.headers
+    assert seen.headers["Idempotency-Key"]
+
+
+async def _attempted(proxy: Any, delivery_id: str) -> bool:
+    view = (await admin(proxy, "GET", f"/deliveries/{delivery_id}")).json()
+    return bool(view["attempts"] >= 1)
+
+
+async def test_every_attempt_carries_the_same_injected_idempotency_key(
+    start_proxy: StartProxy, aiohttp_server: AiohttpServer
+) -> None:
+    upstream = await ScriptedUpstream(503, 503, 200).start(aiohttp_server)
+    proxy = await start_proxy([delivery_policy(upstream.url)])
+
+    delivery_id = (await fire(proxy)).headers["x-outrigger-delivery-id"]
+
+    view = await settled(proxy, delivery_id, "done")
+    assert view["attempts"] == 3
+    keys = upstream.keys()
+    assert len(keys) == 3
+    assert keys[0]
+    assert keys == [keys[0]] * 3
+
+
+async def test_an_app_supplied_key_is_kept_on_every_attempt(
+    start_proxy: StartProxy, aiohttp_server: AiohttpServer
+) -> None:
+    upstream = await ScriptedUpstream(502, 200).start(aiohttp_server)
+    proxy = await start_proxy([delivery_policy(upstream.url, idempotency={"header": "X-Key"})])
+
+    delivery_id = (await fire(proxy, **{"X-Key": "app-key-1"})).headers["x-outrigger-delivery-id"]
+
+    await settled(proxy, delivery_id, "done")
+    assert upstream.keys("X-Key") == ["app-key-1", "app-key-1"]
+
+
+async def test_a_non_retryable_answer_is_done_and_keeps_its_status(
+    start_proxy: StartProxy, aiohttp_server: AiohttpServer
+) -> None:
+    upstream = await ScriptedUpstream(400).start(aiohttp_server)
+    proxy = await start_proxy([delivery_policy(upstream.url)])
+
+    delivery_id = (await fire(proxy)).headers["x-outrigger-delivery-id"]
+
+    view = await settled(proxy, delivery_id, "done")
+    assert view["last_status"] == 400
+    assert view["attempts"] == 1
+    assert upstream.count == 1
+    listed = (await admin(proxy, "GET", "/deliveries?state=done")).json()["deliveries"]
+    assert [d["id"] for d in listed] == [delivery_id]
+
+
+async def test_dead_after_max_attempts_then_retry_redelivers_and_delete_forgets(
+    start_proxy: StartProxy, aiohttp_server: AiohttpServer
+) -> None:
+    upstream = await ScriptedUpstream(503, 503, 503, 201).start(aiohttp_server)
+    proxy = await start_proxy([delivery_policy(upstream.url, {"max_attempts": 3})])
+
+    delivery_id = (await fire(proxy)).headers["x-outrigger-delivery-id"]
+
+    dead = await settled(proxy, delivery_id, "dead")
+    assert dead["attempts"] == 3
+    assert dead["last_status"] == 503
+    assert "gave up after 3 attempt(s)" in dead["last_error"]
+    assert [d["id"] for d in (await admin(proxy, "GET", "/deliveries?state=dead")).json()["deliveries"]] == [
+        delivery_id
+    ]
+    assert upstream.count == 3
+
+    retried = await admin(proxy, "POST", f"/deliveries/{delivery_id}/retry")
+    assert retried.status == 200
+    assert retried.json()["state"] == "pending"
+    done = await settled(proxy, delivery_id, "done")
+    assert done["last_status"] == 201
+    assert upstream.count == 4
+    assert len(set(upstream.keys())) == 1  # the redelivery is the same request, same key
+
+    again = await admin(proxy, "POST", f"/deliveries/{delivery_id}/retry")
+    assert again.status == 409
+    deleted = await admin(proxy, "DELETE", f"/deliveries/{delivery_id}")
+    assert deleted.status == 200
+    assert (await admin(proxy, "GET", f"/deliveries/{delivery_id}")).status == 404
+    assert (await admin(proxy, "DELETE", f"/deliveries/{delivery_id}")).status == 404
+
+
+async def test_a_body_above_max_body_bytes_is_refused_413_and_nothing_is_stored(
+    start_proxy: StartProxy, aiohttp_server: AiohttpServer
+) -> None:
+    upstream = await ScriptedUpstream(200).start(aiohttp_server)
+    proxy = await start_proxy([delivery_policy(upstream.url, {"max_body_bytes": "1KiB"})])
+
+    reply = await fire(proxy, data=b"x" * 1025)
+
+    assert_error(
+        reply.status, reply.headers, reply.body, expected_status=413, error_type="body_too_large"
+    )
+    assert (await admin(proxy, "GET", "/deliveries")).json() == {"deliveries": []}
+    ok = await fire(proxy, data=b"x" * 1024)
+    assert ok.status == 202
+    assert upstream.count <= 1
+
+
+async def test_a_policy_without_delivery_proxies_respond_async_requests_normally(
+    start_proxy: StartProxy, aiohttp_server: AiohttpServer, tmp_path: Path
+) -> None:
+    upstream = await ScriptedUpstream(201).start(aiohttp_server)
+    proxy = await start_proxy([loopback_policy(upstream.url)])
+
+    reply = await fire(proxy)
+
+    assert reply.status == 201
+    assert upstream.seen[0].headers["Prefer"] == "respond-async"
+    assert proxy.server.deliveries is None
+    assert not (tmp_path / "outrigger-data").exists()
+    assert (await admin(proxy, "GET", "/deliveries")).status == 404
+
+
+async def test_each_delivery_attempt_is_a_span_linked_to_the_accepting_request(
+    receiver: OtlpReceiver, start_proxy: StartProxy, aiohttp_server: AiohttpServer
+) -> None:
+    upstream = await ScriptedUpstream(503, 200).start(aiohttp_server)
+    telemetry = {"traces": {"endpoint": receiver.endpoint}}
+    proxy = await start_proxy([delivery_policy(upstream.url)], telemetry=telemetry)
+
+    delivery_id = (await fire(proxy)).headers["x-outrigger-delivery-id"]
+    await settled(proxy, delivery_id, "done")
+    await proxy.server.stop()  # flushes the exporter
+
+    accepted = [s for s in receiver.servers() if s.attributes.get("outrigger.delivery.id") == delivery_id]
+    assert len(accepted) == 1
+    attempts = [s for s in receiver.spans if s.name == "delivery POST"]
+    assert [s.attributes["outrigger.delivery.attempt"] for s in attempts] == [1, 2]
+    for span in attempts:
+        assert span.attributes["outrigger.delivery.id"] == delivery_id
+        assert span.trace_id != accepted[0].trace_id  # a trace of its own ...
+        assert span.links == ((accepted[0].trace_id, accepted[0].span_id),)  # ... linked to the 202's
+        clients = [c for c in receiver.clients() if c.parent_span_id == span.span_id]
+        assert len(clients) == 1  # the pipeline's CLIENT span is the attempt span's child
