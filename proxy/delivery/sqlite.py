@@ -9,6 +9,9 @@
   only after that commit; when the commit (or a job) fails, the batch is rolled back and each job
   is retried alone, so one failure never takes a neighbour with it and nothing half-written stays.
 - Errors SQLite reports for the disk (full, read-only, I/O) become `errors.StoreUnavailable`.
+- Claims are leases held in memory (one process owns the file): claiming writes nothing, so a
+  full disk still lets the worker deliver what it holds, and a restart (or kill -9) releases
+  every claim by itself.
 - Schema versioned by ``PRAGMA user_version``; `MIGRATIONS` run in order on open.
 """
 
@@ -58,7 +61,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             created_at REAL NOT NULL,
             expires_at REAL NOT NULL,
             next_attempt_at REAL NOT NULL,
-            claimed_until REAL,
             attempts INTEGER NOT NULL DEFAULT 0,
             last_status INTEGER,
             last_error TEXT,
@@ -89,10 +91,15 @@ _COLUMNS = (
 
 
 class _Job:
-    __slots__ = ("fn", "future")
+    __slots__ = ("after_commit", "fn", "future")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+    def __init__(
+        self, fn: Callable[[sqlite3.Connection], Any], after_commit: Callable[[Any], None] | None
+    ) -> None:
         self.fn = fn
+        self.after_commit = after_commit
+        """Runs with the result on the store's thread once the transaction is committed (so a
+        rolled-back job leaves no trace in memory either)."""
         self.future: Future[Any] = Future()
 
 
@@ -148,13 +155,15 @@ class SqliteStore:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._connection: sqlite3.Connection | None = None
         self._thread: threading.Thread | None = None
+        self._leases: dict[str, float] = {}
+        """Claimed delivery id -> lease end; touched only on the store's thread."""
 
     async def open(self) -> None:
-        """Start the store's thread, create or migrate the database and release every lease (the
-        process that held them is gone). Raises StoreUnavailable; later calls try to open again."""
+        """Start the store's thread and create or migrate the database. Raises StoreUnavailable;
+        later calls try to open it again."""
         self._thread = threading.Thread(target=self._run, name="outrigger-store", daemon=True)
         self._thread.start()
-        await self._call(_release_leases)
+        await self._call(lambda _: None)
         log.info("delivery store %s open (schema version %d)", self.path, SCHEMA_VERSION)
 
     async def close(self) -> None:
@@ -218,6 +227,8 @@ class SqliteStore:
             batch[0].future.set_exception(_unavailable(error, self.path))
             return
         for job, result in zip(batch, results, strict=True):
+            if job.after_commit is not None:
+                job.after_commit(result)
             job.future.set_result(result)
 
     def _connected(self) -> sqlite3.Connection:
@@ -240,10 +251,12 @@ class SqliteStore:
                 self._connection.close()
             self._connection = None
 
-    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _call(
+        self, fn: Callable[[sqlite3.Connection], T], after_commit: Callable[[T], None] | None = None
+    ) -> T:
         if self._thread is None:
             raise errors.StoreUnavailable("the delivery store is closed")
-        job = _Job(fn)
+        job = _Job(fn, after_commit)
         self._jobs.put(job)
         result: T = await asyncio.wrap_future(job.future)
         return result
@@ -254,18 +267,38 @@ class SqliteStore:
         return await self._call(lambda c: _enqueue(c, delivery, now))
 
     async def claim(self, now: float, limit: int, lease: float) -> Sequence[Delivery]:
-        return await self._call(lambda c: _claim(c, now, limit, lease))
+        def claim(c: sqlite3.Connection) -> list[Delivery]:
+            held = {key for key, until in self._leases.items() if until > now}
+            rows = c.execute(
+                f"SELECT {_COLUMNS}, headers, body FROM deliveries WHERE state = 'pending'"
+                " AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
+                (now, limit + len(held)),
+            )
+            found = (_delivery(row[:-2], _decode_headers(row[-2]), row[-1]) for row in rows)
+            return [delivery for delivery in found if delivery.id not in held][:limit]
+
+        def hold(claimed: list[Delivery]) -> None:
+            self._leases = {key: until for key, until in self._leases.items() if until > now}
+            self._leases.update((delivery.id, now + lease) for delivery in claimed)
+
+        return await self._call(claim, hold)
 
     async def record(self, delivery_id: str, outcome: Outcome) -> None:
-        await self._call(lambda c: _record(c, delivery_id, outcome))
+        # the claim ends only once the outcome is written: a failed write keeps it (no hot loop)
+        def release(_: None) -> None:
+            self._leases.pop(delivery_id, None)
+
+        await self._call(lambda c: _record(c, delivery_id, outcome), release)
 
     async def next_due(self) -> float | None:
         def due(c: sqlite3.Connection) -> float | None:
-            row = c.execute(
-                "SELECT MIN(MAX(next_attempt_at, COALESCE(claimed_until, 0))) FROM deliveries"
-                " WHERE state = 'pending'"
-            ).fetchone()
-            return row[0] if row is not None else None
+            rows = c.execute(
+                "SELECT id, next_attempt_at FROM deliveries WHERE state = 'pending'"
+                " ORDER BY next_attempt_at LIMIT ?",
+                (len(self._leases) + 1,),
+            )
+            times = [max(at, self._leases.get(key, 0.0)) for key, at in rows]
+            return min(times) if times else None
 
         return await self._call(due)
 
@@ -290,7 +323,7 @@ class SqliteStore:
         def retry(c: sqlite3.Connection) -> Delivery | None:
             row = c.execute(
                 "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
-                " expires_at = ? + (expires_at - created_at), claimed_until = NULL, finished_at = NULL"
+                " expires_at = ? + (expires_at - created_at), finished_at = NULL"
                 f" WHERE id = ? AND state = 'dead' RETURNING {_COLUMNS}",
                 (now, now, delivery_id),
             ).fetchone()
@@ -332,10 +365,6 @@ class SqliteStore:
 # ---------------------------------------------------------------------- statements (store thread)
 
 
-def _release_leases(c: sqlite3.Connection) -> None:
-    c.execute("UPDATE deliveries SET claimed_until = NULL WHERE claimed_until IS NOT NULL")
-
-
 def _enqueue(c: sqlite3.Connection, d: NewDelivery, created: float) -> Enqueued:
     if d.dedupe_key is not None:
         row = c.execute(
@@ -373,25 +402,13 @@ def _enqueue(c: sqlite3.Connection, d: NewDelivery, created: float) -> Enqueued:
     return Enqueued(delivery_id, duplicate=False)
 
 
-def _claim(c: sqlite3.Connection, now: float, limit: int, lease: float) -> list[Delivery]:
-    rows = c.execute(
-        f"UPDATE deliveries SET claimed_until = ? WHERE id IN (SELECT id FROM deliveries"
-        " WHERE state = 'pending' AND next_attempt_at <= ? AND (claimed_until IS NULL OR claimed_until <= ?)"
-        f" ORDER BY next_attempt_at LIMIT ?) RETURNING {_COLUMNS}, headers, body",
-        (now + lease, now, now, limit),
-    ).fetchall()
-    claimed = [_delivery(row[:-2], _decode_headers(row[-2]), row[-1]) for row in rows]
-    claimed.sort(key=lambda d: d.next_attempt_at)  # RETURNING keeps no order
-    return claimed
-
-
 def _record(c: sqlite3.Connection, delivery_id: str, o: Outcome) -> None:
     finished = o.at if o.state != "pending" else None
     attempted = 1 if o.counted else 0
     c.execute(
         "UPDATE deliveries SET state = ?, attempts = attempts + ?, last_status = ?, last_error = ?,"
         " last_attempt_at = CASE WHEN ? THEN ? ELSE last_attempt_at END,"
-        " next_attempt_at = COALESCE(?, next_attempt_at), claimed_until = NULL, finished_at = ?,"
+        " next_attempt_at = COALESCE(?, next_attempt_at), finished_at = ?,"
         # a done delivery is never sent again: its request need not take space any more
         " headers = CASE WHEN ? = 'done' THEN '[]' ELSE headers END,"
         " body = CASE WHEN ? = 'done' THEN x'' ELSE body END"

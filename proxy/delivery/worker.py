@@ -43,8 +43,9 @@ log = logging.getLogger("outrigger.delivery")
 
 CONCURRENCY = 32
 """Attempts in flight at once, over every source (each policy's own limits apply as well)."""
-CLAIM_LEASE_S = 600.0
-"""How long a claimed delivery is held by this worker before it counts as abandoned."""
+CLAIM_LEASE_S = 60.0
+"""How long a claim holds: an outcome the store could not record (disk full) is tried again after it
+(this worker never runs one delivery twice at once; a restart releases every claim at once)."""
 IDLE_POLL_S = 5.0
 """The longest the worker sleeps without looking at the store (an enqueue wakes it at once)."""
 UNCONFIGURED_RECHECK_S = 30.0

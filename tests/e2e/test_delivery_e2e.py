@@ -21,9 +21,9 @@ def delivery_policy(upstream: str, delivery: dict[str, Any] | None = None, **pol
     return loopback_policy(upstream, delivery={**FAST, **(delivery or {})}, **policy)
 
 
-async def fire(proxy: Any, data: bytes = b'{"amount": 1}', **headers: str) -> Reply:
+async def fire(proxy: Any, data: bytes = b'{"amount": 1}', headers: dict[str, str] | None = None) -> Reply:
     return await app_request(
-        proxy, "POST", "/v1/charges", headers={"Prefer": "respond-async", **headers}, data=data
+        proxy, "POST", "/v1/charges", headers={"Prefer": "respond-async", **(headers or {})}, data=data
     )
 
 
@@ -99,7 +99,7 @@ async def test_an_app_supplied_key_is_kept_on_every_attempt(
     upstream = await ScriptedUpstream(502, 200).start(aiohttp_server)
     proxy = await start_proxy([delivery_policy(upstream.url, idempotency={"header": "X-Key"})])
 
-    delivery_id = (await fire(proxy, **{"X-Key": "app-key-1"})).headers["x-outrigger-delivery-id"]
+    delivery_id = (await fire(proxy, headers={"X-Key": "app-key-1"})).headers["x-outrigger-delivery-id"]
 
     await settled(proxy, delivery_id, "done")
     assert upstream.keys("X-Key") == ["app-key-1", "app-key-1"]
@@ -162,9 +162,7 @@ async def test_a_body_above_max_body_bytes_is_refused_413_and_nothing_is_stored(
 
     reply = await fire(proxy, data=b"x" * 1025)
 
-    assert_error(
-        reply.status, reply.headers, reply.body, expected_status=413, error_type="body_too_large"
-    )
+    assert_error(reply.status, reply.headers, reply.body, expected_status=413, error_type="body_too_large")
     assert (await admin(proxy, "GET", "/deliveries")).json() == {"deliveries": []}
     ok = await fire(proxy, data=b"x" * 1024)
     assert ok.status == 202
