@@ -18,6 +18,7 @@ from proxy.delivery.worker import Attempt, DeliveryWorker, decide
 from tests.fakes import FakeClock, RecordingUniform
 
 SETTINGS = DeliverySettings(max_attempts=3, backoff={"base": 1.0, "max": 8.0}, ttl=3600)
+NOT_TRACED = trace.NoOpTracer()
 ORIGIN = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
@@ -57,7 +58,7 @@ def make_worker(
     store: SqliteStore,
     source: ScriptedSource,
     clock: FakeClock,
-    tracer: trace.Tracer = trace.NoOpTracer(),
+    tracer: trace.Tracer = NOT_TRACED,
 ) -> tuple[DeliveryWorker, Results]:
     results = Results()
     worker = DeliveryWorker(store, {"policy": source}, clock, tracer, results, uniform=RecordingUniform(1.0))
