@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from pathlib import Path
 from typing import Any
 
+import pytest
+import yaml
 from pytest_aiohttp import AiohttpServer
 
+from proxy.cli import main
+from proxy.delivery import worker
 from tests.conftest import StartProxy, free_port, loopback_policy
 from tests.e2e.otlp_receiver import OtlpReceiver
 from tests.e2e.procs import assert_error, wait_until
@@ -205,3 +210,82 @@ async def test_each_delivery_attempt_is_a_span_linked_to_the_accepting_request(
         assert span.links == ((accepted[0].trace_id, accepted[0].span_id),)  # ... linked to the 202's
         clients = [c for c in receiver.clients() if c.parent_span_id == span.span_id]
         assert len(clients) == 1  # the pipeline's CLIENT span is the attempt span's child
+
+
+async def test_metrics_show_results_states_and_the_store_size(
+    start_proxy: StartProxy, aiohttp_server: AiohttpServer
+) -> None:
+    upstream = await ScriptedUpstream(200, 400).start(aiohttp_server)
+    proxy = await start_proxy([delivery_policy(upstream.url)])
+    first = (await fire(proxy)).headers["x-outrigger-delivery-id"]
+    await settled(proxy, first, "done")
+    second = (await fire(proxy)).headers["x-outrigger-delivery-id"]
+    await settled(proxy, second, "done")
+
+    text = (await admin(proxy, "GET", "/metrics")).body.decode()
+
+    assert 'outrigger_deliveries{source="upstream.test",state="done"} 2.0' in text
+    assert 'outrigger_deliveries_total{result="accepted",source="upstream.test"} 2.0' in text
+    assert 'outrigger_deliveries_total{result="delivered",source="upstream.test"} 1.0' in text
+    assert 'outrigger_deliveries_total{result="rejected",source="upstream.test"} 1.0' in text
+    size = next(line for line in text.splitlines() if line.startswith("outrigger_delivery_store_bytes "))
+    assert float(size.split()[1]) > 0
+    assert (
+        'outrigger_attempts_total{host="upstream.test",outcome="4xx"} 1.0' in text
+    )  # replayed attempts count
+
+
+async def test_the_worker_follows_reloads_and_a_vanished_policy_waits(
+    start_proxy: StartProxy, aiohttp_server: AiohttpServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker, "UNCONFIGURED_RECHECK_S", 0.2)
+    failing = await ScriptedUpstream(503).start(aiohttp_server)
+    working = await ScriptedUpstream(204).start(aiohttp_server)
+    proxy = await start_proxy([delivery_policy(failing.url)])
+    delivery_id = (await fire(proxy)).headers["x-outrigger-delivery-id"]
+    assert await wait_until(lambda: failing.count >= 1, within=5)
+
+    await _reload(proxy, tmp_path, [loopback_policy(working.url, host="other.test")])
+
+    async def waiting() -> bool:
+        view = (await admin(proxy, "GET", f"/deliveries/{delivery_id}")).json()
+        return "not in the current config" in (view["last_error"] or "")
+
+    assert await wait_until(waiting, within=5)
+    attempts = (await admin(proxy, "GET", f"/deliveries/{delivery_id}")).json()["attempts"]
+    await _reload(proxy, tmp_path, [delivery_policy(working.url)])
+    done = await settled(proxy, delivery_id, "done")
+    assert done["last_status"] == 204
+    assert done["attempts"] == attempts + 1  # waiting counted no attempt
+    assert working.count == 1
+
+
+async def _reload(proxy: Any, tmp_path: Path, policies: list[dict[str, Any]]) -> None:
+    (tmp_path / "policies" / "test.yaml").write_text(yaml.safe_dump(policies))
+    reply = await admin(proxy, "POST", "/reload")
+    assert reply.status == 200, reply.body
+
+
+async def test_the_cli_lists_shows_and_retries(
+    start_proxy: StartProxy, aiohttp_server: AiohttpServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    upstream = await ScriptedUpstream(503, 503, 202).start(aiohttp_server)
+    proxy = await start_proxy([delivery_policy(upstream.url, {"max_attempts": 2})])
+    delivery_id = (await fire(proxy)).headers["x-outrigger-delivery-id"]
+    await settled(proxy, delivery_id, "dead")
+    base = ["--admin", f"http://127.0.0.1:{proxy.admin_port}"]
+    capsys.readouterr()
+
+    assert await asyncio.to_thread(main, ["deliveries", "list", "--state", "dead", *base]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].split() == ["ID", "STATE", "SOURCE", "METHOD", "PATH", "ATTEMPTS", "LAST", "CREATED"]
+    assert listing[1].split()[:6] == [delivery_id, "dead", "upstream.test", "POST", "/v1/charges", "2"]
+    assert await asyncio.to_thread(main, ["deliveries", "show", delivery_id, *base]) == 0
+    shown = capsys.readouterr().out
+    assert f"id            {delivery_id}" in shown
+    assert "last outcome  503 status 503; gave up after 2 attempt(s)" in shown
+    assert await asyncio.to_thread(main, ["deliveries", "retry", delivery_id, *base]) == 0
+    assert "pending again" in capsys.readouterr().out
+    await settled(proxy, delivery_id, "done")
+    assert await asyncio.to_thread(main, ["deliveries", "show", "nope", *base]) == 1
+    assert "no delivery nope" in capsys.readouterr().err
