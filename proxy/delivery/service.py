@@ -23,7 +23,7 @@ from proxy.config.model import Delivery as DeliverySettings
 from proxy.delivery.intake import to_delivery
 from proxy.delivery.policy import PolicyDispatcher
 from proxy.delivery.sqlite import SqliteStore
-from proxy.delivery.store import STATES, Delivery, DeliveryStore, Kind, State
+from proxy.delivery.store import STATES, Delivery, DeliveryStore, Enqueued, Kind, NewDelivery, State
 from proxy.delivery.worker import DeliveryWorker, Dispatcher
 from proxy.exchange import BytesBody, ProxyRequest, ProxyResponse
 from proxy.telemetry import Telemetry
@@ -108,11 +108,8 @@ class DeliveryService:
     async def accept(self, request: ProxyRequest, settings: DeliverySettings) -> ProxyResponse:
         """Store the request (committed) and answer 202; BodyTooLarge and StoreUnavailable go to
         the app as Outrigger errors, with nothing stored."""
-        now = self.clock.wall()
-        stored = await self.store.enqueue(await to_delivery(request, settings, now), now)
+        stored = await self.enqueue(await to_delivery(request, settings, self.clock.wall()))
         request.delivery_id = stored.id
-        self.worker.wake()
-        self.telemetry.delivery_result(request.policy.name, "accepted")
         where = location(stored.id)
         body = json.dumps({"id": stored.id, "state": "pending", "location": where}).encode()
         headers = CIMultiDict(
@@ -124,6 +121,15 @@ class DeliveryService:
             }
         )
         return ProxyResponse(202, headers, BytesBody(body), "Accepted")
+
+    async def enqueue(self, delivery: NewDelivery) -> Enqueued:
+        """Store a delivery from any source (committed when this returns), count it and wake the
+        worker. A webhook redelivery within its dedupe window stores nothing (`duplicate`)."""
+        stored = await self.store.enqueue(delivery, self.clock.wall())
+        self.telemetry.delivery_result(delivery.source, "duplicate" if stored.duplicate else "accepted")
+        if not stored.duplicate:
+            self.worker.wake()
+        return stored
 
     async def refresh(self) -> None:
         """Read the per-(source, state) counts for the next scrape (the store answers off the loop)."""
