@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from multidict import CIMultiDict
+from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -82,9 +83,16 @@ class DeliveryService:
             "policy": PolicyDispatcher(runtime, telemetry, clock.wall)
         }
         """By delivery kind; the webhook listener adds its own (``webhook``)."""
-        self.worker = DeliveryWorker(self.store, self.dispatchers, clock, telemetry.tracer, telemetry)
+        self.worker = DeliveryWorker(self.store, self.dispatchers, clock, telemetry.tracer, self)
         self.counts: dict[tuple[str, State], int] = {}
         self._collector = _DeliveryCollector(self)
+        self._results = Counter(
+            "outrigger_deliveries",
+            "Durable deliveries by what happened: accepted, duplicate, delivered, rejected (a"
+            " non-retryable answer), retried, waiting (source not configured), dead",
+            ["source", "result"],
+            registry=None,  # registered by start(): with delivery off, /metrics has no such family
+        )
         self._registered = False
 
     async def start(self) -> None:
@@ -95,6 +103,7 @@ class DeliveryService:
         except errors.StoreUnavailable as error:
             log.error("delivery store unavailable: %s", error)
         self.telemetry.metrics.registry.register(self._collector)
+        self.telemetry.metrics.registry.register(self._results)
         self._registered = True
         self.worker.start()
 
@@ -103,7 +112,12 @@ class DeliveryService:
         await self.store.close()
         if self._registered:
             self.telemetry.metrics.registry.unregister(self._collector)
+            self.telemetry.metrics.registry.unregister(self._results)
             self._registered = False
+
+    def delivery_result(self, source: str, result: str) -> None:
+        """`outrigger_deliveries_total{source,result}` (sources and results are few)."""
+        self._results.labels(source, result).inc()
 
     async def accept(self, request: ProxyRequest, settings: DeliverySettings) -> ProxyResponse:
         """Store the request (committed) and answer 202; BodyTooLarge and StoreUnavailable go to
@@ -126,7 +140,7 @@ class DeliveryService:
         """Store a delivery from any source (committed when this returns), count it and wake the
         worker. A webhook redelivery within its dedupe window stores nothing (`duplicate`)."""
         stored = await self.store.enqueue(delivery, self.clock.wall())
-        self.telemetry.delivery_result(delivery.source, "duplicate" if stored.duplicate else "accepted")
+        self.delivery_result(delivery.source, "duplicate" if stored.duplicate else "accepted")
         if not stored.duplicate:
             self.worker.wake()
         return stored

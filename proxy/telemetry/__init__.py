@@ -231,10 +231,6 @@ class Telemetry:
         and the rest count like a live request's (there is no SERVER span or log line of its own)."""
         _record_request_facts(self.policy_metrics(request.policy.name), request, state)
 
-    def delivery_result(self, source: str, result: str) -> None:
-        """`outrigger_deliveries_total{source,result}`: sources and results are few."""
-        self.metrics.deliveries.labels(source, result).inc()
-
 
 def _record_request_facts(m: PolicyMetrics, request: ProxyRequest, state: LiveState | None) -> None:
     for attempt in request.attempt_outcomes:

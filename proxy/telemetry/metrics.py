@@ -153,13 +153,6 @@ class Metrics:
             ["host", "result"],
             registry=r,
         )
-        self.deliveries = Counter(
-            "outrigger_deliveries",
-            "Durable deliveries by what happened: accepted, duplicate, delivered, rejected (a"
-            " non-retryable answer), retried, waiting (source not configured), dead",
-            ["source", "result"],
-            registry=r,
-        )
         r.register(_StateCollector(states))
 
     def exposition(self) -> bytes:
