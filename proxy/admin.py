@@ -1,4 +1,4 @@
-"""The admin listener (its own loopback port): health, metrics, config, state, reload."""
+"""The admin listener (its own loopback port): health, metrics, config, state, reload, deliveries."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from proxy import errors
 from proxy.config.model import Policy
+from proxy.delivery.service import DeliveryService
+from proxy.delivery.store import STATES, Delivery, State
 from proxy.explain import redacted_settings, redacted_webhooks
 from proxy.pipeline import PolicyState
 from proxy.reload import Reloader
@@ -31,7 +34,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[PROXY_KEY].telemetry.metrics.exposition()
+    proxy = request.app[PROXY_KEY]
+    if proxy.deliveries is not None:
+        await proxy.deliveries.refresh()  # the store's counts, read off the loop, for this scrape
+    body = proxy.telemetry.metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -126,8 +132,85 @@ async def reload(request: web.Request) -> web.Response:
     return web.json_response(result.as_dict(), status=200 if result.ok else 422)
 
 
+LIST_LIMIT = 100
+LIST_LIMIT_MAX = 1000
+
+
+def _problem(status: int, error_type: str, message: str) -> web.Response:
+    return web.json_response({"error": {"type": error_type, "message": message}}, status=status)
+
+
+def _service(request: web.Request) -> DeliveryService:
+    service = request.app[PROXY_KEY].deliveries
+    assert service is not None, "guarded by _deliveries_guard"
+    return service
+
+
+def _view(request: web.Request, delivery: Delivery) -> dict[str, Any]:
+    """Never the body or header values; the path as the policy's redact_paths allows it shown."""
+    policy = request.app[PROXY_KEY].runtime.pipelines.policies.get(delivery.source)
+    return delivery.view(policy.redact_path if policy is not None and delivery.kind == "policy" else None)
+
+
+@web.middleware
+async def _deliveries_guard(request: web.Request, handler: Any) -> web.StreamResponse:
+    """/deliveries when delivery is off: 404 saying so; a store that cannot answer (disk gone,
+    read-only): the SPEC 5 error shape, 503."""
+    if request.path.startswith("/deliveries") and request.app[PROXY_KEY].deliveries is None:
+        return _problem(404, "deliveries_off", "durable delivery is off: no policy has a delivery section")
+    try:
+        response: web.StreamResponse = await handler(request)
+    except errors.StoreUnavailable as error:
+        return web.Response(status=error.status, body=error.body(""), headers=error.headers())
+    return response
+
+
+async def deliveries_list(request: web.Request) -> web.Response:
+    """``?state=pending|done|dead`` (default: all), newest first, at most ``?limit`` (100)."""
+    service = _service(request)
+    state = request.query.get("state")
+    if state is not None and state not in STATES:
+        return _problem(400, "bad_request", f"state must be one of {', '.join(STATES)}")
+    limit_text = request.query.get("limit", str(LIST_LIMIT))
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= LIST_LIMIT_MAX:
+        return _problem(400, "bad_request", f"limit must be a whole number from 1 to {LIST_LIMIT_MAX}")
+    chosen: State | None = next((s for s in STATES if s == state), None)
+    found = await service.list(chosen, int(limit_text))
+    return web.json_response({"deliveries": [_view(request, d) for d in found]})
+
+
+def _missing(delivery_id: str) -> web.Response:
+    return _problem(404, "delivery_not_found", f"no delivery {delivery_id}")
+
+
+async def delivery_show(request: web.Request) -> web.Response:
+    delivery_id = request.match_info["id"]
+    delivery = await _service(request).get(delivery_id)
+    return web.json_response(_view(request, delivery)) if delivery is not None else _missing(delivery_id)
+
+
+async def delivery_retry(request: web.Request) -> web.Response:
+    """A dead delivery becomes pending, due now, with fresh attempts and ttl."""
+    service, delivery_id = _service(request), request.match_info["id"]
+    retried = await service.retry(delivery_id)
+    if retried is not None:
+        return web.json_response(_view(request, retried))
+    current = await service.get(delivery_id)
+    if current is None:
+        return _missing(delivery_id)
+    message = f"delivery {delivery_id} is {current.state}: only dead ones are retried"
+    return _problem(409, "delivery_not_dead", message)
+
+
+async def delivery_delete(request: web.Request) -> web.Response:
+    delivery_id = request.match_info["id"]
+    if not await _service(request).delete(delivery_id):
+        return _missing(delivery_id)
+    return web.json_response({"id": delivery_id, "deleted": True})
+
+
 def build_admin_app(proxy: ProxyServer, reloader: Reloader) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[_deliveries_guard])
     app[PROXY_KEY] = proxy
     app[RELOADER_KEY] = reloader
     app.router.add_get("/healthz", healthz)
@@ -136,4 +219,8 @@ def build_admin_app(proxy: ProxyServer, reloader: Reloader) -> web.Application:
     app.router.add_get("/config", config)
     app.router.add_get("/state", state)
     app.router.add_post("/reload", reload)
+    app.router.add_get("/deliveries", deliveries_list)
+    app.router.add_get("/deliveries/{id}", delivery_show)
+    app.router.add_post("/deliveries/{id}/retry", delivery_retry)
+    app.router.add_delete("/deliveries/{id}", delivery_delete)
     return app

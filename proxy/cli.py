@@ -1,4 +1,4 @@
-"""The `outrigger` command: run, check, explain, schema."""
+"""The `outrigger` command: run, check, explain, schema, deliveries."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from proxy.config.lint import lint
 from proxy.config.loader import Config, ConfigError, load_config
 from proxy.config.model import PolicySettings, PolicyTarget
 from proxy.config.units import format_duration
+from proxy.deliveries_cli import DEFAULT_ADMIN_URL, deliveries_command
 from proxy.explain import explain
 from proxy.reload import Reloader
 from proxy.server import ProxyServer
@@ -48,14 +49,26 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("method")
     exp.add_argument("url")
     verbs.add_parser("schema", help="print the JSON Schema of a policy file")
+    deliveries = verbs.add_parser("deliveries", help="inspect and retry stored deliveries (admin API)")
+    deliveries.add_argument("action", choices=["list", "show", "retry"])
+    deliveries.add_argument("id", nargs="?", help="the delivery id (show, retry)")
+    deliveries.add_argument("--state", choices=["pending", "done", "dead"], help="list: only these")
+    where = deliveries.add_mutually_exclusive_group()
+    where.add_argument("-c", "--config", help="read the admin address from this config")
+    where.add_argument("--admin", help=f"admin API base URL (default {DEFAULT_ADMIN_URL})")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.verb == "schema":
         print(json.dumps(policy_file_schema(), indent=2))
         return 0
+    if args.verb == "deliveries":
+        if args.action in ("show", "retry") and not args.id:
+            parser.error(f"deliveries {args.action} needs a delivery id")
+        return deliveries_command(args.action, args.id, args.state, args.admin, args.config)
     try:
         config = load_config(args.config)
     except ConfigError as error:

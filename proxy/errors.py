@@ -5,12 +5,14 @@
     ├── HostNotAllowed          403 host_not_allowed
     ├── AddressNotAllowed       403 address_not_allowed
     ├── ConnectNotSupported     405 connect_not_supported
+    ├── BodyTooLarge            413 body_too_large (a fire-and-forget body above delivery.max_body_bytes)
     ├── IdempotencyKeyReused    422 idempotency_key_reused
     ├── HeadersTooLarge         431 headers_too_large
     ├── Rejected                    refused locally to protect the upstream or the app
     │   ├── RateLimited         429 rate_limited (Retry-After)
     │   ├── CircuitOpen         503 circuit_open (Retry-After)
     │   └── Overloaded          503 overloaded (Retry-After)
+    ├── StoreUnavailable        503 store_unavailable (the delivery store cannot write: nothing stored)
     ├── UpstreamUnreachable     502 upstream_unreachable
     │   ├── ConnectFailure          retry condition "connect-failure"
     │   └── ConnectionReset         retry condition "reset"
@@ -85,6 +87,19 @@ class AddressNotAllowed(OutriggerError):
 class ConnectNotSupported(OutriggerError):
     status = 405
     error_type = "connect_not_supported"
+
+
+class BodyTooLarge(OutriggerError):
+    status = 413
+    error_type = "body_too_large"
+
+
+class StoreUnavailable(OutriggerError):
+    """The delivery store could not commit (disk full, read-only, I/O error): nothing was stored,
+    so nothing was acknowledged."""
+
+    status = 503
+    error_type = "store_unavailable"
 
 
 class IdempotencyKeyReused(OutriggerError):
@@ -206,16 +221,6 @@ class WebhookBodyTimeout(WebhookRefused):
     error_type = "request_timeout"
 
 
-class BodyTooLarge(WebhookRefused):
-    status = 413
-    error_type = "body_too_large"
-
-
-class StoreUnavailable(WebhookRefused):
-    status = 503
-    error_type = "store_unavailable"
-
-
 LOCAL_REFUSALS = frozenset(
     cls.error_type
     for cls in (
@@ -225,6 +230,8 @@ LOCAL_REFUSALS = frozenset(
         ConnectNotSupported,
         IdempotencyKeyReused,
         HeadersTooLarge,
+        BodyTooLarge,
+        StoreUnavailable,
         RateLimited,
         CircuitOpen,
         Overloaded,

@@ -339,6 +339,8 @@ class ProxyRequest:
     credential_key: int | None = None
     """Index of the pooled API key the latest attempt used (None: no key pool): a provider's pause
     or cooldown then belongs to that key, not to the whole host."""
+    delivery_id: str | None = None
+    """Set when the request was stored for durable delivery and answered 202."""
     retry_at_once: bool = False
     """The latest attempt failed for a reason another attempt avoids (another key took over): the
     retry layer retries without a backoff wait, still within max_attempts and the budget."""

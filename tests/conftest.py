@@ -7,7 +7,7 @@ import functools
 import io
 import json
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,11 +216,12 @@ Launch = Callable[..., OutriggerProcess]
 
 @pytest.fixture
 def launch(tmp_path: Path) -> Iterator[Launch]:
-    """Start `outrigger run -c CONFIG [EXTRA...]`; every process is killed at teardown if still alive."""
+    """Start `outrigger run -c CONFIG [EXTRA...]` (after `wrapper`, a command that execs it); every
+    process is killed at teardown if still alive."""
     started: list[OutriggerProcess] = []
 
-    def start(config: Path, *extra: str) -> OutriggerProcess:
-        process = OutriggerProcess.for_config(config, tmp_path, *extra).start()
+    def start(config: Path, *extra: str, wrapper: Sequence[str] = ()) -> OutriggerProcess:
+        process = OutriggerProcess.for_config(config, tmp_path, *extra, wrapper=wrapper).start()
         started.append(process)
         return process
 

@@ -131,6 +131,7 @@ def _restart_value(key: str) -> Any:
         "drain_timeout": "3s",
         "drain_idle": "1s",
         "telemetry": {"access_log": False},
+        "data_dir": "elsewhere",
     }[key]
 
 

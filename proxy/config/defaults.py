@@ -156,7 +156,15 @@ WEBHOOK_MAX_BODY_BYTES = 1024 * 1024
 WEBHOOK_BODY_TIMEOUT_S = 30.0
 """Not configurable: a webhook body must arrive whole within this (else 408), so a sender that stalls
 cannot hold a handler open."""
-WEBHOOK_DELIVERY_MAX_ATTEMPTS = 20
-WEBHOOK_DELIVERY_BACKOFF_BASE_S = 1.0
-WEBHOOK_DELIVERY_BACKOFF_MAX_S = 600.0
 WEBHOOK_DELIVERY_TTL_S = 72 * 3600.0
+DATA_DIR = "outrigger-data"
+"""The embedded store's folder (main config ``data_dir``), beside the config file unless absolute."""
+DELIVERY_MAX_ATTEMPTS = 20
+DELIVERY_BACKOFF_BASE_S = 1.0
+DELIVERY_BACKOFF_MAX_S = 600.0
+DELIVERY_TTL_S = 24 * 3600.0
+"""A delivery not done this long after it was accepted goes dead."""
+DELIVERY_MAX_BODY_BYTES = 1024 * 1024
+"""Larger fire-and-forget bodies are refused (413 body_too_large); nothing is stored."""
+DELIVERY_RETRY_ON = RETRY_ON
+"""A policy without ``retries`` still has its deliveries retried on the usual transient outcomes."""

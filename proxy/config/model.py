@@ -404,6 +404,26 @@ class Idempotency(Frozen):
     replay: Replay | None = None
 
 
+class DeliveryBackoff(Backoff):
+    base: Duration = Field(default=builtin.DELIVERY_BACKOFF_BASE_S, gt=0)
+    max: Duration = Field(default=builtin.DELIVERY_BACKOFF_MAX_S, gt=0)
+
+
+class DeliveryRetries(Frozen):
+    """How the delivery worker retries a stored request (fire-and-forget and webhooks alike)."""
+
+    max_attempts: int = Field(default=builtin.DELIVERY_MAX_ATTEMPTS, ge=1)
+    backoff: DeliveryBackoff = DeliveryBackoff()
+
+
+class Delivery(DeliveryRetries):
+    """Fire-and-forget (SPEC 11): ``Prefer: respond-async`` requests are stored, answered 202 and
+    delivered through the policy by the worker."""
+
+    ttl: Duration = Field(default=builtin.DELIVERY_TTL_S, gt=0)
+    max_body_bytes: ByteSize = Field(default=builtin.DELIVERY_MAX_BODY_BYTES, ge=0)
+
+
 class CircuitBreakerSettings(Frozen):
     failure_threshold: int = Field(default=builtin.BREAKER_FAILURE_THRESHOLD, ge=1)
     reset_timeout: Duration = Field(default=builtin.BREAKER_RESET_TIMEOUT_S, gt=0)
@@ -710,6 +730,8 @@ class PolicySettings(Frozen):
     """Other upstreams for the same API, each with its own breaker (SPEC 9)."""
     credentials: Credentials | None = None
     """OAuth2 client credentials or an API key pool (SPEC 10), per policy."""
+    delivery: Delivery | None = None
+    """Durable fire-and-forget delivery (SPEC 11); per policy (routes cannot change it)."""
     _redactor: PathRedactor = PrivateAttr(default=NO_REDACTION)
 
     def model_post_init(self, context: Any) -> None:
@@ -945,16 +967,9 @@ class WebhookVerify(Frozen):
         return (self.secret,) if self.secret is not None else self.secrets or ()
 
 
-class DeliveryBackoff(Backoff):
-    base: Duration = Field(default=builtin.WEBHOOK_DELIVERY_BACKOFF_BASE_S, gt=0)
-    max: Duration = Field(default=builtin.WEBHOOK_DELIVERY_BACKOFF_MAX_S, gt=0)
-
-
-class WebhookDelivery(Frozen):
+class WebhookDelivery(DeliveryRetries):
     """How a stored event is delivered to the app: until it answers 2xx, `max_attempts` or `ttl`."""
 
-    max_attempts: int = Field(default=builtin.WEBHOOK_DELIVERY_MAX_ATTEMPTS, ge=1)
-    backoff: DeliveryBackoff = DeliveryBackoff()
     ttl: Duration = Field(default=builtin.WEBHOOK_DELIVERY_TTL_S, gt=0)
 
 
@@ -1016,6 +1031,13 @@ class MainConfig(Frozen):
     """How often config, policy and secret files are checked for changes (by content hash)."""
     webhooks: Webhooks | None = None
     """Inbound webhooks (SPEC 11); absent: no webhook listener."""
+    data_dir: Path = Field(default=Path(builtin.DATA_DIR), validate_default=True)
+    """The embedded delivery store's folder; created on first use (only when something needs it)."""
+
+    @field_validator("data_dir")
+    @classmethod
+    def _resolve_data_dir(cls, path: Path, info: ValidationInfo) -> Path:
+        return path if path.is_absolute() else _base_dir(info) / path
 
 
 def _base_dir(info: ValidationInfo) -> Path:

@@ -134,13 +134,18 @@ class IdempotencyLayer:
     async def __call__(self, request: ProxyRequest, next: Handler) -> ProxyResponse:
         if request.method not in self.methods:
             return await next(request)
-        key = present_key(request.headers, self.header)
-        if key is None:
-            key = request.headers[self.header] = str(uuid.uuid4())
-            request.idempotency_key = key
-            request.idempotency_key_injected = True
-            return await next(request)
-        request.idempotency_key = key
-        if self.cache is None:
-            return await next(request)
+        key = ensure_key(request, self.header)
+        if request.idempotency_key_injected or self.cache is None:
+            return await next(request)  # a key made just now names no earlier request
         return await self.cache.serve(key, request, next)
+
+
+def ensure_key(request: ProxyRequest, header: str) -> str:
+    """The request's idempotency key: the app's own, kept as is, else a new uuid4 added to its
+    headers. Used by this layer and by fire-and-forget intake (before the request is stored)."""
+    key = present_key(request.headers, header)
+    if key is None:
+        key = request.headers[header] = str(uuid.uuid4())
+        request.idempotency_key_injected = True
+    request.idempotency_key = key
+    return key

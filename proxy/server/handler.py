@@ -5,6 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy import errors
+from proxy.delivery.intake import wants_async
+from proxy.delivery.service import DeliveryService
 from proxy.exchange import ProxyRequest
 from proxy.layers.cache import CACHE_HEADER
 from proxy.server.entry import build_request
@@ -23,6 +25,7 @@ async def proxy(
     telemetry: Telemetry,
     upstream: UpstreamClient,
     draining: bool,
+    deliveries: DeliveryService | None = None,
 ) -> web.StreamResponse:
     """One request from arrival to its last body byte; telemetry sees every outcome."""
     if request.method == "CONNECT":
@@ -39,7 +42,11 @@ async def proxy(
                 proxy_request.policy, request.method, proxy_request.path_qs.partition("?")[0]
             )
             proxy_request.settings = match.settings
-            response = await runtime.pipelines.handler(match)(proxy_request)
+            durable = proxy_request.policy.settings.delivery
+            if durable is not None and deliveries is not None and wants_async(proxy_request.headers):
+                response = await deliveries.accept(proxy_request, durable)  # stored, answered 202
+            else:
+                response = await runtime.pipelines.handler(match)(proxy_request)
         except errors.OutriggerError as error:
             status, error_type = error.status, error.error_type
             reply = error_response(error, error.host or (proxy_request.host if proxy_request else ""))

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from proxy import errors
 from proxy.config.loader import Config
+from proxy.delivery import service as delivery
 from proxy.pipeline import PolicyState
 from proxy.server import handler
 from proxy.server.protocol import ProxyWebServer
@@ -93,6 +94,8 @@ class ProxyServer:
         self._webhook_sink = webhook_sink
         """Where verified webhook events go; None: they are answered 503 store_unavailable."""
         self._webhooks: WebhookListener | None = None
+        self.deliveries: delivery.DeliveryService | None = None
+        """Built when a config first needs it (a policy with ``delivery``); None costs nothing."""
 
     def _states(self) -> dict[str, PolicyState]:
         return self._runtime.pipelines.states if self._runtime is not None else {}
@@ -123,6 +126,7 @@ class ProxyServer:
         )
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=_CANCEL_GRACE_S)
         await self._runner.setup()
+        await self._start_deliveries(config)
         await self._open(config.main.listen.port)
         for port in self.runtime.router.ports:
             await self._open(port)
@@ -166,9 +170,19 @@ class ProxyServer:
                 for port in opened:
                     await self._close(port)
                 raise
+            await self._start_deliveries(config)
             self._runtime = runtime
             for port in sorted(set(self._sites) - wanted):
                 await self._close(port)
+
+    async def _start_deliveries(self, config: Config) -> None:
+        """The store and worker, the first time a config asks for them; they then stay for the
+        process's life (deliveries already stored outlive a reload that drops their policy)."""
+        if self.deliveries is None and delivery.wanted(config):
+            self.deliveries = delivery.DeliveryService(
+                config.main.data_dir, lambda: self.runtime, self.telemetry
+            )
+            await self.deliveries.start()
 
     @property
     def upstream(self) -> UpstreamClient:
@@ -244,6 +258,9 @@ class ProxyServer:
             for task in self._in_flight:
                 task.cancel()
             await asyncio.wait(self._in_flight, timeout=_CANCEL_GRACE_S)
+        if self.deliveries is not None:  # attempts in flight may finish within the drain's time
+            grace = 0.0 if stopped.is_set() else deadline - loop.time()
+            await self.deliveries.stop(grace)
         if self._runner is not None:
             await self._runner.cleanup()
         if self._webhooks is not None:
@@ -277,7 +294,9 @@ class ProxyServer:
         return tracked
 
     async def _proxy(self, request: web.BaseRequest) -> web.StreamResponse:
-        return await handler.proxy(request, self.runtime, self.telemetry, self.upstream, self.draining)
+        return await handler.proxy(
+            request, self.runtime, self.telemetry, self.upstream, self.draining, self.deliveries
+        )
 
     def _refused(self, request: web.BaseRequest, error: errors.OutriggerError) -> str:
         return handler.refused(request, error, self.runtime, self.telemetry)

@@ -31,6 +31,7 @@ from proxy.telemetry.names import (
     ATTR_CACHE,
     ATTR_CACHE_MASKED_ERROR,
     ATTR_CONFIG_VERSION,
+    ATTR_DELIVERY_ID,
     ATTR_FALLBACK,
     ATTR_FAULT,
     ATTR_IDEMPOTENCY_INJECTED,
@@ -222,29 +223,37 @@ class Telemetry:
         m.duration.observe(elapsed)
         if error_type in LOCAL_REFUSALS:
             m.rejections(error_type).inc()
-        if request is None:
-            return
-        for attempt in request.attempt_outcomes:
-            m.attempts(attempt).inc()
-        for retry in request.retries:
-            m.retries(retry.reason).inc()
-        for event in request.events:
-            m.rejections(event).inc()
-        if request.idempotency_key_injected:
-            m.keys_injected.inc()
-        if request.fallback is not None:
-            m.fallbacks(request.fallback).inc()
-        if request.fault is not None:
-            m.faults(request.fault).inc()
-        if request.failover is not None:
-            for upstream in request.failover.moves:
-                m.failovers(upstream).inc()
-        if request.cache_result is not None:
-            m.cache(request.cache_result).inc()
-            if request.cache_masked_error in LOCAL_REFUSALS:  # e.g. circuit_open, answered stale
-                m.rejections(request.cache_masked_error).inc()
-        if state is not None and state.limiter is not None:
-            m.ratelimit_wait.observe(request.ratelimit_wait)
+        if request is not None:
+            _record_request_facts(m, request, state)
+
+    def record_replayed(self, request: ProxyRequest, state: LiveState | None) -> None:
+        """A stored request sent again by the delivery worker: its attempts, retries, refusals
+        and the rest count like a live request's (there is no SERVER span or log line of its own)."""
+        _record_request_facts(self.policy_metrics(request.policy.name), request, state)
+
+
+def _record_request_facts(m: PolicyMetrics, request: ProxyRequest, state: LiveState | None) -> None:
+    for attempt in request.attempt_outcomes:
+        m.attempts(attempt).inc()
+    for retry in request.retries:
+        m.retries(retry.reason).inc()
+    for event in request.events:
+        m.rejections(event).inc()
+    if request.idempotency_key_injected:
+        m.keys_injected.inc()
+    if request.fallback is not None:
+        m.fallbacks(request.fallback).inc()
+    if request.fault is not None:
+        m.faults(request.fault).inc()
+    if request.failover is not None:
+        for upstream in request.failover.moves:
+            m.failovers(upstream).inc()
+    if request.cache_result is not None:
+        m.cache(request.cache_result).inc()
+        if request.cache_masked_error in LOCAL_REFUSALS:  # e.g. circuit_open, answered stale
+            m.rejections(request.cache_masked_error).inc()
+    if state is not None and state.limiter is not None:
+        m.ratelimit_wait.observe(request.ratelimit_wait)
 
 
 def _attributes(
@@ -282,6 +291,8 @@ def _attributes(
         attributes[ATTR_FAULT] = request.fault
     if request.failover is not None:
         attributes[ATTR_UPSTREAM] = str(request.target)
+    if request.delivery_id is not None:
+        attributes[ATTR_DELIVERY_ID] = request.delivery_id
     if request.cache_result is not None:
         attributes[ATTR_CACHE] = request.cache_result
         if request.cache_masked_error is not None:
@@ -320,6 +331,8 @@ def _log_entry(
         "fallback": request.fallback if request is not None else None,
         "fault": request.fault if request is not None else None,
     }
+    if request is not None and request.delivery_id is not None:  # only accepted deliveries' lines
+        entry["delivery_id"] = request.delivery_id
     if request is not None and request.cache_result is not None:  # only cached policies' lines
         entry["cache"] = request.cache_result
         if request.cache_masked_error is not None:

@@ -57,6 +57,8 @@ class ExportedSpan:
     status_code: int
     start_ns: int
     end_ns: int
+    links: tuple[tuple[str, str], ...] = ()
+    """Each linked span as (trace id, span id), hex."""
 
     @property
     def is_server(self) -> bool:
@@ -110,6 +112,7 @@ def decode(body: bytes) -> list[ExportedSpan]:
                         status_code=span.status.code,
                         start_ns=span.start_time_unix_nano,
                         end_ns=span.end_time_unix_nano,
+                        links=tuple((link.trace_id.hex(), link.span_id.hex()) for link in span.links),
                     )
                 )
     return spans

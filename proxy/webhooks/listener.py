@@ -34,12 +34,14 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 Current = Callable[[], tuple[WebhookRoutes, str]]
 """The routes of the running config and its version, read once per request."""
 
-_RESULTS: dict[type[errors.WebhookRefused], str] = {
+_RESULTS: dict[type[errors.OutriggerError], str] = {
     errors.SignatureInvalid: "signature_invalid",
     errors.SignatureExpired: "signature_expired",
     errors.BodyTooLarge: "too_large",
     errors.StoreUnavailable: "unavailable",
 }
+_REFUSED = (errors.WebhookRefused, errors.BodyTooLarge, errors.StoreUnavailable)
+"""What a webhook request may be refused with (the last two are shared with fire-and-forget)."""
 _ANSWERS = {Acceptance.STORED: "accepted", Acceptance.DUPLICATE: "duplicate"}
 _CANCEL_GRACE_S = 0.2
 
@@ -106,7 +108,7 @@ class WebhookListener:
             outcome = WebhookOutcome(499, "cancelled", route.name, route.scheme)
             try:
                 outcome, response = await self._serve(request, route, observation)
-            except errors.WebhookRefused as error:
+            except _REFUSED as error:
                 outcome = WebhookOutcome(
                     error.status, error.error_type, route.name, route.scheme, _RESULTS.get(type(error))
                 )

@@ -25,7 +25,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -235,19 +235,24 @@ def config_ports(config: Path) -> tuple[int, int]:
 class OutriggerProcess:
     """`outrigger run -c CONFIG` in a subprocess; output goes to files (no pipe can fill up)."""
 
-    def __init__(self, config: Path, admin_port: int, workdir: Path, *extra: str) -> None:
+    def __init__(
+        self, config: Path, admin_port: int, workdir: Path, *extra: str, wrapper: Sequence[str] = ()
+    ) -> None:
+        """`wrapper` runs first and execs the command given after it (e.g. ``unshare -m ...``)."""
         self.config = config
         self.admin_port = admin_port
         self._stdout = workdir / "outrigger.stdout"
         self._stderr = workdir / "outrigger.stderr"
-        self.args = [*outrigger_command(), "run", "-c", str(config), *extra]
+        self.args = [*wrapper, *outrigger_command(), "run", "-c", str(config), *extra]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def for_config(cls, config: Path, workdir: Path, *extra: str) -> OutriggerProcess:
+    def for_config(
+        cls, config: Path, workdir: Path, *extra: str, wrapper: Sequence[str] = ()
+    ) -> OutriggerProcess:
         """With the admin port `config` sets (15000, the default, when it sets none)."""
         settings = yaml.safe_load(config.read_text())
-        return cls(config, settings.get("admin", {}).get("port", 15000), workdir, *extra)
+        return cls(config, settings.get("admin", {}).get("port", 15000), workdir, *extra, wrapper=wrapper)
 
     @property
     def pid(self) -> int:

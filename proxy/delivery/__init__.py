@@ -1,0 +1,1 @@
+"""Durable delivery (SPEC 11): the store, the worker, and the sources that feed them."""
