@@ -157,7 +157,11 @@ async def _deliveries_guard(request: web.Request, handler: Any) -> web.StreamRes
     """/deliveries when delivery is off: 404 saying so; a store that cannot answer (disk gone,
     read-only): the SPEC 5 error shape, 503."""
     if request.path.startswith("/deliveries") and request.app[PROXY_KEY].deliveries is None:
-        return _problem(404, "deliveries_off", "durable delivery is off: no policy has a delivery section")
+        return _problem(
+            404,
+            "deliveries_off",
+            "durable delivery is off: no policy has a delivery section and there is no webhooks section",
+        )
     try:
         response: web.StreamResponse = await handler(request)
     except errors.StoreUnavailable as error:

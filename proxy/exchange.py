@@ -85,6 +85,13 @@ class RequestBody:
         self.failed = False
         """The app's side broke off (disconnect, bad chunking) while we read its body."""
 
+    @classmethod
+    def held(cls, data: bytes) -> RequestBody:
+        """Bytes already in memory (a stored event): replayable, their length known."""
+        body = cls(_held(data) if data else None, len(data))
+        body._buffered = data
+        return body
+
     @property
     def present(self) -> bool:
         """The request has a body at all (even one still to be read)."""
@@ -144,6 +151,10 @@ class RequestBody:
                     f"the app broke off its request body ({type(exc).__name__})"
                 ) from exc
             yield chunk
+
+
+async def _held(data: bytes) -> AsyncIterator[bytes]:
+    yield data  # never read: a held body is buffered from the start
 
 
 class ResponseBody(Protocol):

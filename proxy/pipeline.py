@@ -14,6 +14,10 @@
     attempt      header rules with rendered secrets, CLIENT span
     transport    SSRF-checked connect, TLS, pooled connection; connect, per_try and idle timeouts
 
+A webhook event forwarded to the app (`Pipelines.forward`) takes only the last two: attempt (its
+CLIENT span, no header rules) and transport. The app is ours, so no policy applies to it, and the
+delivery worker retries it with the route's ``delivery`` settings.
+
 A layer whose section is absent from the settings is not in the stack. State
 that must outlive one request (budget, replay cache, breaker, bulkhead,
 limiter, response cache, token source, key pool) lives in `PolicyState`, one per policy, shared by its routes.
@@ -32,7 +36,7 @@ from opentelemetry import trace
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.config import defaults
 from proxy.config.loader import Config
-from proxy.config.model import Policy, PolicySettings, RetryBudgetSettings
+from proxy.config.model import HeaderRules, Policy, PolicySettings, RetryBudgetSettings
 from proxy.credentials import KeyPool, TokenSource, build_key_pool, build_token_source
 from proxy.exchange import Handler, Layer, ProxyRequest, ProxyResponse
 from proxy.layers.attempt import AttemptLayer
@@ -259,6 +263,8 @@ class Pipelines:
             for route, settings in variants:
                 layers = build_layers(settings, state, base_dir, clock, tracer)
                 self._handlers[(policy.name, route)] = compose(layers, upstream.send)
+        self.forward: Handler = compose([AttemptLayer(HeaderRules(), base_dir, tracer)], upstream.send)
+        """Webhook forwarding to the app (see the module docstring)."""
 
     def state_of(self, name: str) -> tuple[Policy, PolicyState] | None:
         if name not in self.states:

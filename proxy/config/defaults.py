@@ -157,6 +157,11 @@ WEBHOOK_BODY_TIMEOUT_S = 30.0
 """Not configurable: a webhook body must arrive whole within this (else 408), so a sender that stalls
 cannot hold a handler open."""
 WEBHOOK_DELIVERY_TTL_S = 72 * 3600.0
+WEBHOOK_FORWARD_CONNECT_S = 2.0
+"""Not configurable: forwarding a stored event to the app (on loopback) connects within this."""
+WEBHOOK_FORWARD_TIMEOUT_S = 30.0
+"""Not configurable: the app's answer head must arrive this long after the event was written, and
+each silence in its answer's body may last this long; else the attempt is a ``timeout`` (retried)."""
 DATA_DIR = "outrigger-data"
 """The embedded store's folder (main config ``data_dir``), beside the config file unless absolute."""
 DELIVERY_MAX_ATTEMPTS = 20

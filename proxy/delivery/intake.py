@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from multidict import CIMultiDict
 from opentelemetry import trace
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from proxy import errors
 from proxy.config.defaults import KEYED_METHODS
@@ -16,10 +15,10 @@ from proxy.config.units import format_size
 from proxy.delivery.store import NewDelivery
 from proxy.exchange import ProxyRequest
 from proxy.layers.idempotency import ensure_key
+from proxy.telemetry.tracing import recorded_traceparent
 
 PREFER_HEADER = "Prefer"
 RESPOND_ASYNC = "respond-async"
-_W3C = TraceContextTextMapPropagator()
 
 
 def _preferences(value: str) -> list[str]:
@@ -55,10 +54,7 @@ def _traceparent(request: ProxyRequest) -> str | None:
     """The accepting request's SERVER span, for the link on every delivery attempt's span."""
     if not request.traced or request.trace_context is None:
         return None
-    carrier: dict[str, str] = {}
-    _W3C.inject(carrier, context=request.trace_context)
-    span_context = trace.get_current_span(request.trace_context).get_span_context()
-    return carrier.get("traceparent") if span_context.is_valid else None
+    return recorded_traceparent(trace.get_current_span(request.trace_context))
 
 
 async def to_delivery(request: ProxyRequest, settings: DeliverySettings, now: float) -> NewDelivery:

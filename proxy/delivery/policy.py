@@ -20,16 +20,13 @@ from proxy.config.defaults import DELIVERY_RETRY_ON
 from proxy.config.model import Delivery as DeliverySettings
 from proxy.config.model import OutcomeSet, UpstreamTarget
 from proxy.delivery.store import Delivery
-from proxy.delivery.worker import Attempt
-from proxy.exchange import ProxyRequest, RequestBody, buffered
+from proxy.delivery.worker import Attempt, settle
+from proxy.exchange import ProxyRequest, RequestBody
 from proxy.provider_headers import retry_after_seconds
 from proxy.telemetry import REQUEST_ID_HEADER, Telemetry
 
 if TYPE_CHECKING:
     from proxy.server.runtime import Runtime
-
-_DRAIN_LIMIT = 64 * 1024
-"""A response body up to this size is read (keeping its connection); a larger one is dropped."""
 
 
 def _upstream(text: str) -> UpstreamTarget:
@@ -87,12 +84,7 @@ class PolicyDispatcher:
                 response = await runtime.pipelines.handler(match)(request)
             except errors.OutriggerError as error:
                 return _failed(error, retry_on)
-            try:
-                response, _ = await buffered(response, _DRAIN_LIMIT)
-            except errors.OutriggerError:
-                pass  # the status is what counts; a body cut short is not a failed delivery
-            finally:
-                response.body.release()
+            await settle(response)
             retry_after = retry_after_seconds(response.headers.get("Retry-After"), self._wall())
             return Attempt(response.status, None, response.status in retry_on.statuses, retry_after)
         finally:

@@ -1,7 +1,8 @@
-"""Durable delivery for one process: the store, the worker and the fire-and-forget intake.
+"""Durable delivery for one process: the store, the worker, the fire-and-forget intake and the
+dispatchers of both sources (policy requests and webhook events).
 
-Built only when the config needs it (`wanted`): with no ``delivery`` section anywhere there is
-no store file, no thread and no worker task.
+Built only when the config needs it (`wanted`): with no ``delivery`` section anywhere and no
+``webhooks`` section there is no store file, no thread and no worker task.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from proxy.delivery.intake import to_delivery
 from proxy.delivery.policy import PolicyDispatcher
 from proxy.delivery.sqlite import SqliteStore
 from proxy.delivery.store import STATES, Delivery, DeliveryStore, Enqueued, Kind, NewDelivery, State
+from proxy.delivery.webhook import WebhookDispatcher
 from proxy.delivery.worker import DeliveryWorker, Dispatcher
 from proxy.exchange import BytesBody, ProxyRequest, ProxyResponse
 from proxy.telemetry import Telemetry
@@ -37,10 +39,13 @@ log = logging.getLogger("outrigger.delivery")
 
 
 def wanted(config: Config) -> bool:
-    """Whether anything in `config` stores deliveries (a policy's ``delivery`` section)."""
+    """Whether anything in `config` stores deliveries: a policy's ``delivery`` section, or the
+    ``webhooks`` section (its listener lives as long as the process, and a reload may add routes
+    to it, so the store is there whenever the listener is)."""
     return (
         any(policy.settings.delivery is not None for policy in config.policies)
         or config.main.defaults.delivery is not None
+        or config.main.webhooks is not None
     )
 
 
@@ -80,9 +85,10 @@ class DeliveryService:
         self.clock = clock
         self.telemetry = telemetry
         self.dispatchers: dict[Kind, Dispatcher] = {
-            "policy": PolicyDispatcher(runtime, telemetry, clock.wall)
+            "policy": PolicyDispatcher(runtime, telemetry, clock.wall),
+            "webhook": WebhookDispatcher(runtime, clock.wall),
         }
-        """By delivery kind; the webhook listener adds its own (``webhook``)."""
+        """By delivery kind."""
         self.worker = DeliveryWorker(self.store, self.dispatchers, clock, telemetry.tracer, self)
         self.counts: dict[tuple[str, State], int] = {}
         self._collector = _DeliveryCollector(self)

@@ -34,8 +34,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from proxy import errors
 from proxy.clock import Clock
-from proxy.config.model import Delivery as DeliverySettings
+from proxy.config.model import DeliveryRetries
 from proxy.delivery.store import Delivery, DeliveryStore, Kind, Outcome
+from proxy.exchange import ProxyResponse, buffered
 from proxy.layers.backoff import DEFAULT_UNIFORM, full_jitter
 from proxy.telemetry.names import ATTR_DELIVERY_ATTEMPT, ATTR_DELIVERY_ID, ATTR_DELIVERY_SOURCE
 
@@ -51,6 +52,7 @@ IDLE_POLL_S = 5.0
 UNCONFIGURED_RECHECK_S = 30.0
 """A delivery whose source is not in the current config waits this long before it is looked at again."""
 PURGE_INTERVAL_S = 60.0
+ANSWER_READ_LIMIT = 64 * 1024
 _W3C = TraceContextTextMapPropagator()
 
 
@@ -66,8 +68,20 @@ class Attempt:
     """Seconds the upstream (or a local limiter) asked to wait."""
 
 
+async def settle(response: ProxyResponse) -> None:
+    """Done with an attempt's answer: a body up to `ANSWER_READ_LIMIT` is read (its connection
+    then serves the next attempt), a larger one dropped. The status is what counts: a body cut
+    short does not fail the delivery."""
+    try:
+        response, _ = await buffered(response, ANSWER_READ_LIMIT)
+    except errors.OutriggerError:
+        pass
+    finally:
+        response.body.release()
+
+
 class Dispatcher(Protocol):
-    def settings(self, delivery: Delivery) -> DeliverySettings | str:
+    def settings(self, delivery: Delivery) -> DeliveryRetries | str:
         """The delivery settings in force now, or why the delivery cannot be attempted now."""
 
     async def send(self, delivery: Delivery, context: Context, traced: bool) -> Attempt:
@@ -83,7 +97,7 @@ class DeliveryRecorder(Protocol):
 def decide(
     delivery: Delivery,
     attempt: Attempt,
-    settings: DeliverySettings,
+    settings: DeliveryRetries,
     now: float,
     uniform: Callable[[float, float], float] = DEFAULT_UNIFORM,
 ) -> Outcome:

@@ -13,6 +13,7 @@ from aiohttp import web
 from proxy import errors
 from proxy.config.loader import Config
 from proxy.delivery import service as delivery
+from proxy.delivery.webhook import WebhookSink
 from proxy.pipeline import PolicyState
 from proxy.server import handler
 from proxy.server.protocol import ProxyWebServer
@@ -92,10 +93,11 @@ class ProxyServer:
         """Set by drain(): the idle clock every request arriving or ending restarts."""
         self.telemetry = Telemetry(config.main.telemetry, self._states)
         self._webhook_sink = webhook_sink
-        """Where verified webhook events go; None: they are answered 503 store_unavailable."""
+        """Where verified webhook events go instead of the delivery store (tests only)."""
         self._webhooks: WebhookListener | None = None
         self.deliveries: delivery.DeliveryService | None = None
-        """Built when a config first needs it (a policy with ``delivery``); None costs nothing."""
+        """Built when a config first needs it (a policy with ``delivery``, or ``webhooks``); None
+        costs nothing."""
 
     def _states(self) -> dict[str, PolicyState]:
         return self._runtime.pipelines.states if self._runtime is not None else {}
@@ -131,7 +133,9 @@ class ProxyServer:
         for port in self.runtime.router.ports:
             await self._open(port)
         if config.main.webhooks is not None:
-            self._webhooks = WebhookListener(self._webhook_routes, self._webhook_sink, self.telemetry)
+            assert self.deliveries is not None, "a webhooks section wants the delivery store"
+            sink = self._webhook_sink or WebhookSink(self.deliveries)
+            self._webhooks = WebhookListener(self._webhook_routes, sink, self.telemetry)
             await self._webhooks.start(config.main.webhooks.listen, limits, self._tracked)
 
     def _webhook_routes(self) -> tuple[WebhookRoutes, str]:

@@ -43,6 +43,8 @@ ATTR_DELIVERY_ATTEMPT = "outrigger.delivery.attempt"
 ATTR_DELIVERY_SOURCE = "outrigger.delivery.source"
 """The policy name, or the webhook route, a delivery belongs to."""
 DELIVERY_ID_HEADER = "x-outrigger-delivery-id"
+WEBHOOK_VERIFIED_HEADER = "x-outrigger-webhook-verified"
+"""On each event forwarded to the app: the scheme whose signature Outrigger verified."""
 
 ATTR_WEBHOOK_ROUTE = "outrigger.webhook.route"
 ATTR_WEBHOOK_RESULT = "outrigger.webhook.result"

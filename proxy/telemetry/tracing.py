@@ -96,6 +96,16 @@ def unrecorded_traceparent(span: trace.Span, parent: Context) -> str | None:
     return carrier.get(TRACEPARENT_HEADER)
 
 
+def recorded_traceparent(span: trace.Span) -> str | None:
+    """The ``traceparent`` naming `span`, kept for a link made later (each attempt of a stored
+    delivery links to the request that was accepted); None when the span records nothing."""
+    if not span.is_recording() or not span.get_span_context().is_valid:
+        return None
+    carrier: dict[str, str] = {}
+    inject_context(carrier, trace.set_span_in_context(span))
+    return carrier.get(TRACEPARENT_HEADER)
+
+
 def full_url(target: RequestTarget, redact_path: Callable[[str], str] | None = None) -> str:
     """The URL the app asked for, as spans may show it: query values and path secrets redacted."""
     path_qs = redact_path(target.path_qs) if redact_path is not None else target.path_qs

@@ -24,6 +24,7 @@ from proxy.config.model import Limits, ListenAddress
 from proxy.server.protocol import ProxyWebServer
 from proxy.server.respond import error_response
 from proxy.telemetry import REQUEST_ID_HEADER, Telemetry
+from proxy.telemetry.tracing import recorded_traceparent
 from proxy.telemetry.webhooks import WebhookObservation, WebhookOutcome, WebhookTelemetry
 from proxy.webhooks.routes import WebhookRoute, WebhookRoutes
 from proxy.webhooks.sink import Acceptance, EventSink, VerifiedEvent
@@ -50,7 +51,7 @@ class WebhookListener:
     def __init__(
         self,
         current: Current,
-        sink: EventSink | None,
+        sink: EventSink,
         telemetry: Telemetry,
         now: Callable[[], float] = time.time,
     ) -> None:
@@ -64,10 +65,6 @@ class WebhookListener:
 
     async def start(self, address: ListenAddress, limits: Limits, wrap: Callable[[Handler], Handler]) -> None:
         """Listen on `address`; `wrap` lets the owner track each request (drain)."""
-        if self._sink is None:
-            log.warning(
-                "webhooks: no event store connected; verified events are answered 503 store_unavailable"
-            )
         server = ProxyWebServer(
             wrap(self.handle),
             self._refused,
@@ -136,6 +133,7 @@ class WebhookListener:
             body=body,
             headers=tuple(request.headers.items()),
             received_at=received_at,
+            traceparent=recorded_traceparent(observation.span),
         )
         acceptance = await self._accept(route, event)
         if acceptance is Acceptance.UNAVAILABLE:
@@ -146,8 +144,6 @@ class WebhookListener:
         return WebhookOutcome(200, None, route.name, route.scheme, result, event_id), response
 
     async def _accept(self, route: WebhookRoute, event: VerifiedEvent) -> Acceptance:
-        if self._sink is None:
-            return Acceptance.UNAVAILABLE
         try:
             return await self._sink.accept(route, event)
         except Exception:  # the provider retries a 503; a store bug must not become a 500 loop

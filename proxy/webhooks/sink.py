@@ -40,6 +40,8 @@ class VerifiedEvent:
     """Every request header in arrival order, repeats kept (signature headers included)."""
     received_at: float
     """Unix time the request arrived."""
+    traceparent: str | None = None
+    """The webhook request's SERVER span (when it records), linked from every forward attempt."""
 
 
 class EventSink(Protocol):
