@@ -4,6 +4,7 @@ library (stripe), a real aiohttp app on loopback, the admin API, metrics and tra
 Proves: a verified event is stored, acknowledged 200 and forwarded to the app once, however often
 the provider redelivers it; an app that is down gets the event, byte for byte and with its
 signature, once it is back; an app that keeps failing leaves the event dead, visible and retryable;
+a reload's new ``forward`` applies to events already stored, and a removed route's events wait;
 each forward attempt is a span linked to the webhook request, whose context reaches the app; an
 event acknowledged before kill -9 of a real `outrigger run` is delivered after the restart.
 """
@@ -18,8 +19,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from pytest_aiohttp import AiohttpServer
 
+from proxy.delivery import worker
 from tests.conftest import Launch, RunningProxy, StartProxy, free_port, write_config
 from tests.e2e.otlp_receiver import OtlpReceiver
 from tests.e2e.procs import wait_until
@@ -229,3 +232,43 @@ async def test_an_event_stored_before_kill_9_is_delivered_after_the_restart(
     assert seen.body == BODY
     assert seen.headers["x-outrigger-delivery-id"] == view["id"]
     assert seen.headers["x-outrigger-webhook-verified"] == "stripe"
+
+
+async def test_stored_events_follow_a_reload_of_their_route_and_wait_while_it_is_gone(
+    start_proxy: StartProxy,
+    aiohttp_server: AiohttpServer,
+    secret_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(worker, "UNCONFIGURED_RECHECK_S", 0.2)
+    failing = await ScriptedUpstream(503).start(aiohttp_server)
+    working = await ScriptedUpstream(202).start(aiohttp_server)
+    section = webhooks(secret_file, failing.url)
+    proxy = await start_proxy([], webhooks=section)
+    assert (await send(proxy, stripe_headers(BODY))).status == 200
+    assert await wait_until(lambda: failing.count >= 1, within=5)
+    delivery_id = (await only_delivery(proxy))["id"]
+
+    await reload_routes(proxy, tmp_path, [])
+
+    async def waiting() -> bool:
+        view = (await admin(proxy, "GET", f"/deliveries/{delivery_id}")).json()
+        return "webhook route /webhooks/stripe is not in the current config" in (view["last_error"] or "")
+
+    assert await wait_until(waiting, within=5)
+    moved = webhooks(secret_file, working.url)["routes"]
+    await reload_routes(proxy, tmp_path, moved)
+    done = await settled(proxy, delivery_id, "done")
+    assert done["last_status"] == 202
+    assert [seen.body for seen in working.seen] == [BODY]  # the forward URL in force at delivery time
+
+
+async def reload_routes(proxy: RunningProxy, tmp_path: Path, routes: list[dict[str, Any]]) -> None:
+    """The same webhook listener (restart-only), other routes; reloaded through the admin API."""
+    path = tmp_path / "config.yaml"
+    main = yaml.safe_load(path.read_text())
+    main["webhooks"]["routes"] = routes
+    path.write_text(yaml.safe_dump(main))
+    reply = await admin(proxy, "POST", "/reload")
+    assert reply.status == 200, reply.body
