@@ -245,6 +245,7 @@ class Telemetry:
                 m.rejections(request.cache_masked_error).inc()
         if state is not None and state.limiter is not None:
             m.ratelimit_wait.observe(request.ratelimit_wait)
+            m.ratelimit_queue_wait(request.priority).observe(request.ratelimit_wait)
 
 
 def _attributes(
