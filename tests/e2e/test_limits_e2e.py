@@ -440,3 +440,19 @@ async def test_a_request_whose_deadline_the_queue_cannot_meet_is_refused_at_once
     replies = await asyncio.gather(*queued)
     assert [r.status for r in replies] == [200] * 21
     assert "/v1/urgent" not in [seen.path_qs for seen in upstream.seen]
+
+
+@pytest.mark.parametrize("value", ["urgent", "", "HIGH "])
+async def test_the_priority_header_takes_high_normal_or_low(
+    aiohttp_server: AiohttpServer, start_proxy: StartProxy, client: aiohttp.ClientSession, value: str
+) -> None:
+    upstream = await ScriptedUpstream(200).start(aiohttp_server)
+    base = await start_on_own_port(start_proxy, upstream.url, rate_limit={"rate": 100, "burst": 10})
+    async with client.get(f"{base}/v1", headers={"x-outrigger-priority": value}) as response:
+        if value.strip().lower() == "high":
+            assert response.status == 200
+            assert "x-outrigger-priority" not in upstream.seen[0].headers, "control headers stay local"
+        else:
+            assert response.status == 400
+            assert "x-outrigger-priority" in (await response.json())["error"]["message"]
+            assert upstream.count == 0
