@@ -81,6 +81,7 @@ RATE_LIMIT_BURST = 100
 RATE_LIMIT_MAX_WAIT_S = 0.5
 RATE_LIMIT_ADAPTIVE = True
 RATE_LIMIT_MAX_PAUSE_S = 300.0
+RATE_LIMIT_MAX_QUEUED = 1000
 
 REDACT_PATHS: tuple[str, ...] = ()
 """No path is assumed to carry a secret; query values are always redacted."""
