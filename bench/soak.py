@@ -46,11 +46,12 @@ def table(rows: list[Row], counters: dict[str, int], elapsed_s: float) -> str:
         "| requests | RSS MiB | open fds | req/s in segment | p99 ms in segment |",
         "| ---: | ---: | ---: | ---: | ---: |",
     ]
-    lines += [
-        f"| {r.served:,} | {r.rss_mib:.1f} | {r.fds} | {r.rate:,.0f} | {r.p99_ms:.1f} |" for r in rows
-    ]
+    lines += [f"| {r.served:,} | {r.rss_mib:.1f} | {r.fds} | {r.rate:,.0f} | {r.p99_ms:.1f} |" for r in rows]
     unusual = ", ".join(f"{key}: {count}" for key, count in sorted(counters.items())) or "none"
-    lines += ["", f"{rows[-1].served:,} requests in {elapsed_s:.0f} s; Outrigger's non-200 counters: {unusual}"]
+    lines += [
+        "",
+        f"{rows[-1].served:,} requests in {elapsed_s:.0f} s; Outrigger's non-200 counters: {unusual}",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                 sample = bench.parse_hey(result.stdout)
                 if sample.errors or sample.requests != args.per_segment:
                     print(
-                        f"segment: {sample.requests} answers, {sample.errors} errors:\n{result.stdout[-2000:]}",
+                        f"segment: {sample.requests} answers, {sample.errors} errors:\n"
+                        + result.stdout[-2000:],
                         file=sys.stderr,
                     )
                     return 1
