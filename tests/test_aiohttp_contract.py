@@ -161,3 +161,16 @@ def test_request_handler_queues_parsed_messages_and_error_infos_for_start() -> N
     assert "self.handle_error(\n                request, err_info.status, err_info.exc, err_info.message" in (
         inspect.getsource(RequestHandler._make_error_handler)
     )
+
+
+def test_stream_response_writes_its_status_line_in_write_headers_from_the_request_version() -> None:
+    """ErrorResponse overrides `_write_headers` (and reads `_req`, `_payload_writer`) to answer in
+    HTTP/1.1 whatever version the request line claimed."""
+    assert inspect.iscoroutinefunction(web.StreamResponse._write_headers)
+    source = inspect.getsource(web.StreamResponse._write_headers)
+    assert "request = self._req" in source
+    assert "writer = self._payload_writer" in source
+    assert "version = request.version" in source
+    assert "await writer.write_headers(status_line, self._headers)" in source
+    assert "writer.send_headers()" in source
+    assert web.Response._send_headers_immediately is False, "ErrorResponse relies on write_eof sending"

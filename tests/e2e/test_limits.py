@@ -262,13 +262,6 @@ async def test_malformed_request_gets_400_json(
     await _assert_still_serving(proxy, raw_upstream)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a request line without HTTP/1.x (HTTP/0.9 'GET /x', or 'HTTP/2.0' in HTTP/1 syntax) "
-    "is refused with 400 bad_request, but the refusal's status line echoes the request's version "
-    "('HTTP/0.9 400', 'HTTP/2.0 400'): aiohttp writes a response in request.version, and "
-    "proxy/server.py does not answer these in HTTP/1.1",
-)
 @pytest.mark.parametrize(
     "request_bytes",
     [b"GET /x\r\nHost: upstream.test\r\n\r\n", b"GET /x HTTP/2.0\r\nHost: upstream.test\r\n\r\n"],
