@@ -872,6 +872,7 @@ POLICY_TARGET_KEYS = frozenset(PolicyTarget.model_fields)
 class Limits(Frozen):
     max_header_bytes: ByteSize = Field(default=builtin.MAX_HEADER_BYTES, ge=1024)
     max_headers: int = Field(default=builtin.MAX_HEADERS, ge=1)
+    header_timeout: Duration = Field(default=builtin.HEADER_TIMEOUT_S, gt=0)
 
 
 class TracesSettings(Frozen):
