@@ -46,6 +46,8 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
 # In Kubernetes a ConfigMap is mounted over /etc/outrigger instead.
 COPY config.example.yaml /etc/outrigger/config.yaml
 COPY policies/ /etc/outrigger/policies/
+# The example keeps its store beside the config (read-only here): point it at the volume.
+RUN sed -i 's|^data_dir: .*|data_dir: /var/lib/outrigger|' /etc/outrigger/config.yaml
 
 # data_dir (SPEC 11): the durable delivery store. The only path Outrigger
 # writes to, so the root filesystem can be read-only.

@@ -7,7 +7,9 @@ tests use (proxy/telemetry/otlp_decode.py).
 
 Run it with ``python demo/traces.py --port 4318`` (127.0.0.1 only) and start Outrigger with
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=http://127.0.0.1:4318/v1/traces``. A trace is printed when
-its SERVER span arrives; its attempts (CLIENT spans) end before it, so they arrived already.
+its SERVER span arrives; its attempts (CLIENT spans) end before it, so they arrived already. A
+stored (fire-and-forget) request's delivery attempts are traces of their own, rooted at a
+CONSUMER span linked to the request that was acknowledged: they print the same way.
 """
 
 from __future__ import annotations
@@ -84,11 +86,19 @@ def render(server: ExportedSpan, attempts: Sequence[ExportedSpan]) -> list[str]:
     the decisions taken."""
     a = server.attributes
     policy = a.get(names.ATTR_POLICY)
-    head = (
-        f"trace {server.trace_id[:8]}  {a.get('http.request.method')} {a.get('url.full')}"
-        f"  -> {a.get('http.response.status_code')}  in {_ms(server.duration_ms)}"
-        + (f"  (policy {policy})" if policy else "")
-    )
+    outcome = a.get("http.response.status_code") or a.get("error.type")
+    if server.is_consumer:
+        origin = f", for the request of trace {server.links[0][0][:8]}" if server.links else ""
+        head = (
+            f"trace {server.trace_id[:8]}  delivery {a.get(names.ATTR_DELIVERY_ID)}"
+            f" attempt {a.get(names.ATTR_DELIVERY_ATTEMPT)}{origin}  -> {outcome}"
+            f"  in {_ms(server.duration_ms)}  (policy {a.get(names.ATTR_DELIVERY_SOURCE)})"
+        )
+    else:
+        head = (
+            f"trace {server.trace_id[:8]}  {a.get('http.request.method')} {a.get('url.full')}"
+            f"  -> {outcome}  in {_ms(server.duration_ms)}" + (f"  (policy {policy})" if policy else "")
+        )
     children: list[str] = []
     for number, attempt in enumerate(sorted(attempts, key=lambda s: s.start_ns), start=1):
         backoff = attempt.attributes.get(names.ATTR_RETRY_BACKOFF_MS)
@@ -103,7 +113,8 @@ def render(server: ExportedSpan, attempts: Sequence[ExportedSpan]) -> list[str]:
 
 
 class TraceBook:
-    """Holds attempts until their SERVER span arrives, then renders the whole trace."""
+    """Holds attempts until their SERVER (or delivery CONSUMER) span arrives, then renders the
+    whole trace."""
 
     def __init__(self) -> None:
         self.pending: OrderedDict[str, list[ExportedSpan]] = OrderedDict()
@@ -117,7 +128,7 @@ class TraceBook:
                 while len(self.pending) > MAX_PENDING_TRACES:
                     self.pending.popitem(last=False)
         for span in spans:
-            if span.is_server:
+            if span.is_server or span.is_consumer:
                 attempts = [
                     c for c in self.pending.pop(span.trace_id, []) if c.parent_span_id == span.span_id
                 ]

@@ -20,6 +20,8 @@ Endpoints:
   then 503 forever: a cached copy outlives its upstream.
 - ``GET /region``: 503 on the primary port (a region that is down), 200 on the
   standby port.
+- ``POST /orders``: 503 on calls 1 and 2 (an outage), then 201 naming the ``Idempotency-Key``
+  it received: the fire-and-forget step.
 - ``POST /echo``: the headers it received and the body it read, as JSON.
 - ``GET /stats``: how many calls reached each path.
 """
@@ -162,6 +164,15 @@ async def region(request: web.Request) -> web.Response:
     return web.json_response({"message": f"region: served by the {name} region"})
 
 
+async def orders(request: web.Request) -> web.Response:
+    """Down for two calls, then accepting: a stored delivery gets through once it is back."""
+    n = _calls_to(request)
+    if n <= 2:
+        return web.json_response({"error": "orders: the service is down", "call": n}, status=503)
+    key = request.headers.get("Idempotency-Key")
+    return web.json_response({"order": "created", "idempotency_key": key, "call": n}, status=201)
+
+
 async def echo(request: web.Request) -> web.Response:
     """Return the headers and body that arrived: shows what Outrigger injected."""
     body = await request.read()
@@ -195,6 +206,7 @@ def make_app(region_name: str = PRIMARY) -> web.Application:
     app.router.add_get("/ratelimited", ratelimited)
     app.router.add_get("/catalog", catalog)
     app.router.add_get("/region", region)
+    app.router.add_post("/orders", orders)
     app.router.add_post("/echo", echo)
     app.router.add_get("/stats", stats)
     return app

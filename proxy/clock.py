@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Protocol
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
 
 
 class Clock(Protocol):
@@ -16,6 +21,9 @@ class Clock(Protocol):
 
     async def sleep(self, seconds: float) -> None: ...
 
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        """Run `callback` once, `delay` seconds from now (a scheduler's wake-up, not a task)."""
+
 
 class SystemClock:
     def now(self) -> float:
@@ -26,6 +34,9 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        return asyncio.get_running_loop().call_later(delay, callback)
 
 
 SYSTEM_CLOCK = SystemClock()

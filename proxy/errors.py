@@ -5,6 +5,7 @@
     ├── HostNotAllowed          403 host_not_allowed
     ├── AddressNotAllowed       403 address_not_allowed
     ├── ConnectNotSupported     405 connect_not_supported
+    ├── RequestTimeout          408 request_timeout (no complete request head within header_timeout)
     ├── BodyTooLarge            413 body_too_large (a fire-and-forget body above delivery.max_body_bytes)
     ├── IdempotencyKeyReused    422 idempotency_key_reused
     ├── HeadersTooLarge         431 headers_too_large
@@ -87,6 +88,11 @@ class AddressNotAllowed(OutriggerError):
 class ConnectNotSupported(OutriggerError):
     status = 405
     error_type = "connect_not_supported"
+
+
+class RequestTimeout(OutriggerError):
+    status = 408
+    error_type = "request_timeout"
 
 
 class BodyTooLarge(OutriggerError):

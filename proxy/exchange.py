@@ -295,6 +295,11 @@ class FailoverState:
     """Each upstream an attempt moved to (for ``outrigger_failovers_total``)."""
 
 
+PRIORITIES = ("high", "normal", "low")
+"""x-outrigger-priority values, in the order the rate limiter's queue serves them."""
+DEFAULT_PRIORITY = "normal"
+
+
 @dataclass
 class ProxyRequest:
     method: str
@@ -314,6 +319,8 @@ class ProxyRequest:
     """Arrival (loop clock): the total deadline counts from here, bulkhead queueing included."""
     timeout_override: float | None = None
     """x-outrigger-timeout-ms, in seconds: may only lower `timeouts.total`."""
+    priority: str = DEFAULT_PRIORITY
+    """x-outrigger-priority (one of `PRIORITIES`): the order in which the rate limiter serves waiters."""
     deadline: float | None = None
     """Loop time by which the response head must have arrived (`total`)."""
     request_id: str = ""

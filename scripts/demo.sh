@@ -291,6 +291,34 @@ step_failover() {
     traces 3
 }
 
+step_fire_and_forget() {
+    title "Fire-and-forget: outbox.demo.local stores a request sent with 'Prefer: respond-async'"
+    note "Outrigger commits the request to its store (data_dir) and answers 202 at once, with the"
+    note "delivery's id. A worker then delivers it through the policy: /orders is down for two"
+    note "calls, so it is retried with backoff (the same Idempotency-Key every time) until it is"
+    note "accepted. Stored deliveries survive restarts; GET $ADMIN/deliveries lists them."
+    show "curl -s -D - -X POST -H 'Prefer: respond-async' -H 'Host: outbox.demo.local' $MAIN/orders -d '{\"kayaks\": 2}'"
+    local head id state="" _
+    head="$(direct -D - -o /dev/null -X POST -H 'Prefer: respond-async' -H 'Host: outbox.demo.local' \
+        -H 'Content-Type: application/json' "$MAIN/orders" -d '{"kayaks": 2}')" || note "(request failed)"
+    printf '%s\n' "$head" | status_line x-outrigger-delivery-id location
+    id="$(printf '%s\n' "$head" | tr -d '\r' | awk 'tolower($1) == "x-outrigger-delivery-id:" { print $2 }')"
+    if [[ -n "$id" ]]; then
+        for _ in $(seq 1 50); do
+            state="$(direct "$ADMIN/deliveries/$id" 2>/dev/null || true)"
+            [[ "$state" == *'"state": "done"'* || "$state" == *'"state":"done"'* ]] && break
+            sleep 0.1
+        done
+        show "curl -s $ADMIN/deliveries/$id"
+        printf '%s\n' "$state" | "$VENV/bin/python" -c '
+import json, sys
+view = json.load(sys.stdin)
+print("    state {state} after {attempts} attempts, last status {last_status}".format(**view))' \
+            || note "(no delivery view)"
+    fi
+    traces 4
+}
+
 step_allowlist() {
     title "Egress allowlist: a host without a policy is refused (unknown_hosts: deny)"
     show "curl -s -x $MAIN http://example.com/"
@@ -318,6 +346,7 @@ STEPS=(
     step_rate_limit
     step_stale_cache
     step_failover
+    step_fire_and_forget
     step_allowlist
 )
 for step in "${STEPS[@]}"; do

@@ -25,7 +25,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -38,18 +38,32 @@ from proxy.target import parse_target
 from proxy.telemetry import Telemetry
 from tests.conftest import RunningProxy
 
+_T = TypeVar("_T")
+
 WALL_START = 1_700_000_000.0
 """FakeClock's epoch time at creation (a whole second, so HTTP-dates are exact)."""
 
 
+class FakeTimer:
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class FakeClock:
-    """A `Clock` whose time only moves when told to (or when something sleeps on it)."""
+    """A `Clock` whose time only moves when told to (or when something sleeps on it); timers
+    (`call_later`) fire, in order and each at its own time, as the time moves past them."""
 
     def __init__(self, now: float = 1_000.0, wall: float = WALL_START) -> None:
         self._start = now
         self._now = now
         self._wall_start = wall
         self.sleeps: list[float] = []
+        self._timers: list[FakeTimer] = []
 
     def now(self) -> float:
         return self._now
@@ -59,14 +73,45 @@ class FakeClock:
 
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
-        self._now += seconds
+        self.set(self._now + seconds)
         await asyncio.sleep(0)  # yield like a real sleep would, but take no real time
 
     def advance(self, seconds: float) -> None:
-        self._now += seconds
+        self.set(self._now + seconds)
 
     def set(self, now: float) -> None:
+        while due := [t for t in self._timers if not t.cancelled and t.when <= now]:
+            timer = min(due, key=lambda t: t.when)
+            self._timers.remove(timer)
+            self._now = max(self._now, timer.when)
+            timer.callback()
+        self._timers = [t for t in self._timers if not t.cancelled]
         self._now = now
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> FakeTimer:
+        timer = FakeTimer(self._now + max(0.0, delay), callback)
+        self._timers.append(timer)
+        return timer
+
+    def next_timer(self) -> float | None:
+        """When the earliest pending timer fires (None: none pending)."""
+        return min((t.when for t in self._timers if not t.cancelled), default=None)
+
+    async def run(self, awaitable: Awaitable[_T]) -> _T:
+        """Await `awaitable`, moving the time to the next timer whenever nothing else can happen."""
+        task = asyncio.ensure_future(awaitable)
+        for _ in range(100_000):  # bounded: a test never needs this many wake-ups
+            for _ in range(10):
+                await asyncio.sleep(0)
+            if task.done():
+                return task.result()
+            when = self.next_timer()
+            if when is None:
+                task.cancel()
+                raise AssertionError("stuck: the awaitable waits for no timer of this clock")
+            self.set(max(when, self._now))
+        task.cancel()
+        raise AssertionError("still not done after 100000 timers")
 
 
 class RecordingUniform:

@@ -86,7 +86,7 @@ async def test_proxy_server_builds_our_handler_which_knows_its_manager() -> None
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
         return web.Response()
 
-    server = ProxyWebServer(handler, lambda request, error: "id", **SERVER_KWARGS)
+    server = ProxyWebServer(handler, lambda request, error: "id", header_timeout=10.0, **SERVER_KWARGS)
     built = server()
     assert isinstance(built, RefusingRequestHandler)
     assert built._manager is server
@@ -139,3 +139,38 @@ def test_request_handler_set_parser_takes_a_feed_data_parser() -> None:
 
     parameters = list(inspect.signature(RequestHandler.set_parser).parameters)
     assert parameters[:2] == ["self", "parser"]
+
+
+def test_request_handler_queues_parsed_messages_and_error_infos_for_start() -> None:
+    """The header timeout queues an `_ErrInfo` the way data_received queues a parser error: it
+    counts it in `_request_count`, appends it to `_messages` and wakes `_waiter`, and `start()`
+    turns it into a call of handle_error with its status and exception."""
+    from aiohttp.web_protocol import _ErrInfo
+
+    assert {"_request_count", "_messages", "_waiter", "_force_close", "_close"} <= set(
+        RequestHandler.__slots__
+    )
+    assert _ErrInfo(status=408, exc=ValueError("x"), message="m").status == 408
+    data_received = inspect.getsource(RequestHandler.data_received)
+    assert "self._request_count += 1" in data_received
+    assert "self._messages.append((msg, payload))" in data_received
+    assert "waiter.set_result(None)" in data_received
+    start = inspect.getsource(RequestHandler.start)
+    assert "isinstance(message, _ErrInfo)" in start
+    assert "self._make_error_handler(message)" in start
+    assert "self.handle_error(\n                request, err_info.status, err_info.exc, err_info.message" in (
+        inspect.getsource(RequestHandler._make_error_handler)
+    )
+
+
+def test_stream_response_writes_its_status_line_in_write_headers_from_the_request_version() -> None:
+    """ErrorResponse overrides `_write_headers` (and reads `_req`, `_payload_writer`) to answer in
+    HTTP/1.1 whatever version the request line claimed."""
+    assert inspect.iscoroutinefunction(web.StreamResponse._write_headers)
+    source = inspect.getsource(web.StreamResponse._write_headers)
+    assert "request = self._req" in source
+    assert "writer = self._payload_writer" in source
+    assert "version = request.version" in source
+    assert "await writer.write_headers(status_line, self._headers)" in source
+    assert "writer.send_headers()" in source
+    assert web.Response._send_headers_immediately is False, "ErrorResponse relies on write_eof sending"

@@ -26,7 +26,7 @@ def test_demo_runs_every_step_and_shows_the_traces() -> None:
     )
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
-    assert "9/9  Egress allowlist" in out
+    assert "10/10  Egress allowlist" in out
     assert out.count("status 200, x-outrigger-attempts: 3") == 3  # retries
     assert "x-outrigger-error: circuit_open" in out  # the breaker
     assert "refused at once: the circuit breaker is open" in out
@@ -36,6 +36,9 @@ def test_demo_runs_every_step_and_shows_the_traces() -> None:
     assert "cache: stale (a stored copy stood in for: 503)" in out
     assert "x-outrigger-attempts: 1, x-outrigger-upstream: http://127.0.0.1:8081" in out  # failover
     assert "answered by upstream http://127.0.0.1:8081" in out
+    assert "status 202, x-outrigger-delivery-id: " in out  # fire-and-forget
+    assert "state done after 3 attempts, last status 201" in out
+    assert out.count(" attempt 1, for the request of trace ") == 1  # a delivery's own traces
     assert '"type": "host_not_allowed"' in out
     assert "expected" not in out  # every step's traces arrived
-    assert out.count("\n      trace ") >= 13
+    assert out.count("\n      trace ") >= 17

@@ -225,10 +225,19 @@ def test_only_a_restart_only_config_change_rolls_the_pods(example: Path) -> None
     """The pod annotation hashes the keys the proxy cannot hot-reload: a change of one of them
     changes it (a rolling restart applies it); config the proxy reloads in place does not."""
     before = _checksum(example)
-    for key in RESTART_ONLY:
+    for key in set(RESTART_ONLY) - {"data_dir"}:
         assert _checksum(example, _changed(key)) != before, key
-    for key in set(MainConfig.model_fields) - set(RESTART_ONLY):
+    moved_data = _checksum(example, {"data_dir": "/data"}, data={"mountPath": "/data"})
+    assert moved_data != before, "data_dir"  # (the chart insists it is the data volume's mount path)
+    for key in set(MainConfig.model_fields) - set(RESTART_ONLY) - {"webhooks"}:
         assert _checksum(example, _changed(key)) == before, key
+    routes = {"routes": [{"path": "/hooks/x", "forward": "http://127.0.0.1:8000/x"}]}
+    with_webhooks = _checksum(example, {"webhooks": routes})
+    assert with_webhooks != before  # the section opens a listener
+    moved = _checksum(example, {"webhooks": {**routes, "listen": {"port": 15003}}})
+    assert moved != with_webhooks, "webhooks.listen is restart-only"
+    other_routes = {"routes": [{"path": "/hooks/y", "forward": "http://127.0.0.1:8000/y"}]}
+    assert _checksum(example, {"webhooks": other_routes}) == with_webhooks, "routes reload live"
     assert _checksum(example, policies={"extra.yaml": {"hosts": ["api.example.com"]}}) == before
     assert _checksum(example, {"brand_new_key": 1}) != before  # unknown to the chart: assume restart
 

@@ -94,14 +94,24 @@ def test_quota_from_x_ratelimit_headers() -> None:
         }
     )
     quota = ProviderQuota.from_headers(headers, WALL)
-    assert quota == ProviderQuota(limit=5000, remaining=4000, reset_seconds=60.0, observed_at=WALL)
-    assert quota.as_dict() == {"limit": 5000, "remaining": 4000, "reset_seconds": 60.0, "observed_at": WALL}
+    assert quota == ProviderQuota(
+        limit=5000, remaining=4000, reset_seconds=60.0, observed_at=WALL, dialect="x-ratelimit"
+    )
+    assert quota.as_dict() == {
+        "limit": 5000,
+        "remaining": 4000,
+        "reset_seconds": 60.0,
+        "observed_at": WALL,
+        "dialect": "x-ratelimit",
+    }
 
 
 def test_quota_from_ietf_ratelimit_headers() -> None:
     headers = CIMultiDict({"RateLimit-Limit": "100", "RateLimit-Remaining": "3", "RateLimit-Reset": "17"})
     quota = ProviderQuota.from_headers(headers, WALL)
-    assert quota == ProviderQuota(limit=100, remaining=3, reset_seconds=17.0, observed_at=WALL)
+    assert quota == ProviderQuota(
+        limit=100, remaining=3, reset_seconds=17.0, observed_at=WALL, dialect="ratelimit"
+    )
 
 
 def test_quota_header_names_are_case_insensitive() -> None:
@@ -157,7 +167,8 @@ def test_no_quota_without_limit_or_remaining(headers: dict[str, str]) -> None:
     ],
 )
 def test_pause_requested(status: int, headers: dict[str, str], expected: float) -> None:
-    pause = pause_requested(CIMultiDict(headers), status, WALL)
+    fields = CIMultiDict(headers)
+    pause = pause_requested(ProviderQuota.from_headers(fields, WALL), fields, status, WALL)
     assert pause is not None
     assert pause[0] == pytest.approx(expected)
     assert pause[1]
@@ -175,4 +186,5 @@ def test_pause_requested(status: int, headers: dict[str, str], expected: float) 
     ],
 )
 def test_no_pause_requested(status: int, headers: dict[str, str]) -> None:
-    assert pause_requested(CIMultiDict(headers), status, WALL) is None
+    fields = CIMultiDict(headers)
+    assert pause_requested(ProviderQuota.from_headers(fields, WALL), fields, status, WALL) is None

@@ -19,6 +19,9 @@ MAX_HEADER_BYTES = 64 * 1024
 """Request line plus all header lines; larger requests get 431 (Envoy's default is 60 KiB)."""
 MAX_HEADERS = 100
 """Header count limit (Envoy's default is 100)."""
+HEADER_TIMEOUT_S = 10.0
+"""A connection's first request head must be complete this long after it opened, else 408 and close
+(slowloris; nginx's client_header_timeout is 60 s, Envoy's request_headers_timeout is off by default)."""
 
 TLS_VERIFY = True
 ALLOW_PRIVATE_ADDRESSES = False
@@ -81,6 +84,7 @@ RATE_LIMIT_BURST = 100
 RATE_LIMIT_MAX_WAIT_S = 0.5
 RATE_LIMIT_ADAPTIVE = True
 RATE_LIMIT_MAX_PAUSE_S = 300.0
+RATE_LIMIT_MAX_QUEUED = 1000
 
 REDACT_PATHS: tuple[str, ...] = ()
 """No path is assumed to carry a secret; query values are always redacted."""

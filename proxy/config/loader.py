@@ -8,6 +8,7 @@ problems of one load are collected and raised together.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import ssl
 from collections.abc import Iterable, Sequence
@@ -82,9 +83,16 @@ class _Problems:
 
 
 def format_path(path: Iterable[str | int]) -> str:
+    """``a.b[0].c``; a key with a newline or another unprintable character is quoted
+    (``a["x\\ny"]``), so that every problem stays one line."""
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.isprintable():
+            out += f".{part}" if out else part
+        else:
+            out += f"[{json.dumps(part)}]"
     return out
 
 
@@ -104,7 +112,12 @@ def _compose(file: Path, problems: _Problems) -> _Document | None:
     except UnicodeDecodeError:
         problems.add(file, 1, (), "not UTF-8 text")
         return None
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow (control characters)
+        line = text.count("\n", 0, exc.position) + 1
+        problems.add(file, line, (), f"invalid YAML: character {exc.character:#x} is not allowed")
+        return None
     try:
         node = loader.get_single_node()
         positions: Positions = {}

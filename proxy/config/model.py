@@ -489,6 +489,8 @@ class RateLimit(Frozen):
     adaptive: bool = builtin.RATE_LIMIT_ADAPTIVE
     max_pause: Duration = Field(default=builtin.RATE_LIMIT_MAX_PAUSE_S, gt=0)
     """Longest pause a provider's Retry-After/reset may impose (a stray "86400" must not stop a day)."""
+    max_queued: int = Field(default=builtin.RATE_LIMIT_MAX_QUEUED, ge=0)
+    """Requests that may wait for a token at once; beyond it the lowest priority is refused first."""
 
     @property
     def per_second(self) -> float:
@@ -870,6 +872,7 @@ POLICY_TARGET_KEYS = frozenset(PolicyTarget.model_fields)
 class Limits(Frozen):
     max_header_bytes: ByteSize = Field(default=builtin.MAX_HEADER_BYTES, ge=1024)
     max_headers: int = Field(default=builtin.MAX_HEADERS, ge=1)
+    header_timeout: Duration = Field(default=builtin.HEADER_TIMEOUT_S, gt=0)
 
 
 class TracesSettings(Frozen):

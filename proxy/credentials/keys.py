@@ -10,14 +10,16 @@ deadline, or is refused ``429 rate_limited``. Keys are named by their index
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from multidict import MultiMapping
 
 from proxy import errors
 from proxy.clock import Clock
 from proxy.config import defaults
 from proxy.config.model import KeyPoolSettings, OutcomeSet
-from proxy.provider_headers import pause_requested, retry_after_seconds
+from proxy.provider_headers import ProviderQuota, pause_requested, retry_after_seconds
 
 READY = "ready"
 RESTING = "resting"
@@ -100,10 +102,10 @@ class KeyPool:
                 )
             await self._clock.sleep(wake)
 
-    def observe(self, index: int, status: int, headers: Mapping[str, str], max_pause: float) -> bool:
+    def observe(self, index: int, status: int, headers: MultiMapping[str], max_pause: float) -> bool:
         """Rest key `index` when the response asks for it; True when it met ``cooldown_on``."""
         wall = self._clock.wall()
-        pause = pause_requested(headers, status, wall)
+        pause = pause_requested(ProviderQuota.from_headers(headers, wall), headers, status, wall)
         cooldown = status in self._cooldown_on
         if cooldown:
             asked = pause[0] if pause else retry_after_seconds(headers.get("Retry-After"), wall)

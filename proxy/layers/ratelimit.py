@@ -1,28 +1,42 @@
 """Rate limit per policy: every attempt takes a token (providers count retries too).
 
-The token bucket is aiolimiter's leaky bucket sized so that `burst` requests
-may go at once and `rate` per `per` drain after. With `adaptive`, the
-provider's own signals pause the whole bucket: a 429 with Retry-After, or
-``(X-)RateLimit-Remaining: 0`` with a reset header. The last reported quota is
-kept for /state and metrics so SREs can alert before the provider refuses.
+Three things decide when an attempt may go, checked in this order:
+
+- a provider pause (`adaptive`): a 429 with Retry-After, or a quota at 0 with a reset;
+- learned pacing (`adaptive`): a provider that says N requests are left for T seconds has
+  them spread over T (one every T/N), instead of a burst into its 429;
+- our own bucket (`TokenBucket`: `burst` at once, then `rate` per `per`).
+
+An attempt that can go at once goes without queueing, a timer or a task (the fast
+path). The others wait in a queue served by priority (``x-outrigger-priority``:
+high, normal, low; first come first served within one), bounded by `max_queued`.
+One timer per limiter wakes the queue when the next token is due; the token goes to
+whoever is first in the queue by then. A request whose expected wait is longer than
+`max_wait` or its own deadline is refused at once (429 with Retry-After), never
+waited in vain. When the quota came through a pooled key (`credential_key`), the
+pause and pacing belong to that key (the credentials layer), not to the whole host;
+the quota is still kept for /state and metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from dataclasses import dataclass
 
-from aiolimiter import AsyncLimiter
 from multidict import CIMultiDict
 
 from proxy import errors
-from proxy.clock import Clock
+from proxy.clock import Clock, Timer
 from proxy.config.model import RateLimit
-from proxy.exchange import Handler, ProxyRequest, ProxyResponse
+from proxy.exchange import PRIORITIES, Handler, ProxyRequest, ProxyResponse
+from proxy.layers.bucket import LocalTokenBucket, TokenBucket
 from proxy.provider_headers import ProviderQuota, pause_requested
 
 log = logging.getLogger("outrigger.ratelimit")
+
+_RANK = {priority: rank for rank, priority in enumerate(PRIORITIES)}
 
 
 @dataclass
@@ -31,21 +45,209 @@ class _Pause:
     reason: str
 
 
-class RateLimiter:
-    """State of one policy's limiter: the bucket, any provider-imposed pause, the last quota seen."""
+@dataclass
+class _Pacing:
+    """One attempt every `interval` until `until` (the provider's reset)."""
 
-    def __init__(self, name: str, settings: RateLimit, clock: Clock) -> None:
+    interval: float
+    until: float
+    remaining: int
+
+
+class _Waiter:
+    __slots__ = ("expiry", "future", "gone", "rank")
+
+    def __init__(self, future: asyncio.Future[None], rank: int) -> None:
+        self.future = future
+        self.rank = rank
+        self.expiry: Timer | None = None
+        self.gone = False
+        """Left the queue: served, refused, evicted or cancelled."""
+
+
+class RateLimiter:
+    """State of one policy's limiter: the bucket, the queue, the provider's pause and pacing, and
+    the last quota seen."""
+
+    def __init__(
+        self, name: str, settings: RateLimit, clock: Clock, bucket: TokenBucket | None = None
+    ) -> None:
         self.name = name
         self.settings = settings
         self._clock = clock
-        self._bucket = AsyncLimiter(max_rate=settings.burst, time_period=settings.burst / settings.per_second)
+        self._bucket = bucket or LocalTokenBucket(settings.per_second, settings.burst)
+        self._queues: tuple[deque[_Waiter], ...] = tuple(deque() for _ in PRIORITIES)
+        self._counts = [0] * len(PRIORITIES)
+        self._queued = 0
+        self._due: float | None = None
+        """Due time of the token reserved for whoever is first in the queue when it comes."""
+        self._timer: Timer | None = None
+        self._timer_at = 0.0
         self._pause: _Pause | None = None
+        self._pause_until = 0.0
+        self._pacing: _Pacing | None = None
+        self._last_sent = float("-inf")
+        self.in_flight = 0
+        """Attempts that took a token and have no response yet (their quota is spoken for)."""
         self.quota: ProviderQuota | None = None
 
     def adopt_provider_view(self, previous: RateLimiter) -> None:
-        """Keep what the provider told us (pause, quota) when only our own limits changed on reload."""
-        self._pause = previous._pause
+        """Keep what the provider told us (pause, pacing, quota) when only our own limits changed."""
+        self._pause, self._pause_until = previous._pause, previous._pause_until
+        self._pacing, self._last_sent = previous._pacing, previous._last_sent
         self.quota = previous.quota
+
+    # ------------------------------------------------------------------ taking a token
+
+    async def acquire(self, deadline: float | None = None, priority: str = "normal") -> float:
+        """Wait for a token up to max_wait and never past `deadline`; returns the seconds waited."""
+        now = self._clock.now()
+        if not self._queued and self._gate(now) <= now:
+            delay = self._bucket.reserve(now)
+            if delay == 0.0:
+                self._last_sent = now
+                return 0.0
+            self._due = now + delay
+        return await self._wait(now, deadline, _RANK[priority])
+
+    async def _wait(self, now: float, deadline: float | None, rank: int) -> float:
+        budget = self.settings.max_wait if deadline is None else min(self.settings.max_wait, deadline - now)
+        expected = self._expected_wait(now, rank)
+        if expected > budget:
+            self._release_if_idle(now)
+            raise self._refusal(now, expected)
+        if self._queued >= self.settings.max_queued and not self._evict_for(rank):
+            self._release_if_idle(now)
+            raise errors.RateLimited(
+                f"the rate limit queue for {self.name} is full ({self.settings.max_queued} waiting)",
+                retry_after=expected,
+            )
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), rank)
+        self._queues[rank].append(waiter)
+        self._counts[rank] += 1
+        self._queued += 1
+        waiter.expiry = self._clock.call_later(max(0.0, budget), lambda: self._expire(waiter))
+        self._schedule()
+        try:
+            await waiter.future
+        except asyncio.CancelledError:
+            if not waiter.gone:
+                self._leave(waiter)
+                self._schedule()
+            elif waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+                self._bucket.cancel(self._clock.now())  # served, but gone before using the token
+            raise
+        return self._clock.now() - now
+
+    def _gate(self, now: float) -> float:
+        """Earliest time the provider lets the next attempt go (its pause, its pacing)."""
+        gate = self._pause_until
+        pacing = self._pacing
+        if pacing is not None:
+            if now >= pacing.until:
+                self._pacing = None
+            else:
+                gate = max(gate, self._last_sent + pacing.interval)
+        return gate
+
+    def _interval(self, now: float) -> float:
+        pacing = self._pacing
+        if pacing is not None and now < pacing.until:
+            return max(self._bucket.interval, pacing.interval)
+        return self._bucket.interval
+
+    def _expected_wait(self, now: float, rank: int) -> float:
+        """Until this arrival's token: the next one due, then one per waiter served before it."""
+        start = max(now, self._gate(now), self._due or now)
+        ahead = sum(self._counts[: rank + 1])
+        return start - now + ahead * self._interval(now)
+
+    def _refusal(self, now: float, expected: float) -> errors.RateLimited:
+        if self._pause_until > now and self._pause is not None:
+            message = f"{self.name} asked us to slow down ({self._pause.reason})"
+        elif self._pacing is not None and self._gate(now) > now:
+            message = f"pacing {self.name} to its quota ({self._pacing.remaining} left until its reset)"
+        else:
+            limit = f"{self.settings.rate:g} per {self.settings.per:g}s"
+            message = f"local rate limit for {self.name}: {limit} exceeded"
+        return errors.RateLimited(message, retry_after=expected)
+
+    def _evict_for(self, rank: int) -> bool:
+        """Make room for an arrival of `rank`: the newest waiter of the lowest priority present
+        goes, if that priority is lower than the arrival's. False when the arrival is the lowest."""
+        lowest = next((r for r in reversed(range(len(PRIORITIES))) if self._counts[r]), None)
+        if lowest is None or lowest <= rank:
+            return False
+        victim = self._queues[lowest].pop()
+        self._leave(victim, queued=False)
+        victim.future.set_exception(
+            errors.RateLimited(
+                f"the rate limit queue for {self.name} is full: a higher priority request took its place",
+                retry_after=self._expected_wait(self._clock.now(), lowest),
+            )
+        )
+        return True
+
+    def _leave(self, waiter: _Waiter, queued: bool = True) -> None:
+        """Out of the queue (`queued`: still in its deque, else already popped)."""
+        waiter.gone = True
+        if queued:
+            self._queues[waiter.rank].remove(waiter)
+        self._counts[waiter.rank] -= 1
+        self._queued -= 1
+        if waiter.expiry is not None:
+            waiter.expiry.cancel()
+
+    def _expire(self, waiter: _Waiter) -> None:
+        """max_wait (or the deadline) ran out while others were served first."""
+        if waiter.gone:
+            return
+        waiter.expiry = None
+        self._leave(waiter)
+        now = self._clock.now()
+        waiter.future.set_exception(self._refusal(now, self._expected_wait(now, waiter.rank)))
+        self._schedule()
+
+    def _release_if_idle(self, now: float) -> None:
+        """Nobody waits: give the reserved token back (a refused request must cost no token)."""
+        if not self._queued and self._due is not None:
+            self._due = None
+            self._bucket.cancel(now)
+
+    def _schedule(self) -> None:
+        """Serve the queue as far as the tokens allow now; set the one timer for the next token."""
+        now = self._clock.now()
+        while self._queued:
+            gate = self._gate(now)
+            if gate > now:
+                return self._wake_at(gate, now)
+            if self._due is None:
+                self._due = now + self._bucket.reserve(now)
+            if self._due > now:
+                return self._wake_at(self._due, now)
+            waiter = next(queue for queue in self._queues if queue).popleft()
+            self._leave(waiter, queued=False)
+            self._due = None
+            self._last_sent = now
+            waiter.future.set_result(None)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._release_if_idle(now)
+
+    def _wake_at(self, when: float, now: float) -> None:
+        if self._timer is not None:
+            if self._timer_at == when:
+                return
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._clock.call_later(when - now, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._schedule()
+
+    # ------------------------------------------------------------------ learning from the provider
 
     def pause_remaining(self) -> float:
         if self._pause is None:
@@ -53,59 +255,71 @@ class RateLimiter:
         remaining = self._pause.until - self._clock.now()
         if remaining <= 0:
             self._pause = None
+            self._pause_until = 0.0
             return 0.0
         return remaining
 
-    async def acquire(self, deadline: float | None = None) -> float:
-        """Wait for a token (and out any provider pause) up to max_wait, and never past `deadline`
-        (a wait that cannot end before the request's own deadline is refused at once rather than
-        waited in vain); returns the seconds waited."""
-        started = self._clock.now()
-        max_wait = self.settings.max_wait
-        if deadline is not None:
-            max_wait = max(0.0, min(max_wait, deadline - started))
-        paused = self.pause_remaining()
-        if paused > max_wait:
-            raise errors.RateLimited(
-                f"{self.name} asked us to slow down ({self._pause.reason if self._pause else 'paused'})",
-                retry_after=paused,
-            )
-        if paused:
-            await self._clock.sleep(paused)
-        try:
-            async with asyncio.timeout(max(0.0, max_wait - (self._clock.now() - started))):
-                await self._bucket.acquire()
-        except TimeoutError:
-            raise errors.RateLimited(
-                f"local rate limit for {self.name}: {self.settings.rate:g} per"
-                f" {self.settings.per:g}s exceeded",
-                retry_after=max(1.0, 1.0 / self.settings.per_second),
-            ) from None
-        return self._clock.now() - started
-
-    def observe(self, headers: CIMultiDict[str], status: int) -> None:
-        """Learn from the provider's answer: remember its quota; pause when it says so (adaptive)."""
+    def observe(self, headers: CIMultiDict[str], status: int, pooled: bool = False) -> None:
+        """Learn from the provider's answer: remember its quota; with `adaptive`, pause or pace the
+        host as it says (unless the quota was a pooled key's own: that key's business)."""
         now_wall = self._clock.wall()
         quota = ProviderQuota.from_headers(headers, now_wall)
         if quota is not None:
             self.quota = quota
-        if not self.settings.adaptive:
+        if not self.settings.adaptive or pooled:
             return
-        pause = pause_requested(headers, status, now_wall)
+        pause = pause_requested(quota, headers, status, now_wall)
         if pause is not None:
-            seconds, reason = pause
-            if seconds > self.settings.max_pause:
-                log.warning("%s asked for a %.0fs pause; capped at max_pause", self.name, seconds)
-                seconds = self.settings.max_pause
-            until = self._clock.now() + seconds
-            if self._pause is None or until > self._pause.until:
-                self._pause = _Pause(until, reason)
-                log.warning("pausing %s for %.1fs: %s", self.name, seconds, reason)
+            self._pause_for(*pause)
+        elif quota is not None and quota.remaining is not None and quota.reset_seconds:
+            self._pace(quota.remaining, quota.reset_seconds)
+
+    def _pause_for(self, seconds: float, reason: str) -> None:
+        if seconds > self.settings.max_pause:
+            log.warning("%s asked for a %.0fs pause; capped at max_pause", self.name, seconds)
+            seconds = self.settings.max_pause
+        until = self._clock.now() + seconds
+        if self._pause is None or until > self._pause.until:
+            self._pause = _Pause(until, reason)
+            self._pause_until = until
+            log.warning("pausing %s for %.1fs: %s", self.name, seconds, reason)
+
+    def _pace(self, remaining: int, reset: float) -> None:
+        """`remaining` requests for `reset` seconds, less those already on their way: one every
+        reset/left. Slower than our own bucket only; none left at all is a pause until the reset."""
+        reset = min(reset, self.settings.max_pause)
+        left = remaining - self.in_flight
+        if left <= 0:
+            self._pause_for(reset, f"quota spoken for ({remaining} left, {self.in_flight} in flight)")
+            return
+        interval = reset / left
+        if interval <= self._bucket.interval:
+            self._pacing = None
+            return
+        self._pacing = _Pacing(interval, self._clock.now() + reset, left)
+
+    # ------------------------------------------------------------------ /state and metrics
+
+    def queue_lengths(self) -> dict[str, int]:
+        return dict(zip(PRIORITIES, self._counts, strict=True))
 
     def snapshot(self) -> dict[str, object]:
+        now = self._clock.now()
+        tokens = self._bucket.tokens(now)
+        self._gate(now)  # drops pacing that has run out
+        pacing = self._pacing
         return {
-            "has_capacity": self._bucket.has_capacity(),
+            "has_capacity": tokens >= 1,
+            "tokens": round(tokens, 3),
             "paused_for_seconds": round(self.pause_remaining(), 3),
+            "queued": self.queue_lengths(),
+            "pacing": None
+            if pacing is None
+            else {
+                "rate_per_second": round(1 / pacing.interval, 3),
+                "until_seconds": round(pacing.until - now, 3),
+                "remaining": pacing.remaining,
+            },
             "provider_quota": self.quota.as_dict() if self.quota else None,
         }
 
@@ -115,7 +329,12 @@ class RateLimitLayer:
         self.limiter = limiter
 
     async def __call__(self, request: ProxyRequest, next: Handler) -> ProxyResponse:
-        request.ratelimit_wait += await self.limiter.acquire(request.deadline)
-        response = await next(request)
-        self.limiter.observe(response.headers, response.status)
+        limiter = self.limiter
+        request.ratelimit_wait += await limiter.acquire(request.deadline, request.priority)
+        limiter.in_flight += 1
+        try:
+            response = await next(request)
+        finally:
+            limiter.in_flight -= 1
+        limiter.observe(response.headers, response.status, pooled=request.credential_key is not None)
         return response

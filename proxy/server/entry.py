@@ -16,13 +16,22 @@ from multidict import MultiMapping
 from proxy import errors
 from proxy.addresses import is_loopback_literal
 from proxy.config.model import DEFAULT_PORTS, Policy, UpstreamTarget
-from proxy.exchange import CHUNK_SIZE, REQUEST_DROP, ProxyRequest, RequestBody, end_to_end_headers
+from proxy.exchange import (
+    CHUNK_SIZE,
+    DEFAULT_PRIORITY,
+    PRIORITIES,
+    REQUEST_DROP,
+    ProxyRequest,
+    RequestBody,
+    end_to_end_headers,
+)
 from proxy.routing import dedicated_upstream, upstream_for
 from proxy.server.runtime import Runtime
 from proxy.target import RequestTarget
 from proxy.telemetry import REQUEST_ID_HEADER, RequestObservation
 
 TIMEOUT_HEADER = "x-outrigger-timeout-ms"
+PRIORITY_HEADER = "x-outrigger-priority"
 FAULT_HEADER = "x-outrigger-fault"
 """``on`` opts a request into a ``header_only`` fault drill."""
 
@@ -50,9 +59,12 @@ def build_request(
     headers, control = end_to_end_headers(request.headers.items(), REQUEST_DROP)
     timeout_override = None
     fault_requested = False
+    priority = DEFAULT_PRIORITY
     for name, value in control:
         if name == TIMEOUT_HEADER:
             timeout_override = parse_timeout_ms(value)
+        elif name == PRIORITY_HEADER:
+            priority = parse_priority(value)
         elif name == FAULT_HEADER:
             fault_requested = value.strip().lower() == "on"
     headers[REQUEST_ID_HEADER] = observation.request_id
@@ -67,6 +79,7 @@ def build_request(
         policy=policy,
         settings=policy.settings,
         timeout_override=timeout_override,
+        priority=priority,
         fault_requested=fault_requested,
         upgrade=upgrade_protocol(request.headers),
         request_id=observation.request_id,
@@ -159,3 +172,11 @@ def parse_timeout_ms(value: str) -> float:
     if millis <= 0:
         raise errors.BadRequest(f"{TIMEOUT_HEADER} must be a positive integer number of milliseconds")
     return millis / 1000
+
+
+def parse_priority(value: str) -> str:
+    """``high``, ``normal`` or ``low`` (any case); anything else is a 400, like a bad timeout."""
+    priority = value.strip().lower()
+    if priority not in PRIORITIES:
+        raise errors.BadRequest(f"{PRIORITY_HEADER} must be one of {', '.join(PRIORITIES)}")
+    return priority

@@ -122,6 +122,7 @@ class ProxyServer:
             max_line_size=limits.max_header_bytes,
             max_field_size=limits.max_header_bytes,
             max_headers=limits.max_headers,
+            header_timeout=limits.header_timeout,
             auto_decompress=False,
             access_log=None,
             handler_cancellation=True,  # an app that hangs up stops its retries and frees its slot

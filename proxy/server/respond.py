@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 
-from aiohttp import hdrs, web
+from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
 
 from proxy import errors
 from proxy.exchange import ProxyRequest, ProxyResponse
@@ -21,7 +21,30 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 
 
 def error_response(error: errors.OutriggerError, host: str) -> web.Response:
-    return web.Response(status=error.status, body=error.body(host), headers=error.headers())
+    return ErrorResponse(status=error.status, body=error.body(host), headers=error.headers())
+
+
+class ErrorResponse(web.Response):
+    """Outrigger's own answer, always in HTTP/1.x: aiohttp writes the status line in the request's
+    version, so a request line claiming ``HTTP/2.0`` (or none: HTTP/0.9) would get a refusal in a
+    version Outrigger does not speak. Such a connection is closed after the answer."""
+
+    def _speaks_http1(self) -> bool:
+        request = self._req
+        return request is None or request.version in (HttpVersion10, HttpVersion11)
+
+    async def _prepare_headers(self) -> None:
+        if not self._speaks_http1():
+            self.force_close()
+        await super()._prepare_headers()
+
+    async def _write_headers(self) -> None:
+        if self._speaks_http1():
+            await super()._write_headers()
+            return
+        writer = self._payload_writer
+        assert writer is not None
+        await writer.write_headers(f"HTTP/1.1 {self.status} {self.reason}", self.headers)
 
 
 class PassThroughResponse(web.StreamResponse):

@@ -254,6 +254,7 @@ def _record_request_facts(m: PolicyMetrics, request: ProxyRequest, state: LiveSt
             m.rejections(request.cache_masked_error).inc()
     if state is not None and state.limiter is not None:
         m.ratelimit_wait.observe(request.ratelimit_wait)
+        m.ratelimit_queue_wait(request.priority).observe(request.ratelimit_wait)
 
 
 def _attributes(

@@ -8,7 +8,7 @@ children already bound to its `host` label (and small caches for the rest).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -35,6 +35,8 @@ class _QuotaView(Protocol):
 class _LimiterView(Protocol):
     @property
     def quota(self) -> _QuotaView | None: ...
+
+    def queue_lengths(self) -> Mapping[str, int]: ...
 
 
 class _KeyPoolView(Protocol):
@@ -85,18 +87,29 @@ class _StateCollector(Collector):
             "API keys of a policy's key pool, by state (ready, resting)",
             labels=["host", "state"],
         )
+        queued = GaugeMetricFamily(
+            "outrigger_ratelimit_queued",
+            "Requests waiting for a rate-limit token, by x-outrigger-priority",
+            labels=["host", "priority"],
+        )
         for name, state in self._states().items():
             if state.key_pool is not None:
                 for key_state, count in state.key_pool.counts().items():
                     keys.add_metric([name, key_state], count)
             if state.breaker is not None:
                 circuit.add_metric([name], CIRCUIT_STATE_VALUES[state.breaker.state])
+            if state.limiter is not None:
+                for priority, length in state.limiter.queue_lengths().items():
+                    queued.add_metric([name, priority], length)
             quota = state.limiter.quota if state.limiter is not None else None
             if quota is not None and quota.remaining is not None:
                 remaining.add_metric([name], quota.remaining)
             if quota is not None and quota.limit is not None:
                 limit.add_metric([name], quota.limit)
-        yield from (circuit, remaining, limit, keys)
+        yield from (circuit, remaining, limit, keys, queued)
+
+
+RATELIMIT_WAIT_BUCKETS = (0.0, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class Metrics:
@@ -126,7 +139,14 @@ class Metrics:
             "outrigger_ratelimit_wait_seconds",
             "Time spent waiting for rate-limit tokens per request",
             ["host"],
-            buckets=(0.0, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            buckets=RATELIMIT_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.ratelimit_queue_wait = Histogram(
+            "outrigger_ratelimit_queue_wait_seconds",
+            "Time spent waiting for rate-limit tokens per request, by x-outrigger-priority",
+            ["host", "priority"],
+            buckets=RATELIMIT_WAIT_BUCKETS,
             registry=r,
         )
         self.keys_injected = Counter(
@@ -201,6 +221,7 @@ class PolicyMetrics:
         self._faults: dict[str, Counter] = {}
         self._failovers: dict[str, Counter] = {}
         self._cache: dict[str, Counter] = {}
+        self._queue_wait: dict[str, Histogram] = {}
 
     def requests(self, method: str, status: int) -> Counter:
         key = (method_label(method), status)
@@ -231,8 +252,15 @@ class PolicyMetrics:
     def cache(self, result: str) -> Counter:
         return _child(self._cache, self._metrics.cache, self.label, result)
 
+    def ratelimit_queue_wait(self, priority: str) -> Histogram:
+        """Bounded: the three priorities."""
+        return _child(self._queue_wait, self._metrics.ratelimit_queue_wait, self.label, priority)
 
-def _child(cache: dict[str, Counter], family: Counter, label: str, value: str) -> Counter:
+
+_Family = TypeVar("_Family", Counter, Histogram)
+
+
+def _child(cache: dict[str, _Family], family: _Family, label: str, value: str) -> _Family:
     child = cache.get(value)
     if child is None:
         child = cache[value] = family.labels(label, value)

@@ -19,6 +19,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 SPAN_KIND_SERVER = Span.SpanKind.SPAN_KIND_SERVER
 SPAN_KIND_CLIENT = Span.SpanKind.SPAN_KIND_CLIENT
+SPAN_KIND_CONSUMER = Span.SpanKind.SPAN_KIND_CONSUMER
 STATUS_CODE_ERROR = 2
 
 
@@ -67,6 +68,11 @@ class ExportedSpan:
     @property
     def is_client(self) -> bool:
         return self.kind == SPAN_KIND_CLIENT
+
+    @property
+    def is_consumer(self) -> bool:
+        """A delivery attempt of a stored request (the root of a trace of its own)."""
+        return self.kind == SPAN_KIND_CONSUMER
 
     @property
     def event_names(self) -> list[str]:

@@ -71,6 +71,7 @@ class WebhookListener:
             max_line_size=limits.max_header_bytes,
             max_field_size=limits.max_header_bytes,
             max_headers=limits.max_headers,
+            header_timeout=limits.header_timeout,  # this listener faces the internet: slowloris too
             auto_decompress=False,  # the signature covers the bytes as sent
             access_log=None,
             handler_cancellation=True,

@@ -185,7 +185,15 @@ async def test_state_has_a_section_per_policy_and_null_for_absent_layers(
         "seconds_until_half_open": 0,
     }
     assert full["retry_budget"] == {"requests": 0, "retries": 0}
-    assert full["rate_limit"] == {"has_capacity": True, "paused_for_seconds": 0.0, "provider_quota": None}
+    assert full["rate_limit"] == {
+        "has_capacity": True,
+        "tokens": full["rate_limit"]["tokens"],
+        "paused_for_seconds": 0.0,
+        "queued": {"high": 0, "normal": 0, "low": 0},
+        "pacing": None,
+        "provider_quota": None,
+    }
+    assert full["rate_limit"]["tokens"] >= 1
     assert full["concurrency"] == {"in_flight": 0, "queued": 0}
 
 

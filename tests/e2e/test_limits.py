@@ -6,11 +6,13 @@ proxy's parser sees. After every refusal the proxy must still serve the next con
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tests.conftest import RunningProxy, StartProxy, free_port, loopback_policy
 from tests.e2e.procs import RawUpstream, assert_error
-from tests.e2e.upstreams import RawResponse, raw_exchange
+from tests.e2e.upstreams import RawConnection, RawResponse, raw_exchange
 
 MAX_HEADER_BYTES = 4096
 MAX_HEADERS = 10
@@ -126,6 +128,92 @@ async def test_default_limits_allow_ordinary_large_headers(
     assert (response.status, response.body) == (200, b"ok")
 
 
+# --------------------------------------------------------------------------- 408 (limits.header_timeout)
+
+HEADER_TIMEOUT = 1.0
+
+
+@pytest.fixture
+async def head_deadline_proxy(start_proxy: StartProxy, raw_upstream: RawUpstream) -> RunningProxy:
+    return await start_proxy(
+        [loopback_policy(f"http://{raw_upstream.authority}", timeouts={"idle": "5s"})],
+        limits={"header_timeout": f"{HEADER_TIMEOUT * 1000:.0f}ms"},
+    )
+
+
+async def _read_408(conn: RawConnection, started: float) -> float:
+    """The 408 (SPEC 5 body, connection closed after it); returns when it arrived."""
+    response = await conn.read_response()
+    arrived = asyncio.get_running_loop().time()
+    assert_error(
+        response.status,
+        response.headers,
+        response.body,
+        expected_status=408,
+        error_type="request_timeout",
+        host="",
+    )
+    assert await conn.at_eof()
+    return arrived - started
+
+
+async def test_a_slowloris_head_gets_408_and_its_connection_closed(
+    head_deadline_proxy: RunningProxy, raw_upstream: RawUpstream
+) -> None:
+    """A client dribbling header bytes, each within any idle bound, still has to finish its head
+    within header_timeout of connecting: the 408 comes at header_timeout, long before a silence
+    of header_timeout after the last drip would end. (The drip stops just before the deadline: a
+    client still sending when the connection closes may see a reset instead of the answer.)"""
+    conn = await RawConnection.open(head_deadline_proxy.port)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        await conn.send(b"GET /x HTTP/1.1\r\nHost: upstream.test\r\n")
+        for index in range(int(0.8 * HEADER_TIMEOUT / 0.1)):
+            await asyncio.sleep(0.1)
+            await conn.send(f"X-Drip-{index}: d\r\n".encode())
+        last_drip = loop.time() - started
+        took = await _read_408(conn, started)
+    finally:
+        await conn.close()
+    assert HEADER_TIMEOUT <= took < last_drip + HEADER_TIMEOUT, (took, last_drip)
+    assert raw_upstream.heads == []
+    await _assert_still_serving(head_deadline_proxy, raw_upstream)
+
+
+async def test_a_connection_that_sends_nothing_gets_408(
+    head_deadline_proxy: RunningProxy, raw_upstream: RawUpstream
+) -> None:
+    conn = await RawConnection.open(head_deadline_proxy.port)
+    try:
+        took = await _read_408(conn, asyncio.get_running_loop().time())
+    finally:
+        await conn.close()
+    assert HEADER_TIMEOUT <= took < HEADER_TIMEOUT + 1.0, took
+    await _assert_still_serving(head_deadline_proxy, raw_upstream)
+
+
+async def test_the_head_deadline_spares_a_timely_head_its_body_and_a_kept_alive_connection(
+    head_deadline_proxy: RunningProxy, raw_upstream: RawUpstream
+) -> None:
+    """The deadline covers the first head only: a body slower than header_timeout (bounded by
+    timeouts.idle) is fine, and a kept-alive connection may idle between requests."""
+    conn = await RawConnection.open(head_deadline_proxy.port)
+    try:
+        await conn.send(b"POST /x HTTP/1.1\r\nHost: upstream.test\r\nContent-Length: 4\r\n\r\nab")
+        await asyncio.sleep(HEADER_TIMEOUT + 0.3)
+        await conn.send(b"cd")
+        first = await conn.read_response()
+        assert (first.status, first.body) == (200, b"ok")
+        await asyncio.sleep(HEADER_TIMEOUT + 0.3)
+        await conn.send(b"GET /again HTTP/1.1\r\nHost: upstream.test\r\n\r\n")
+        second = await conn.read_response()
+        assert (second.status, second.body) == (200, b"ok")
+    finally:
+        await conn.close()
+    assert len(raw_upstream.heads) == 2
+
+
 # --------------------------------------------------------------------------- 400
 
 
@@ -174,13 +262,6 @@ async def test_malformed_request_gets_400_json(
     await _assert_still_serving(proxy, raw_upstream)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a request line without HTTP/1.x (HTTP/0.9 'GET /x', or 'HTTP/2.0' in HTTP/1 syntax) "
-    "is refused with 400 bad_request, but the refusal's status line echoes the request's version "
-    "('HTTP/0.9 400', 'HTTP/2.0 400'): aiohttp writes a response in request.version, and "
-    "proxy/server.py does not answer these in HTTP/1.1",
-)
 @pytest.mark.parametrize(
     "request_bytes",
     [b"GET /x\r\nHost: upstream.test\r\n\r\n", b"GET /x HTTP/2.0\r\nHost: upstream.test\r\n\r\n"],

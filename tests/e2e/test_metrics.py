@@ -44,6 +44,11 @@ PROVIDER_QUOTA_FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     "outrigger_upstream_ratelimit_remaining": ("gauge", frozenset({"host"})),
     "outrigger_upstream_ratelimit_limit": ("gauge", frozenset({"host"})),
 }
+RATELIMIT_QUEUE_FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
+    # SPEC 10: the rate limiter's priority queue (x-outrigger-priority)
+    "outrigger_ratelimit_queued": ("gauge", frozenset({"host", "priority"})),
+    "outrigger_ratelimit_queue_wait_seconds": ("histogram", frozenset({"host", "priority"})),
+}
 FALLBACK_FAULT_FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     # SPEC 9: declared fallbacks and fault drills (their traffic: test_degradation_e2e)
     "outrigger_fallbacks": ("counter", frozenset({"host", "reason"})),
@@ -137,7 +142,8 @@ async def test_spec_families_exist_with_their_types_and_labels(
 
     metrics = await scrape(proxy)
 
-    for name, (kind, labels) in {**SPEC_FAMILIES, **PROVIDER_QUOTA_FAMILIES, **ACCESS_LOG_FAMILIES}.items():
+    families = {**SPEC_FAMILIES, **PROVIDER_QUOTA_FAMILIES, **RATELIMIT_QUEUE_FAMILIES, **ACCESS_LOG_FAMILIES}
+    for name, (kind, labels) in families.items():
         assert name in metrics.families, f"{name} missing from /metrics"
         family = metrics.families[name]
         assert family.type == kind, (name, family.type)
@@ -160,6 +166,7 @@ async def test_no_families_beyond_spec(aiohttp_server: AiohttpServerFactory, sta
     known = {
         *SPEC_FAMILIES,
         *PROVIDER_QUOTA_FAMILIES,
+        *RATELIMIT_QUEUE_FAMILIES,
         *ACCESS_LOG_FAMILIES,
         *TUNNEL_FAMILIES,
         *FALLBACK_FAULT_FAMILIES,
@@ -384,6 +391,8 @@ async def test_ratelimit_wait_histogram(
     after = await scrape(proxy)
     assert after.value("outrigger_ratelimit_wait_seconds_count", host=HOST) == 3
     assert after.value("outrigger_ratelimit_wait_seconds_sum", host=HOST) >= 0.1
+    assert after.value("outrigger_ratelimit_queue_wait_seconds_count", host=HOST, priority="normal") == 3
+    assert after.value("outrigger_ratelimit_queued", host=HOST, priority="low") == 0
     assert after.value("outrigger_ratelimit_wait_seconds_bucket", host=HOST, le="0.005") >= 1
     assert after.value("outrigger_ratelimit_wait_seconds_bucket", host=HOST, le="0.025") <= 1
 

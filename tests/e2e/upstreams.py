@@ -168,6 +168,9 @@ class RawScript:
     after: After = "keep"
     pause: float = 0.0
     """Seconds to wait after writing `response` before `after` (lets the proxy relay a partial body)."""
+    trickle: tuple[bytes, ...] = ()
+    """Written after `response`, one piece every `trickle_interval` seconds (a slow drip)."""
+    trickle_interval: float = 0.0
 
 
 def response_bytes(head: str, body: bytes = b"") -> bytes:
@@ -178,8 +181,10 @@ def response_bytes(head: str, body: bytes = b"") -> bytes:
 class RawScriptedUpstream:
     """A minimal HTTP/1.1 server: reads one request head (+ Content-Length body), writes a script."""
 
-    def __init__(self, scripts: dict[str, RawScript]) -> None:
+    def __init__(self, scripts: dict[str, RawScript], max_requests_per_connection: int = 100) -> None:
         self.scripts = scripts
+        self.max_requests_per_connection = max_requests_per_connection
+        """Bounds every connection's loop; the upstream closes a connection that reaches it."""
         self.heads: list[bytes] = []
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -208,7 +213,7 @@ class RawScriptedUpstream:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
         try:
-            for _ in range(100):  # bounded: no test sends more on one connection
+            for _ in range(self.max_requests_per_connection):
                 try:
                     head = await reader.readuntil(b"\r\n\r\n")
                 except (asyncio.IncompleteReadError, ConnectionError):
@@ -224,6 +229,10 @@ class RawScriptedUpstream:
                 )
                 writer.write(script.response)
                 await writer.drain()
+                for piece in script.trickle:
+                    await asyncio.sleep(script.trickle_interval)
+                    writer.write(piece)
+                    await writer.drain()
                 if script.pause:
                     await asyncio.sleep(script.pause)
                 if script.after == "reset":

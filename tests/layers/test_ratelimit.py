@@ -1,13 +1,15 @@
-"""Rate limiter: aiolimiter bucket (burst, then rate), max_wait, provider pauses and the quota kept.
+"""Rate limiter: the bucket (burst, then rate), max_wait, provider pauses, learned pacing, the
+priority queue (order, eviction, deadline refusal) and the quota kept.
 
-Provider pauses run on a FakeClock (instant, exact). The token bucket itself is
-aiolimiter's and runs on loop time, so the few tests that wait for a token use
-short real waits (tens of milliseconds) and check bounds, not exact values.
+Almost everything runs on a FakeClock: `clock.run(...)` moves the time to the limiter's next
+timer whenever nothing else can happen, so waits are exact and instant. A few tests check
+that the real clock's timers give the same answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from email.utils import formatdate
 
 import pytest
@@ -17,6 +19,7 @@ from pydantic import ValidationError
 from proxy import errors
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.config.model import RateLimit
+from proxy.exchange import ProxyRequest, ProxyResponse
 from proxy.layers.ratelimit import RateLimiter, RateLimitLayer
 from proxy.layers.retry import RetryLayer
 from proxy.pipeline import compose
@@ -114,21 +117,23 @@ async def test_a_provider_pause_longer_than_the_deadline_is_refused_at_once() ->
     assert clock.now() == 1_000.0, "no time spent waiting in vain"
 
 
-async def test_a_wait_longer_than_max_wait_is_rate_limited() -> None:
-    limiter = _limiter(SYSTEM_CLOCK, rate=1, per=1.0, burst=1, max_wait=0.05)
+async def test_a_wait_longer_than_max_wait_is_refused_at_once() -> None:
+    """The next token is 1 s away and max_wait is 50 ms: refused now, not after 50 ms in vain."""
+    clock = FakeClock()
+    limiter = _limiter(clock, rate=1, per=1.0, burst=1, max_wait=0.05)
     await limiter.acquire()
-    loop = asyncio.get_running_loop()
-    started = loop.time()
     with pytest.raises(errors.RateLimited) as raised:
         await limiter.acquire()
-    waited = loop.time() - started
-    assert 0.04 <= waited < 0.5, "waited max_wait, not for the token (1 s)"
+    assert clock.now() == 1_000.0, "no time spent waiting"
     error = raised.value
     assert error.status == 429
     assert error.error_type == "rate_limited"
-    assert error.retry_after is not None
-    assert error.retry_after >= 1
+    assert error.retry_after == pytest.approx(1.0), "when the token will be there"
     assert error.headers()["Retry-After"] == "1"
+    assert "local rate limit" in error.message
+    assert limiter.snapshot()["tokens"] == 0, "the refused request took no token"
+    clock.advance(1.0)
+    assert await limiter.acquire() == 0.0, "the token came back on time"
 
 
 async def test_max_wait_zero_refuses_without_waiting() -> None:
@@ -150,12 +155,12 @@ async def test_429_with_retry_after_pauses_the_bucket() -> None:
     limiter.observe(CIMultiDict({"Retry-After": "2"}), 429)
     assert limiter.pause_remaining() == pytest.approx(2.0)
     assert limiter.snapshot()["paused_for_seconds"] == pytest.approx(2.0)
-    waited = await limiter.acquire()
-    assert clock.sleeps == [pytest.approx(2.0)]
+    waited = await clock.run(limiter.acquire())
+    assert clock.now() == pytest.approx(1_002.0)
     assert waited == pytest.approx(2.0)
     assert limiter.pause_remaining() == 0
     assert await limiter.acquire() == 0, "the pause is over: no more waiting"
-    assert clock.sleeps == [pytest.approx(2.0)]
+    assert clock.next_timer() is None
 
 
 async def test_retry_after_http_date_pauses_until_that_time() -> None:
@@ -171,8 +176,7 @@ async def test_the_pause_elapses_with_the_clock() -> None:
     limiter.observe(CIMultiDict({"Retry-After": "3"}), 429)
     clock.advance(1.0)
     assert limiter.pause_remaining() == pytest.approx(2.0)
-    await limiter.acquire()
-    assert clock.sleeps == [pytest.approx(2.0)]
+    assert await clock.run(limiter.acquire()) == pytest.approx(2.0)
     clock.advance(10)
     assert limiter.snapshot()["paused_for_seconds"] == 0
 
@@ -199,8 +203,8 @@ async def test_remaining_zero_with_a_reset_pauses_until_the_reset(
     limiter = _limiter(clock, burst=10, max_wait=100.0)
     limiter.observe(CIMultiDict(resolved), status)
     assert limiter.pause_remaining() == pytest.approx(expected)
-    assert await limiter.acquire() == pytest.approx(expected)
-    assert clock.sleeps == [pytest.approx(expected)]
+    assert await clock.run(limiter.acquire()) == pytest.approx(expected)
+    assert clock.now() == pytest.approx(1_000.0 + expected)
 
 
 async def test_quota_left_does_not_pause() -> None:
@@ -208,8 +212,7 @@ async def test_quota_left_does_not_pause() -> None:
     limiter = _limiter(clock, burst=10, max_wait=5.0)
     limiter.observe(CIMultiDict({"X-RateLimit-Remaining": "1", "X-RateLimit-Reset": "30"}), 200)
     assert limiter.pause_remaining() == 0
-    await limiter.acquire()
-    assert clock.sleeps == []
+    assert await limiter.acquire() == 0.0
 
 
 async def test_a_pause_longer_than_max_wait_is_refused_at_once() -> None:
@@ -223,7 +226,7 @@ async def test_a_pause_longer_than_max_wait_is_refused_at_once() -> None:
     assert raised.value.retry_after == pytest.approx(15.0)
     assert raised.value.headers()["Retry-After"] == "15"
     assert "429 with Retry-After" in raised.value.message
-    assert clock.sleeps == [], "refused without waiting"
+    assert clock.now() == 1_005.0, "refused without waiting"
     assert upstream.calls == 0
     assert await _take_all(limiter) == 0, "still paused for everybody"
 
@@ -256,7 +259,7 @@ async def test_not_adaptive_never_pauses_but_still_records_the_quota() -> None:
     assert await limiter.acquire() == 0
     assert clock.sleeps == []
     assert limiter.quota == ProviderQuota(
-        limit=100, remaining=0, reset_seconds=30.0, observed_at=clock.wall()
+        limit=100, remaining=0, reset_seconds=30.0, observed_at=clock.wall(), dialect="x-ratelimit"
     )
 
 
@@ -266,7 +269,14 @@ async def test_not_adaptive_never_pauses_but_still_records_the_quota() -> None:
 async def test_snapshot_exposes_the_quota_as_last_reported() -> None:
     clock = FakeClock()
     limiter = _limiter(clock, burst=10, max_wait=5.0)
-    assert limiter.snapshot() == {"has_capacity": True, "paused_for_seconds": 0, "provider_quota": None}
+    assert limiter.snapshot() == {
+        "has_capacity": True,
+        "tokens": 10.0,
+        "paused_for_seconds": 0,
+        "queued": {"high": 0, "normal": 0, "low": 0},
+        "pacing": None,
+        "provider_quota": None,
+    }
     reset_at = int(clock.wall()) + 3600
     limiter.observe(
         CIMultiDict(
@@ -280,6 +290,7 @@ async def test_snapshot_exposes_the_quota_as_last_reported() -> None:
         "remaining": 4100,
         "reset_seconds": pytest.approx(3600.0),
         "observed_at": first_seen,
+        "dialect": "x-ratelimit",
     }
     clock.advance(10)
     limiter.observe(CIMultiDict({"Content-Type": "application/json"}), 200)
@@ -288,6 +299,7 @@ async def test_snapshot_exposes_the_quota_as_last_reported() -> None:
         "remaining": 4100,
         "reset_seconds": pytest.approx(3600.0),
         "observed_at": first_seen,
+        "dialect": "x-ratelimit",
     }, "a response without quota headers keeps the last report"
     limiter.observe(CIMultiDict({"RateLimit-Limit": "5000", "RateLimit-Remaining": "900"}), 200)
     assert limiter.quota is not None
@@ -306,9 +318,9 @@ async def test_the_layer_records_the_quota_and_pause_from_each_response() -> Non
     assert limiter.quota is not None
     assert (limiter.quota.limit, limiter.quota.remaining) == (60, 0)
     request = make_request()
-    second = await layer(request, upstream)
+    second = await clock.run(layer(request, upstream))
     assert second.status == 200
-    assert clock.sleeps == [pytest.approx(2.0)]
+    assert clock.now() == pytest.approx(1_002.0)
     assert request.ratelimit_wait == pytest.approx(2.0)
 
 
@@ -392,3 +404,367 @@ def test_explicit_max_pause_caps_the_pause() -> None:
     limiter = RateLimiter("api.test", settings.rate_limit, FakeClock())
     limiter.observe(CIMultiDict({"Retry-After": "86400"}), 429)
     assert limiter.pause_remaining() == pytest.approx(10.0)
+
+
+# --------------------------------------------------------------------------- the priority queue
+
+
+def _queue_limiter(clock: FakeClock, *, max_queued: int = 1000, max_wait: float = 60.0) -> RateLimiter:
+    """10 per second, burst 1, the one token already taken: every acquire from here on queues."""
+    settings = RateLimit(rate=10, per=1.0, burst=1, max_wait=max_wait, max_queued=max_queued)
+    limiter = RateLimiter("api.test", settings, clock)
+    return limiter
+
+
+async def _served_in_order(
+    clock: FakeClock, limiter: RateLimiter, arrivals: list[tuple[str, str]]
+) -> tuple[list[str], dict[str, BaseException]]:
+    """Queue `arrivals` (name, priority) one after another; the names in the order they got a token,
+    and the refusals by name."""
+    assert await limiter.acquire() == 0.0  # the burst: everybody after this waits
+    order: list[str] = []
+    refused: dict[str, BaseException] = {}
+
+    async def one(name: str, priority: str) -> None:
+        try:
+            await limiter.acquire(priority=priority)
+        except errors.RateLimited as exc:
+            refused[name] = exc
+        else:
+            order.append(name)
+
+    tasks = []
+    for name, priority in arrivals:
+        tasks.append(asyncio.create_task(one(name, priority)))
+        await asyncio.sleep(0)  # each is queued before the next arrives
+    await clock.run(asyncio.gather(*tasks))
+    return order, refused
+
+
+async def test_waiters_are_served_by_priority_then_first_come_first_served() -> None:
+    clock = FakeClock()
+    limiter = _queue_limiter(clock)
+    arrivals = [
+        ("low1", "low"),
+        ("n1", "normal"),
+        ("high1", "high"),
+        ("low2", "low"),
+        ("n2", "normal"),
+        ("high2", "high"),
+    ]
+    order, refused = await _served_in_order(clock, limiter, arrivals)
+    assert refused == {}
+    assert order == ["high1", "high2", "n1", "n2", "low1", "low2"]
+    assert clock.now() == pytest.approx(1_000.6), "one every 100 ms, exactly"
+
+
+async def test_tokens_are_due_from_the_bucket_exactly() -> None:
+    clock = FakeClock()
+    limiter = _queue_limiter(clock)
+    await limiter.acquire()
+    started = clock.now()
+    granted: list[float] = []
+
+    async def one() -> None:
+        await limiter.acquire()
+        granted.append(clock.now() - started)
+
+    await clock.run(asyncio.gather(*(one() for _ in range(5))))
+    assert granted == [pytest.approx(0.1 * n) for n in range(1, 6)]
+
+
+async def test_a_higher_priority_arrival_into_a_full_queue_evicts_the_newest_lowest() -> None:
+    clock = FakeClock()
+    limiter = _queue_limiter(clock, max_queued=3)
+    arrivals = [("low1", "low"), ("low2", "low"), ("n1", "normal"), ("high1", "high")]
+    order, refused = await _served_in_order(clock, limiter, arrivals)
+    assert order == ["high1", "n1", "low1"]
+    assert set(refused) == {"low2"}, "the newest of the lowest priority made room"
+    evicted = refused["low2"]
+    assert isinstance(evicted, errors.RateLimited)
+    assert evicted.status == 429
+    assert evicted.retry_after is not None
+    assert "full" in evicted.message
+
+
+async def test_an_arrival_of_the_lowest_priority_into_a_full_queue_is_refused() -> None:
+    clock = FakeClock()
+    limiter = _queue_limiter(clock, max_queued=2)
+    arrivals = [("n1", "normal"), ("low1", "low"), ("low2", "low"), ("n2", "normal")]
+    order, refused = await _served_in_order(clock, limiter, arrivals)
+    assert set(refused) == {"low2", "low1"}, "low2 refused on arrival, then low1 evicted by n2"
+    assert order == ["n1", "n2"]
+
+
+async def test_a_full_queue_of_one_priority_refuses_that_priority() -> None:
+    clock = FakeClock()
+    limiter = _queue_limiter(clock, max_queued=2)
+    order, refused = await _served_in_order(clock, limiter, [("a", "high"), ("b", "high"), ("c", "high")])
+    assert order == ["a", "b"]
+    assert set(refused) == {"c"}
+    assert limiter.snapshot()["queued"] == {"high": 0, "normal": 0, "low": 0}
+
+
+async def test_max_queued_zero_refuses_whoever_would_wait() -> None:
+    clock = FakeClock()
+    limiter = _queue_limiter(clock, max_queued=0)
+    await limiter.acquire()
+    with pytest.raises(errors.RateLimited, match="full"):
+        await limiter.acquire(priority="high")
+    assert clock.now() == 1_000.0
+
+
+async def test_a_wait_longer_than_the_deadline_is_refused_at_once() -> None:
+    """20 wait ahead (2 s at 10/s): a request with 200 ms left is refused now, with Retry-After."""
+    clock = FakeClock()
+    limiter = _queue_limiter(clock)
+    await limiter.acquire()
+    waiting = [asyncio.create_task(limiter.acquire()) for _ in range(20)]
+    await asyncio.sleep(0)
+    assert limiter.queue_lengths()["normal"] == 20
+    with pytest.raises(errors.RateLimited) as raised:
+        await limiter.acquire(deadline=clock.now() + 0.2)
+    assert clock.now() == 1_000.0, "not a moment waited in vain"
+    assert raised.value.retry_after == pytest.approx(2.1)
+    assert raised.value.headers()["Retry-After"] == "3"
+    await clock.run(asyncio.gather(*waiting))
+
+
+async def test_a_high_priority_request_with_a_short_deadline_goes_ahead_of_the_queue() -> None:
+    clock = FakeClock()
+    limiter = _queue_limiter(clock)
+    await limiter.acquire()
+    waiting = [asyncio.create_task(limiter.acquire()) for _ in range(20)]
+    await asyncio.sleep(0)
+    waited = await clock.run(limiter.acquire(deadline=clock.now() + 0.25, priority="high"))
+    assert waited == pytest.approx(0.1), "the next token is its own"
+    await clock.run(asyncio.gather(*waiting))
+
+
+async def test_a_waiter_pushed_past_its_max_wait_is_refused_then() -> None:
+    """Admitted with 0.2 s expected (max_wait 0.25 s); three high arrivals push it to 0.5 s."""
+    clock = FakeClock()
+    limiter = _queue_limiter(clock, max_wait=0.25)
+    await limiter.acquire()
+    first = asyncio.create_task(limiter.acquire(priority="low"))
+    pushed = asyncio.create_task(limiter.acquire(priority="low"))
+    await asyncio.sleep(0)
+    highs = [asyncio.create_task(limiter.acquire(priority="high")) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(errors.RateLimited):
+        await clock.run(pushed)
+    assert clock.now() == pytest.approx(1_000.25), "refused when its max_wait ran out"
+    await clock.run(asyncio.gather(*highs))
+    with pytest.raises(errors.RateLimited):
+        await clock.run(first)  # pushed back too: 0.3 s > 0.25 s
+
+
+async def test_a_cancelled_waiter_leaves_the_queue_and_its_token_goes_back() -> None:
+    clock = FakeClock()
+    limiter = _queue_limiter(clock)
+    await limiter.acquire()
+    task = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0)
+    assert limiter.queue_lengths()["normal"] == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert limiter.queue_lengths()["normal"] == 0
+    assert clock.next_timer() is None, "nobody waits: no timer"
+    clock.advance(0.1)
+    assert await limiter.acquire() == 0.0, "the token reserved for the cancelled waiter is there"
+
+
+async def test_the_fast_path_sets_no_timer() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock, burst=5)
+    for _ in range(5):
+        assert await limiter.acquire() == 0.0
+    assert clock.next_timer() is None
+
+
+async def test_real_clock_timers_serve_the_queue_on_time() -> None:
+    limiter = _limiter(SYSTEM_CLOCK, rate=50, per=1.0, burst=1, max_wait=2.0)
+    await limiter.acquire()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    waited = await asyncio.gather(*(limiter.acquire(priority="low") for _ in range(10)))
+    elapsed = loop.time() - started
+    assert 10 / 50 <= elapsed < 10 / 50 + 0.05
+    assert max(waited) == pytest.approx(0.2, abs=0.02)
+
+
+# --------------------------------------------------------------------------- learned pacing
+
+
+def _pacing_limiter(clock: FakeClock) -> RateLimiter:
+    """A local limit far above the provider's: the provider's quota decides."""
+    return RateLimiter("api.test", RateLimit(rate=1000, burst=1000, max_wait=60.0), clock)
+
+
+async def test_remaining_n_for_t_seconds_are_spread_over_t() -> None:
+    clock = FakeClock()
+    limiter = _pacing_limiter(clock)
+    limiter.observe(
+        CIMultiDict({"RateLimit-Limit": "10", "RateLimit-Remaining": "4", "RateLimit-Reset": "2"}), 200
+    )
+    pacing = limiter.snapshot()["pacing"]
+    assert pacing == {"rate_per_second": 2.0, "until_seconds": 2.0, "remaining": 4}
+    started = clock.now()
+    sent: list[float] = []
+
+    async def one() -> None:
+        await limiter.acquire()
+        sent.append(clock.now() - started)
+
+    await clock.run(asyncio.gather(*(one() for _ in range(4))))
+    assert sent == [pytest.approx(t) for t in (0.0, 0.5, 1.0, 1.5)], "four over two seconds, none in a burst"
+    clock.set(started + 2.0)
+    assert limiter.snapshot()["pacing"] is None, "the reset ends the pacing"
+    assert [await limiter.acquire() for _ in range(3)] == [0.0, 0.0, 0.0]
+
+
+async def test_pacing_counts_the_attempts_already_in_flight() -> None:
+    clock = FakeClock()
+    limiter = _pacing_limiter(clock)
+    limiter.in_flight = 2
+    limiter.observe(CIMultiDict({"X-RateLimit-Remaining": "6", "X-RateLimit-Reset": "2"}), 200)
+    assert limiter.snapshot()["pacing"] == {"rate_per_second": 2.0, "until_seconds": 2.0, "remaining": 4}
+    limiter.observe(CIMultiDict({"X-RateLimit-Remaining": "2", "X-RateLimit-Reset": "2"}), 200)
+    assert limiter.snapshot()["pacing"] == {"rate_per_second": 2.0, "until_seconds": 2.0, "remaining": 4}, (
+        "none left once those in flight are counted: a pause, not a pace"
+    )
+    assert limiter.pause_remaining() == pytest.approx(2.0)
+
+
+async def test_a_generous_quota_does_not_pace() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter("api.test", RateLimit(rate=10, burst=1, max_wait=1.0), clock)
+    limiter.observe(CIMultiDict({"X-RateLimit-Remaining": "4000", "X-RateLimit-Reset": "60"}), 200)
+    assert limiter.snapshot()["pacing"] is None, "67/s allowed, 10/s configured: our bucket binds"
+
+
+async def test_a_paced_wait_longer_than_max_wait_is_refused_with_when() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter("api.test", RateLimit(rate=1000, burst=1000, max_wait=0.1), clock)
+    limiter.observe(CIMultiDict({"X-RateLimit-Remaining": "2", "X-RateLimit-Reset": "10"}), 200)
+    assert await limiter.acquire() == 0.0
+    with pytest.raises(errors.RateLimited, match="pacing") as raised:
+        await limiter.acquire()
+    assert raised.value.retry_after == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"RateLimit": '"default";r=3;t=6', "RateLimit-Policy": '"default";q=10;w=6'}, id="ietf"),
+        pytest.param({"RateLimit": "limit=10, remaining=3, reset=6"}, id="ietf-older"),
+        pytest.param({"RateLimit-Remaining": "3", "RateLimit-Reset": "6"}, id="ratelimit"),
+        pytest.param({"X-RateLimit-Remaining": "3", "X-RateLimit-Reset": "EPOCH+6"}, id="github"),
+        pytest.param(
+            {"x-ratelimit-remaining-requests": "3", "x-ratelimit-reset-requests": "6s"}, id="openai"
+        ),
+        pytest.param(
+            {
+                "anthropic-ratelimit-requests-remaining": "3",
+                "anthropic-ratelimit-requests-reset": "RFC3339+6",
+            },
+            id="anthropic",
+        ),
+    ],
+)
+async def test_every_dialect_paces(headers: dict[str, str]) -> None:
+    clock = FakeClock()
+    wall = int(clock.wall())
+    resolved = {
+        name: value.replace("EPOCH+6", str(wall + 6)).replace(
+            "RFC3339+6", datetime.fromtimestamp(wall + 6, tz=UTC).isoformat().replace("+00:00", "Z")
+        )
+        for name, value in headers.items()
+    }
+    limiter = _pacing_limiter(clock)
+    limiter.observe(CIMultiDict(resolved), 200)
+    assert limiter.snapshot()["pacing"] == {"rate_per_second": 0.5, "until_seconds": 6.0, "remaining": 3}
+
+
+# --------------------------------------------------------------------------- pooled keys
+
+
+async def test_a_pooled_keys_429_does_not_pause_the_host_but_its_quota_is_kept() -> None:
+    clock = FakeClock()
+    limiter = _pacing_limiter(clock)
+    layer = RateLimitLayer(limiter)
+
+    async def through_key_1(request: ProxyRequest) -> ProxyResponse:
+        request.credential_key = 1  # what the credentials layer below records
+        return await fake_upstream(
+            (
+                429,
+                {
+                    "Retry-After": "30",
+                    "X-RateLimit-Limit": "60",
+                    "X-RateLimit-Remaining": "0",
+                    "X-RateLimit-Reset": "30",
+                },
+            )
+        )(request)
+
+    response = await layer(make_request(), through_key_1)
+    assert response.status == 429
+    assert limiter.pause_remaining() == 0, "the key rests (credentials layer), not the host"
+    assert limiter.snapshot()["pacing"] is None
+    assert limiter.quota is not None
+    assert (limiter.quota.limit, limiter.quota.remaining) == (60, 0), "still shown in /state"
+    assert await limiter.acquire() == 0.0
+
+
+async def test_a_pooled_keys_quota_does_not_pace_the_host() -> None:
+    clock = FakeClock()
+    limiter = _pacing_limiter(clock)
+
+    async def through_key_0(request: ProxyRequest) -> ProxyResponse:
+        request.credential_key = 0
+        return await fake_upstream((200, {"X-RateLimit-Remaining": "1", "X-RateLimit-Reset": "30"}))(request)
+
+    await RateLimitLayer(limiter)(make_request(), through_key_0)
+    assert limiter.snapshot()["pacing"] is None
+    assert limiter.pause_remaining() == 0
+
+
+async def test_without_a_key_pool_the_same_answer_pauses_the_host() -> None:
+    clock = FakeClock()
+    limiter = _pacing_limiter(clock)
+    upstream = fake_upstream((429, {"Retry-After": "30"}))
+    await RateLimitLayer(limiter)(make_request(), upstream)
+    assert limiter.pause_remaining() == pytest.approx(30.0)
+
+
+async def test_the_layer_counts_attempts_in_flight() -> None:
+    clock = FakeClock()
+    limiter = _pacing_limiter(clock)
+    seen: list[int] = []
+
+    async def upstream(request: ProxyRequest) -> ProxyResponse:
+        seen.append(limiter.in_flight)
+        return await fake_upstream(200)(request)
+
+    await RateLimitLayer(limiter)(make_request(), upstream)
+    assert seen == [1]
+    assert limiter.in_flight == 0
+
+
+async def test_the_layer_passes_the_requests_priority() -> None:
+    clock = FakeClock()
+    limiter = _queue_limiter(clock, max_queued=1)
+    await limiter.acquire()
+    layer = RateLimitLayer(limiter)
+    low = make_request()
+    low.priority = "low"
+    low_task = asyncio.create_task(layer(low, fake_upstream(200)))
+    await asyncio.sleep(0)
+    high = make_request()
+    high.priority = "high"
+    response = await clock.run(layer(high, fake_upstream(200)))
+    assert response.status == 200
+    with pytest.raises(errors.RateLimited):
+        await low_task

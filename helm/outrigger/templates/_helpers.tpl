@@ -67,7 +67,9 @@ policy_dirs unknown_hosts defaults reload_poll_interval
 {{- $hot := splitList " " (include "outrigger.hotReloadedKeys" .) -}}
 {{- $restart := dict -}}
 {{- range $key, $value := .Values.config -}}
-{{- if not (has $key $hot) -}}
+{{- if and (eq $key "webhooks") (kindIs "map" $value) -}}
+{{- $_ := set $restart "webhooks.listen" (get $value "listen") -}}{{/* routes and secrets hot-reload */}}
+{{- else if not (has $key $hot) -}}
 {{- $_ := set $restart $key $value -}}
 {{- end -}}
 {{- end -}}
