@@ -109,7 +109,10 @@ class ProxyServer:
 
     @property
     def ready(self) -> bool:
-        return self._runtime is not None and not self.draining and bool(self._sites)
+        webhooks_up = self._initial.main.webhooks is None or (
+            self._webhooks is not None and self._webhooks.listening
+        )  # a provider's event must not meet a closed port once /readyz says yes
+        return self._runtime is not None and not self.draining and bool(self._sites) and webhooks_up
 
     async def start(self) -> None:
         config = self._initial

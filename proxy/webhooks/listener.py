@@ -63,6 +63,10 @@ class WebhookListener:
         self._runner: web.ServerRunner | None = None
         self._site: web.TCPSite | None = None
 
+    @property
+    def listening(self) -> bool:
+        return self._site is not None
+
     async def start(self, address: ListenAddress, limits: Limits, wrap: Callable[[Handler], Handler]) -> None:
         """Listen on `address`; `wrap` lets the owner track each request (drain)."""
         server = ProxyWebServer(
