@@ -5,15 +5,18 @@
     ├── HostNotAllowed          403 host_not_allowed
     ├── AddressNotAllowed       403 address_not_allowed
     ├── ConnectNotSupported     405 connect_not_supported
-    ├── RequestTimeout          408 request_timeout (no complete request head within header_timeout)
-    ├── BodyTooLarge            413 body_too_large (a fire-and-forget body above delivery.max_body_bytes)
+    ├── RequestTimeout          408 request_timeout (no complete request head within header_timeout;
+    │                               a webhook body not whole in time)
+    ├── BodyTooLarge            413 body_too_large (a fire-and-forget or webhook body above its
+    │                               max_body_bytes)
     ├── IdempotencyKeyReused    422 idempotency_key_reused
     ├── HeadersTooLarge         431 headers_too_large
     ├── Rejected                    refused locally to protect the upstream or the app
     │   ├── RateLimited         429 rate_limited (Retry-After)
     │   ├── CircuitOpen         503 circuit_open (Retry-After)
     │   └── Overloaded          503 overloaded (Retry-After)
-    ├── StoreUnavailable        503 store_unavailable (the delivery store cannot write: nothing stored)
+    ├── StoreUnavailable        503 store_unavailable (the delivery store cannot write: nothing stored
+    │                               or acknowledged, a request or a webhook event)
     ├── UpstreamUnreachable     502 upstream_unreachable
     │   ├── ConnectFailure          retry condition "connect-failure"
     │   └── ConnectionReset         retry condition "reset"
@@ -25,10 +28,7 @@
     ├── SignatureInvalid        401 signature_invalid
     ├── SignatureExpired        401 signature_expired (authentic, but outside `tolerance`)
     ├── WebhookNotFound         404 not_found (no route has that path)
-    ├── WebhookMethodNotAllowed 405 method_not_allowed (routes take POST only)
-    ├── WebhookBodyTimeout      408 request_timeout (the body did not arrive in time)
-    ├── BodyTooLarge            413 body_too_large (above the route's max_body_bytes)
-    └── StoreUnavailable        503 store_unavailable (the event could not be stored)
+    └── WebhookMethodNotAllowed 405 method_not_allowed (routes take POST only)
 
 Layers raise these; only the server turns them into responses, so the error
 body is written in exactly one place.
@@ -220,11 +220,6 @@ class WebhookMethodNotAllowed(WebhookRefused):
         headers = super().headers()
         headers["Allow"] = "POST"
         return headers
-
-
-class WebhookBodyTimeout(WebhookRefused):
-    status = 408
-    error_type = "request_timeout"
 
 
 LOCAL_REFUSALS = frozenset(

@@ -41,8 +41,8 @@ _RESULTS: dict[type[errors.OutriggerError], str] = {
     errors.BodyTooLarge: "too_large",
     errors.StoreUnavailable: "unavailable",
 }
-_REFUSED = (errors.WebhookRefused, errors.BodyTooLarge, errors.StoreUnavailable)
-"""What a webhook request may be refused with (the last two are shared with fire-and-forget)."""
+_REFUSED = (errors.WebhookRefused, errors.RequestTimeout, errors.BodyTooLarge, errors.StoreUnavailable)
+"""What a webhook request may be refused with (the last three are shared with the proxy listener)."""
 _ANSWERS = {Acceptance.STORED: "accepted", Acceptance.DUPLICATE: "duplicate"}
 _CANCEL_GRACE_S = 0.2
 
@@ -158,7 +158,7 @@ class WebhookListener:
     def _refusal(self, error: errors.OutriggerError, observation: WebhookObservation) -> web.Response:
         response = error_response(error, "")
         response.headers[REQUEST_ID_HEADER] = observation.request_id
-        if isinstance(error, errors.BodyTooLarge | errors.WebhookBodyTimeout):
+        if isinstance(error, errors.BodyTooLarge | errors.RequestTimeout):
             response.force_close()  # the unread rest of the body is never read
         return response
 
@@ -185,7 +185,5 @@ async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
                     raise errors.BodyTooLarge(f"the body exceeds {limit} bytes, the most this route accepts")
                 chunks.append(chunk)
     except TimeoutError:
-        raise errors.WebhookBodyTimeout(
-            f"the body did not arrive within {WEBHOOK_BODY_TIMEOUT_S:g}s"
-        ) from None
+        raise errors.RequestTimeout(f"the body did not arrive within {WEBHOOK_BODY_TIMEOUT_S:g}s") from None
     return b"".join(chunks)
