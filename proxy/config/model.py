@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Hashable, Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -458,6 +459,19 @@ class FailoverUpstream(Frozen):
     """None: the policy's ``tls`` section (set one here when that names an SNI or client certificate)."""
 
 
+H = TypeVar("H", bound=Hashable)
+
+
+def _repeated(items: Iterable[H]) -> H | None:
+    """The first item met a second time, for lists whose entries must differ."""
+    seen: set[H] = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
+
+
 class Failover(Frozen):
     upstreams: Annotated[tuple[FailoverUpstream, ...], Field(json_schema_extra={"minItems": 1})]
     on: tuple[FailoverCondition, ...] = builtin.FAILOVER_ON
@@ -467,11 +481,9 @@ class Failover(Frozen):
     def _distinct(cls, upstreams: tuple[FailoverUpstream, ...]) -> tuple[FailoverUpstream, ...]:
         if not upstreams:
             raise ValueError("upstreams needs at least 1 item: the upstream to fail over to")
-        seen: set[UpstreamTarget] = set()
-        for upstream in upstreams:
-            if upstream.url in seen:
-                raise ValueError(f"{upstream.url} is listed twice: each upstream has one breaker")
-            seen.add(upstream.url)
+        repeated = _repeated(upstream.url for upstream in upstreams)
+        if repeated is not None:
+            raise ValueError(f"{repeated} is listed twice: each upstream has one breaker")
         return upstreams
 
 
@@ -534,7 +546,7 @@ def _check_key_format(text: str) -> str:
 def _distinct_keys(values: tuple[str, ...]) -> tuple[str, ...]:
     if not values:
         raise ValueError("values needs at least 1 item: the keys of the pool")
-    if len(set(values)) != len(values):
+    if _repeated(values) is not None:  # not named: it is a secret
         raise ValueError("a key is listed twice: each key has its own cooldown")
     return values
 
@@ -1008,11 +1020,9 @@ class Webhooks(Frozen):
     @field_validator("routes")
     @classmethod
     def _distinct(cls, routes: tuple[WebhookRouteSettings, ...]) -> tuple[WebhookRouteSettings, ...]:
-        seen: set[str] = set()
-        for route in routes:
-            if route.path in seen:
-                raise ValueError(f"path {route.path} is listed twice")
-            seen.add(route.path)
+        repeated = _repeated(route.path for route in routes)
+        if repeated is not None:
+            raise ValueError(f"path {repeated} is listed twice")
         return routes
 
 
