@@ -514,13 +514,18 @@ SecretTemplate = str
 template; rendered when pipelines are built, like a header value."""
 
 
+def _check_http_url(value: str, key: str, *, query: bool) -> str:
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{key} {value!r} must be an absolute http(s) URL")
+    if url.user or url.fragment or (not query and url.query_string):
+        extra = "credentials or a fragment" if query else "a query, credentials or a fragment"
+        raise ValueError(f"{key} {value!r} may not carry {extra}")
+    return value
+
+
 def _check_token_url(url: str) -> str:
-    parsed = URL(url)
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(f"token_url {url!r} must be an http(s):// URL")
-    if parsed.user or parsed.fragment:
-        raise ValueError(f"token_url {url!r} may not carry credentials or a fragment")
-    return url
+    return _check_http_url(url, "token_url", query=True)
 
 
 class OAuth2Settings(Frozen):
@@ -911,16 +916,6 @@ TIMESTAMP_SCHEMES = frozenset({"stripe", "slack", "standard"})
 """Schemes that sign a timestamp, so `tolerance` applies (the others cannot tell a replay)."""
 _HMAC_ONLY = ("header", "algorithm", "encoding", "prefix", "id_header")
 _TWILIO_ONLY = ("public_url",)
-
-
-def _check_http_url(value: str, key: str, *, query: bool) -> str:
-    url = URL(value)
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"{key} {value!r} must be an absolute http(s) URL")
-    if url.user or url.fragment or (not query and url.query_string):
-        extra = "credentials or a fragment" if query else "a query, credentials or a fragment"
-        raise ValueError(f"{key} {value!r} may not carry {extra}")
-    return value
 
 
 class WebhookVerify(Frozen):
