@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -83,11 +84,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_COLUMNS = (
-    "id, kind, source, state, method, host, path_qs, target, traceparent,"
-    " created_at, expires_at, next_attempt_at, attempts, last_status, last_error, last_attempt_at,"
-    " finished_at"
-)
+_FIELDS = tuple(f.name for f in dataclasses.fields(Delivery) if f.name not in ("headers", "body"))
+"""`Delivery`'s fields bar the request itself: each is the column of the same name."""
+_COLUMNS = ", ".join(_FIELDS)
 
 
 class _Job:
@@ -438,43 +437,4 @@ def _decode_headers(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def _delivery(row: Sequence[Any], headers: tuple[tuple[str, str], ...] = (), body: bytes = b"") -> Delivery:
-    (
-        id_,
-        kind,
-        source,
-        state,
-        method,
-        host,
-        path_qs,
-        target,
-        traceparent,
-        created_at,
-        expires_at,
-        next_attempt_at,
-        attempts,
-        last_status,
-        last_error,
-        last_attempt_at,
-        finished_at,
-    ) = row
-    return Delivery(
-        id=id_,
-        kind=kind,
-        source=source,
-        state=state,
-        method=method,
-        host=host,
-        path_qs=path_qs,
-        target=target,
-        traceparent=traceparent,
-        created_at=created_at,
-        expires_at=expires_at,
-        next_attempt_at=next_attempt_at,
-        attempts=attempts,
-        last_status=last_status,
-        last_error=last_error,
-        last_attempt_at=last_attempt_at,
-        finished_at=finished_at,
-        headers=headers,
-        body=bytes(body),
-    )
+    return Delivery(**dict(zip(_FIELDS, row, strict=True)), headers=headers, body=bytes(body))
