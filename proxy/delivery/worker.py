@@ -30,7 +30,6 @@ from typing import Protocol
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanKind, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from proxy import errors
 from proxy.clock import Clock
@@ -38,7 +37,13 @@ from proxy.config.model import DeliveryRetries
 from proxy.delivery.store import Delivery, DeliveryStore, Kind, Outcome
 from proxy.exchange import ProxyResponse, buffered
 from proxy.layers.backoff import DEFAULT_UNIFORM, full_jitter
-from proxy.telemetry.names import ATTR_DELIVERY_ATTEMPT, ATTR_DELIVERY_ID, ATTR_DELIVERY_SOURCE
+from proxy.telemetry.names import (
+    ATTR_DELIVERY_ATTEMPT,
+    ATTR_DELIVERY_ID,
+    ATTR_DELIVERY_SOURCE,
+    TRACEPARENT_HEADER,
+)
+from proxy.telemetry.tracing import extract_context
 
 log = logging.getLogger("outrigger.delivery")
 
@@ -53,7 +58,6 @@ UNCONFIGURED_RECHECK_S = 30.0
 """A delivery whose source is not in the current config waits this long before it is looked at again."""
 PURGE_INTERVAL_S = 60.0
 ANSWER_READ_LIMIT = 64 * 1024
-_W3C = TraceContextTextMapPropagator()
 
 
 @dataclass(frozen=True)
@@ -255,7 +259,7 @@ class DeliveryWorker:
     async def _traced_send(self, dispatcher: Dispatcher, delivery: Delivery) -> Attempt:
         links: list[Link] = []
         if delivery.traceparent:
-            origin = trace.get_current_span(_W3C.extract({"traceparent": delivery.traceparent}))
+            origin = trace.get_current_span(extract_context({TRACEPARENT_HEADER: delivery.traceparent}))
             if origin.get_span_context().is_valid:
                 links.append(Link(origin.get_span_context()))
         span = self.tracer.start_span(

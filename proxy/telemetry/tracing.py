@@ -9,10 +9,9 @@ callers start it bare and add attributes only when `is_recording()` says someone
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
-from multidict import MultiMapping
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -76,7 +75,7 @@ class Tracing:
             self._provider.shutdown()
 
 
-def extract_context(headers: MultiMapping[str]) -> Context:
+def extract_context(headers: Mapping[str, str]) -> Context:
     """The app's trace context from its ``traceparent``/``tracestate`` (empty when it sent none)."""
     return _W3C.extract(headers)
 
@@ -91,9 +90,7 @@ def unrecorded_traceparent(span: trace.Span, parent: Context) -> str | None:
     formatted once per request (a sampled-out trace still tells the provider it was not sampled)."""
     if not span.get_span_context().is_valid or trace.get_current_span(parent) is span:
         return None
-    carrier: dict[str, str] = {}
-    inject_context(carrier, trace.set_span_in_context(span))
-    return carrier.get(TRACEPARENT_HEADER)
+    return _traceparent(span)
 
 
 def recorded_traceparent(span: trace.Span) -> str | None:
@@ -101,6 +98,10 @@ def recorded_traceparent(span: trace.Span) -> str | None:
     delivery links to the request that was accepted); None when the span records nothing."""
     if not span.is_recording() or not span.get_span_context().is_valid:
         return None
+    return _traceparent(span)
+
+
+def _traceparent(span: trace.Span) -> str | None:
     carrier: dict[str, str] = {}
     inject_context(carrier, trace.set_span_in_context(span))
     return carrier.get(TRACEPARENT_HEADER)
