@@ -15,6 +15,7 @@ from proxy.explain import redacted_settings, redacted_webhooks
 from proxy.pipeline import PolicyState
 from proxy.reload import Reloader
 from proxy.server import ProxyServer
+from proxy.server.respond import error_response
 
 PROXY_KEY = web.AppKey("proxy", ProxyServer)
 RELOADER_KEY = web.AppKey("reloader", Reloader)
@@ -165,7 +166,7 @@ async def _deliveries_guard(request: web.Request, handler: Any) -> web.StreamRes
     try:
         response: web.StreamResponse = await handler(request)
     except errors.StoreUnavailable as error:
-        return web.Response(status=error.status, body=error.body(""), headers=error.headers())
+        return error_response(error, "")
     return response
 
 
