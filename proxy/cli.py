@@ -21,6 +21,7 @@ from proxy.config.loader import Config, ConfigError, load_config
 from proxy.config.model import PolicySettings, PolicyTarget
 from proxy.config.units import format_duration
 from proxy.deliveries_cli import DEFAULT_ADMIN_URL, deliveries_command
+from proxy.delivery.store import STATES
 from proxy.explain import explain
 from proxy.reload import Reloader
 from proxy.server import ProxyServer
@@ -52,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     deliveries = verbs.add_parser("deliveries", help="inspect and retry stored deliveries (admin API)")
     deliveries.add_argument("action", choices=["list", "show", "retry"])
     deliveries.add_argument("id", nargs="?", help="the delivery id (show, retry)")
-    deliveries.add_argument("--state", choices=["pending", "done", "dead"], help="list: only these")
+    deliveries.add_argument("--state", choices=STATES, help="list: only these")
     where = deliveries.add_mutually_exclusive_group()
     where.add_argument("-c", "--config", help="read the admin address from this config")
     where.add_argument("--admin", help=f"admin API base URL (default {DEFAULT_ADMIN_URL})")
