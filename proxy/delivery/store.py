@@ -18,7 +18,7 @@ Times are wall-clock seconds (they must mean the same after a restart).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -78,7 +78,7 @@ class Delivery:
     body: bytes = b""
     """Only filled by `claim`."""
 
-    def view(self, redact_path: Any = None) -> dict[str, Any]:
+    def view(self, redact_path: Callable[[str], str] | None = None) -> dict[str, Any]:
         """What the admin API shows: status, attempts, last outcome and timestamps; never the body,
         the headers or their values. `redact_path` hides secrets the policy's redact_paths names."""
         path = self.path_qs.partition("?")[0]
