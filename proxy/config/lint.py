@@ -21,7 +21,7 @@ import yaml
 
 from proxy import secrets
 from proxy.config.defaults import KEYED_METHODS
-from proxy.config.loader import Config, format_path
+from proxy.config.loader import Config, format_path, webhook_secret_templates
 from proxy.config.model import Backoff, Policy, PolicySettings, Retries, Route, split_host_pattern
 from proxy.config.units import format_duration
 
@@ -209,8 +209,8 @@ def _failover(settings: PolicySettings) -> Iterator[_Finding]:
 
 def _cache_shares_credentials(settings: PolicySettings) -> Iterator[_Finding]:
     """A cache not keyed by Authorization on a policy whose apps send their own: a response fetched
-        with one credential could be served to a request with another. When the policy sets (or removes)
-        Authorization itself (header rules or credentials), every request reaches the upstream with one of
+    with one credential could be served to a request with another. When the policy sets (or removes)
+    Authorization itself (header rules or credentials), every request reaches the upstream with one of
     its credentials: no warning."""
     cache = settings.cache
     if cache is None or any(name.lower() == "authorization" for name in cache.key_headers):
@@ -287,17 +287,13 @@ def _open_proxy(config: Config) -> Iterator[_Finding]:
 
 def _inline_webhook_secrets(config: Config) -> Iterator[_Finding]:
     """A webhook signing secret typed into the config ends up in git and ConfigMaps like any other."""
-    for index, route in enumerate(config.main.webhooks.routes if config.main.webhooks else ()):
-        verify = route.verify
-        written = [("secret", verify.secret)] if verify.secret is not None else []
-        written += [(f"secrets[{n}]", t) for n, t in enumerate(verify.secrets or ())]
-        for key, template in written:
-            if not secrets.has_reference(template):
-                yield _Finding(
-                    f"webhooks.routes[{index}].verify.{key}",
-                    "webhook secret written inline; write it as ${file:PATH} or ${env:NAME}"
-                    " so the secret stays out of config files",
-                )
+    for at, _, template in webhook_secret_templates(config.main):
+        if not secrets.has_reference(template):
+            yield _Finding(
+                format_path(at),
+                "webhook secret written inline; write it as ${file:PATH} or ${env:NAME}"
+                " so the secret stays out of config files",
+            )
 
 
 def _main_key_line(config_path: Path, name: str) -> int:

@@ -474,7 +474,7 @@ def _resources_load(
     return not found
 
 
-def _webhook_secret_templates(main: MainConfig) -> Iterable[tuple[KeyPath, str, str]]:
+def webhook_secret_templates(main: MainConfig) -> Iterable[tuple[KeyPath, str, str]]:
     """(key path, scheme, template) of every webhook secret, as written."""
     for index, route in enumerate(main.webhooks.routes if main.webhooks is not None else ()):
         at: KeyPath = ("webhooks", "routes", index, "verify")
@@ -490,7 +490,7 @@ def _webhook_secrets_load(
 ) -> None:
     """Every webhook secret renders into a key now, so a missing file fails at load, not on the
     first webhook (reported at the key that names it; the message never holds the secret)."""
-    for at, scheme, template in _webhook_secret_templates(main):
+    for at, scheme, template in webhook_secret_templates(main):
         try:
             route_key(scheme, template, context["base_dir"])
         except ValueError as exc:  # SecretError is one
@@ -623,7 +623,7 @@ def _secret_files(main: MainConfig, policies: Sequence[Policy], config_path: Pat
             if s.credentials is not None
             for _, template in s.credentials.secret_templates()
         ),
-        *(template for _, _, template in _webhook_secret_templates(main)),
+        *(template for _, _, template in webhook_secret_templates(main)),
     ]
     found = {
         file for template in templates for file in secrets.referenced_files(template, config_path.parent)
