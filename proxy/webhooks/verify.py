@@ -138,8 +138,7 @@ def twilio(body: bytes, headers: Headers, keys: Sequence[bytes], *, url: str) ->
         raise SignatureInvalid("a Twilio request with a non-form body must carry bodySHA256 in its URL")
     for candidate in _with_and_without_default_port(parts):
         for key in keys:
-            mac = hmac.new(key, (candidate + params).encode(), algorithm)
-            if _equal(base64.b64encode(mac.digest()).decode(), signature):
+            if _equal(_digest(key, (candidate + params).encode(), algorithm, "base64"), signature):
                 return
     raise SignatureInvalid(f"{TWILIO_HEADER} does not match")
 
@@ -215,14 +214,13 @@ def _equal(expected: str, given: str) -> bool:
 
 
 def _twilio_algorithm(settings: str) -> Algorithm:
-    for part in settings.split(","):
-        name, equals, value = part.partition("=")
-        if equals and name.strip() == "algorithm" and value.strip():
-            algorithm = _TWILIO_ALGORITHMS.get(value.strip().upper())
-            if algorithm is None:
-                raise SignatureInvalid(f"{TWILIO_SETTINGS_HEADER} names an unknown algorithm")
-            return algorithm
-    return "sha1"
+    named = next((value for name, value in _comma_fields(settings) if name == "algorithm" and value), None)
+    if named is None:
+        return "sha1"
+    algorithm = _TWILIO_ALGORITHMS.get(named.upper())
+    if algorithm is None:
+        raise SignatureInvalid(f"{TWILIO_SETTINGS_HEADER} names an unknown algorithm")
+    return algorithm
 
 
 def _twilio_params(body: bytes) -> str:
