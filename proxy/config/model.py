@@ -151,6 +151,14 @@ class UpstreamTarget(Frozen):
     def __str__(self) -> str:
         return f"{self.scheme}://{self.authority}"
 
+    @classmethod
+    def of_url(cls, url: URL) -> UpstreamTarget:
+        """Scheme, host and port of an absolute http(s) URL already checked at load (a webhook
+        route's ``forward``) or made from an UpstreamTarget (a stored delivery's ``target``)."""
+        assert url.host is not None, url
+        assert url.port is not None, url
+        return cls(scheme=url.scheme, host=url.host, port=url.port)
+
 
 def _parse_upstream(value: object) -> object:
     if not isinstance(value, str):

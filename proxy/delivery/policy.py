@@ -29,14 +29,6 @@ if TYPE_CHECKING:
     from proxy.server.runtime import Runtime
 
 
-def _upstream(text: str) -> UpstreamTarget:
-    url = URL(text)
-    assert url.scheme in ("http", "https"), text
-    assert url.host is not None, text
-    assert url.port is not None, text
-    return UpstreamTarget(scheme=url.scheme, host=url.host, port=url.port)
-
-
 async def _once(body: bytes) -> AsyncIterator[bytes]:
     yield body
 
@@ -67,7 +59,7 @@ class PolicyDispatcher:
         request = ProxyRequest(
             method=delivery.method,
             host=delivery.host,
-            target=policy.upstream or _upstream(delivery.target),
+            target=policy.upstream or UpstreamTarget.of_url(URL(delivery.target)),
             path_qs=delivery.path_qs,
             headers=headers,
             body=RequestBody(_once(delivery.body) if delivery.body else None, len(delivery.body)),

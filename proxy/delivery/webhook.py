@@ -70,13 +70,11 @@ def stored_headers(event: VerifiedEvent) -> tuple[tuple[str, str], ...]:
 def forward_request(route: WebhookRoute, delivery: Delivery, context: Context, traced: bool) -> ProxyRequest:
     """One forward attempt of a stored event to the route's current ``forward`` URL."""
     url = URL(route.settings.forward)
-    assert url.host is not None, "the model requires an http(s) URL with a host"
-    assert url.port is not None
-    target = UpstreamTarget(scheme=url.scheme, host=url.host, port=url.port)
+    target = UpstreamTarget.of_url(url)
     headers = CIMultiDict(delivery.headers)
     headers[DELIVERY_ID_HEADER] = delivery.id
     policy = Policy(
-        hosts=(url.host,),
+        hosts=(target.host,),
         upstream=target,
         listen=None,
         settings=FORWARD_SETTINGS,
@@ -85,7 +83,7 @@ def forward_request(route: WebhookRoute, delivery: Delivery, context: Context, t
     )
     return ProxyRequest(
         method=delivery.method,
-        host=url.host,
+        host=target.host,
         target=target,
         path_qs=url.raw_path_qs,
         headers=headers,
