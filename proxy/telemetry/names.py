@@ -53,16 +53,6 @@ ATTR_WEBHOOK_SCHEME = "outrigger.webhook.scheme"
 ATTR_WEBHOOK_EVENT_ID = "outrigger.webhook.event_id"
 """The provider's event id (not a secret: it names the event, like a request id)."""
 
-WEBHOOK_RESULTS = (
-    "accepted",
-    "duplicate",
-    "signature_invalid",
-    "signature_expired",
-    "too_large",
-    "unavailable",
-)
-"""`outrigger_webhooks_total` result values (SPEC 11), for requests that matched a route."""
-
 CIRCUIT_STATE_VALUES = {"closed": 0, "half-open": 1, "open": 2}
 """`outrigger_circuit_state` gauge values, keyed by the breaker's state name."""
 

@@ -53,7 +53,8 @@ class WebhookOutcome:
     """None when no route has the path (404): such requests get no metric sample."""
     scheme: str | None = None
     result: str | None = None
-    """One of `names.WEBHOOK_RESULTS`; None for answers outside them (405, 408)."""
+    """The ``result`` label (values listed at `names.ATTR_WEBHOOK_RESULT`); None for answers
+    outside them (405, 408)."""
     event_id: str | None = None
 
 
