@@ -240,8 +240,8 @@ def pause_requested(
         if retry_after is not None:
             return retry_after, "429 with Retry-After"
     if quota is None:
-        reset = _first_reset(headers, wall_now)
-        return (reset, "429 with reset") if reset is not None and status == 429 else None
+        reset = _first_reset(headers, wall_now) if status == 429 else None
+        return (reset, "429 with reset") if reset is not None else None
     if quota.reset_seconds is not None and (quota.remaining == 0 or status == 429):
         if quota.remaining == 0:
             return quota.reset_seconds, f"quota exhausted ({quota.dialect}: 0 remaining)"
