@@ -77,8 +77,8 @@ class RateLimiter:
         self._clock = clock
         self._bucket = bucket or LocalTokenBucket(settings.per_second, settings.burst)
         self._queues: tuple[deque[_Waiter], ...] = tuple(deque() for _ in PRIORITIES)
-        self._counts = [0] * len(PRIORITIES)
         self._queued = 0
+        """Waiters in all the queues (the fast path's one check)."""
         self._due: float | None = None
         """Due time of the token reserved for whoever is first in the queue when it comes."""
         self._timer: Timer | None = None
@@ -124,7 +124,6 @@ class RateLimiter:
             )
         waiter = _Waiter(asyncio.get_running_loop().create_future(), rank)
         self._queues[rank].append(waiter)
-        self._counts[rank] += 1
         self._queued += 1
         waiter.expiry = self._clock.call_later(max(0.0, budget), lambda: self._expire(waiter))
         self._schedule()
@@ -159,7 +158,7 @@ class RateLimiter:
     def _expected_wait(self, now: float, rank: int) -> float:
         """Until this arrival's token: the next one due, then one per waiter served before it."""
         start = max(now, self._gate(now), self._due or now)
-        ahead = sum(self._counts[: rank + 1])
+        ahead = sum(len(queue) for queue in self._queues[: rank + 1])
         return start - now + ahead * self._interval(now)
 
     def _refusal(self, now: float, expected: float) -> errors.RateLimited:
@@ -175,7 +174,7 @@ class RateLimiter:
     def _evict_for(self, rank: int) -> bool:
         """Make room for an arrival of `rank`: the newest waiter of the lowest priority present
         goes, if that priority is lower than the arrival's. False when the arrival is the lowest."""
-        lowest = next((r for r in reversed(range(len(PRIORITIES))) if self._counts[r]), None)
+        lowest = next((r for r in reversed(range(len(PRIORITIES))) if self._queues[r]), None)
         if lowest is None or lowest <= rank:
             return False
         victim = self._queues[lowest].pop()
@@ -193,7 +192,6 @@ class RateLimiter:
         waiter.gone = True
         if queued:
             self._queues[waiter.rank].remove(waiter)
-        self._counts[waiter.rank] -= 1
         self._queued -= 1
         if waiter.expiry is not None:
             waiter.expiry.cancel()
@@ -301,7 +299,7 @@ class RateLimiter:
     # ------------------------------------------------------------------ /state and metrics
 
     def queue_lengths(self) -> dict[str, int]:
-        return dict(zip(PRIORITIES, self._counts, strict=True))
+        return {priority: len(queue) for priority, queue in zip(PRIORITIES, self._queues, strict=True)}
 
     def snapshot(self) -> dict[str, object]:
         now = self._clock.now()
