@@ -84,7 +84,6 @@ class RateLimiter:
         self._timer: Timer | None = None
         self._timer_at = 0.0
         self._pause: _Pause | None = None
-        self._pause_until = 0.0
         self._pacing: _Pacing | None = None
         self._last_sent = float("-inf")
         self.in_flight = 0
@@ -93,7 +92,7 @@ class RateLimiter:
 
     def adopt_provider_view(self, previous: RateLimiter) -> None:
         """Keep what the provider told us (pause, pacing, quota) when only our own limits changed."""
-        self._pause, self._pause_until = previous._pause, previous._pause_until
+        self._pause = previous._pause
         self._pacing, self._last_sent = previous._pacing, previous._last_sent
         self.quota = previous.quota
 
@@ -140,8 +139,8 @@ class RateLimiter:
 
     def _gate(self, now: float) -> float:
         """Earliest time the provider lets the next attempt go (its pause, its pacing)."""
-        gate = self._pause_until
-        pacing = self._pacing
+        pause, pacing = self._pause, self._pacing
+        gate = pause.until if pause is not None else 0.0
         if pacing is not None:
             if now >= pacing.until:
                 self._pacing = None
@@ -162,7 +161,7 @@ class RateLimiter:
         return start - now + ahead * self._interval(now)
 
     def _refusal(self, now: float, expected: float) -> errors.RateLimited:
-        if self._pause_until > now and self._pause is not None:
+        if self._pause is not None and self._pause.until > now:
             message = f"{self.name} asked us to slow down ({self._pause.reason})"
         elif self._pacing is not None and self._gate(now) > now:
             message = f"pacing {self.name} to its quota ({self._pacing.remaining} left until its reset)"
@@ -253,7 +252,6 @@ class RateLimiter:
         remaining = self._pause.until - self._clock.now()
         if remaining <= 0:
             self._pause = None
-            self._pause_until = 0.0
             return 0.0
         return remaining
 
@@ -279,7 +277,6 @@ class RateLimiter:
         until = self._clock.now() + seconds
         if self._pause is None or until > self._pause.until:
             self._pause = _Pause(until, reason)
-            self._pause_until = until
             log.warning("pausing %s for %.1fs: %s", self.name, seconds, reason)
 
     def _pace(self, remaining: int, reset: float) -> None:
