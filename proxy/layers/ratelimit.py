@@ -178,6 +178,8 @@ class RateLimiter:
             return False
         victim = self._queues[lowest].pop()
         self._leave(victim, queued=False)
+        if victim.future.done():  # cancelled, its task not yet resumed: it was leaving anyway
+            return True
         victim.future.set_exception(
             errors.RateLimited(
                 f"the rate limit queue for {self.name} is full: a higher priority request took its place",
@@ -197,7 +199,7 @@ class RateLimiter:
 
     def _expire(self, waiter: _Waiter) -> None:
         """max_wait (or the deadline) ran out while others were served first."""
-        if waiter.gone:
+        if waiter.gone or waiter.future.done():  # done: cancelled, and its task leaves on resuming
             return
         waiter.expiry = None
         self._leave(waiter)
@@ -224,6 +226,8 @@ class RateLimiter:
                 return self._wake_at(self._due, now)
             waiter = next(queue for queue in self._queues if queue).popleft()
             self._leave(waiter, queued=False)
+            if waiter.future.done():  # cancelled, its task not yet resumed: the token is the next's
+                continue
             self._due = None
             self._last_sent = now
             waiter.future.set_result(None)
