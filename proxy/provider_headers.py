@@ -170,8 +170,9 @@ def x_ratelimit(headers: MultiMapping[str], wall_now: float) -> _Reading | None:
     )
 
 
-_GO_DURATION = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:h|m|s|ms|us|µs|ns)")
-_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|µs|ns)")
+_GO_PART = r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|µs|ns)"
+_GO_PARTS = re.compile(_GO_PART)
+_GO_DURATION = re.compile(f"(?:{_GO_PART})+")
 _GO_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 
 
@@ -180,9 +181,9 @@ def go_duration_seconds(value: str | None) -> float | None:
     if value is None:
         return None
     text = value.strip()
-    if not text or not re.fullmatch(f"(?:{_GO_DURATION.pattern})+", text):
+    if not _GO_DURATION.fullmatch(text):
         return None
-    return sum(float(number) * _GO_UNITS[unit] for number, unit in _GO_PART.findall(text))
+    return sum(float(number) * _GO_UNITS[unit] for number, unit in _GO_PARTS.findall(text))
 
 
 def openai(headers: MultiMapping[str], wall_now: float) -> _Reading | None:
@@ -240,8 +241,8 @@ def pause_requested(
         if retry_after is not None:
             return retry_after, "429 with Retry-After"
     if quota is None:
-        reset = _first_reset(headers, wall_now)
-        return (reset, "429 with reset") if reset is not None and status == 429 else None
+        reset = _first_reset(headers, wall_now) if status == 429 else None
+        return (reset, "429 with reset") if reset is not None else None
     if quota.reset_seconds is not None and (quota.remaining == 0 or status == 429):
         if quota.remaining == 0:
             return quota.reset_seconds, f"quota exhausted ({quota.dialect}: 0 remaining)"

@@ -23,7 +23,6 @@ from proxy.provider_headers import ProviderQuota, pause_requested, retry_after_s
 
 READY = "ready"
 RESTING = "resting"
-KEY_STATES = (READY, RESTING)
 """The `state` label values of ``outrigger_credential_keys``."""
 
 

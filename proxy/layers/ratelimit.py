@@ -77,14 +77,13 @@ class RateLimiter:
         self._clock = clock
         self._bucket = bucket or LocalTokenBucket(settings.per_second, settings.burst)
         self._queues: tuple[deque[_Waiter], ...] = tuple(deque() for _ in PRIORITIES)
-        self._counts = [0] * len(PRIORITIES)
         self._queued = 0
+        """Waiters in all the queues (the fast path's one check)."""
         self._due: float | None = None
         """Due time of the token reserved for whoever is first in the queue when it comes."""
         self._timer: Timer | None = None
         self._timer_at = 0.0
         self._pause: _Pause | None = None
-        self._pause_until = 0.0
         self._pacing: _Pacing | None = None
         self._last_sent = float("-inf")
         self.in_flight = 0
@@ -93,7 +92,7 @@ class RateLimiter:
 
     def adopt_provider_view(self, previous: RateLimiter) -> None:
         """Keep what the provider told us (pause, pacing, quota) when only our own limits changed."""
-        self._pause, self._pause_until = previous._pause, previous._pause_until
+        self._pause = previous._pause
         self._pacing, self._last_sent = previous._pacing, previous._last_sent
         self.quota = previous.quota
 
@@ -124,7 +123,6 @@ class RateLimiter:
             )
         waiter = _Waiter(asyncio.get_running_loop().create_future(), rank)
         self._queues[rank].append(waiter)
-        self._counts[rank] += 1
         self._queued += 1
         waiter.expiry = self._clock.call_later(max(0.0, budget), lambda: self._expire(waiter))
         self._schedule()
@@ -141,8 +139,8 @@ class RateLimiter:
 
     def _gate(self, now: float) -> float:
         """Earliest time the provider lets the next attempt go (its pause, its pacing)."""
-        gate = self._pause_until
-        pacing = self._pacing
+        pause, pacing = self._pause, self._pacing
+        gate = pause.until if pause is not None else 0.0
         if pacing is not None:
             if now >= pacing.until:
                 self._pacing = None
@@ -159,11 +157,11 @@ class RateLimiter:
     def _expected_wait(self, now: float, rank: int) -> float:
         """Until this arrival's token: the next one due, then one per waiter served before it."""
         start = max(now, self._gate(now), self._due or now)
-        ahead = sum(self._counts[: rank + 1])
+        ahead = sum(len(queue) for queue in self._queues[: rank + 1])
         return start - now + ahead * self._interval(now)
 
     def _refusal(self, now: float, expected: float) -> errors.RateLimited:
-        if self._pause_until > now and self._pause is not None:
+        if self._pause is not None and self._pause.until > now:
             message = f"{self.name} asked us to slow down ({self._pause.reason})"
         elif self._pacing is not None and self._gate(now) > now:
             message = f"pacing {self.name} to its quota ({self._pacing.remaining} left until its reset)"
@@ -175,11 +173,13 @@ class RateLimiter:
     def _evict_for(self, rank: int) -> bool:
         """Make room for an arrival of `rank`: the newest waiter of the lowest priority present
         goes, if that priority is lower than the arrival's. False when the arrival is the lowest."""
-        lowest = next((r for r in reversed(range(len(PRIORITIES))) if self._counts[r]), None)
+        lowest = next((r for r in reversed(range(len(PRIORITIES))) if self._queues[r]), None)
         if lowest is None or lowest <= rank:
             return False
         victim = self._queues[lowest].pop()
         self._leave(victim, queued=False)
+        if victim.future.done():  # cancelled, its task not yet resumed: it was leaving anyway
+            return True
         victim.future.set_exception(
             errors.RateLimited(
                 f"the rate limit queue for {self.name} is full: a higher priority request took its place",
@@ -193,14 +193,13 @@ class RateLimiter:
         waiter.gone = True
         if queued:
             self._queues[waiter.rank].remove(waiter)
-        self._counts[waiter.rank] -= 1
         self._queued -= 1
         if waiter.expiry is not None:
             waiter.expiry.cancel()
 
     def _expire(self, waiter: _Waiter) -> None:
         """max_wait (or the deadline) ran out while others were served first."""
-        if waiter.gone:
+        if waiter.gone or waiter.future.done():  # done: cancelled, and its task leaves on resuming
             return
         waiter.expiry = None
         self._leave(waiter)
@@ -227,6 +226,8 @@ class RateLimiter:
                 return self._wake_at(self._due, now)
             waiter = next(queue for queue in self._queues if queue).popleft()
             self._leave(waiter, queued=False)
+            if waiter.future.done():  # cancelled, its task not yet resumed: the token is the next's
+                continue
             self._due = None
             self._last_sent = now
             waiter.future.set_result(None)
@@ -255,7 +256,6 @@ class RateLimiter:
         remaining = self._pause.until - self._clock.now()
         if remaining <= 0:
             self._pause = None
-            self._pause_until = 0.0
             return 0.0
         return remaining
 
@@ -281,7 +281,6 @@ class RateLimiter:
         until = self._clock.now() + seconds
         if self._pause is None or until > self._pause.until:
             self._pause = _Pause(until, reason)
-            self._pause_until = until
             log.warning("pausing %s for %.1fs: %s", self.name, seconds, reason)
 
     def _pace(self, remaining: int, reset: float) -> None:
@@ -301,7 +300,7 @@ class RateLimiter:
     # ------------------------------------------------------------------ /state and metrics
 
     def queue_lengths(self) -> dict[str, int]:
-        return dict(zip(PRIORITIES, self._counts, strict=True))
+        return {priority: len(queue) for priority, queue in zip(PRIORITIES, self._queues, strict=True)}
 
     def snapshot(self) -> dict[str, object]:
         now = self._clock.now()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Literal
 
 from aiohttp import web
@@ -16,7 +16,7 @@ from proxy.delivery import service as delivery
 from proxy.delivery.webhook import WebhookSink
 from proxy.pipeline import PolicyState
 from proxy.server import handler
-from proxy.server.protocol import ProxyWebServer
+from proxy.server.protocol import Handler, ProxyWebServer
 from proxy.server.runtime import Runtime
 from proxy.telemetry import Telemetry
 from proxy.transport import UpstreamClient
@@ -70,9 +70,6 @@ class DrainTracker:
         if quiet_at <= now:
             return "idle", 0.0
         return None, min(quiet_at, self.deadline) - now
-
-
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 class ProxyServer:

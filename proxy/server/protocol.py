@@ -19,6 +19,9 @@ from proxy.telemetry import REQUEST_ID_HEADER
 
 log = logging.getLogger("outrigger.server")
 
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+"""What a listener serves each request with (the proxy's, the webhook listener's)."""
+
 
 class HeadTimeout(Exception):
     """The connection's first request head was not complete within `limits.header_timeout`."""
@@ -93,7 +96,7 @@ class RefusingRequestHandler(RequestHandler):
 class ProxyWebServer(web.Server):
     def __init__(
         self,
-        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+        handler: Handler,
         on_refused: Callable[[web.BaseRequest, errors.OutriggerError], str],
         *,
         header_timeout: float,

@@ -14,14 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from aiohttp import web
 
 from proxy import errors
 from proxy.config.defaults import WEBHOOK_BODY_TIMEOUT_S
 from proxy.config.model import Limits, ListenAddress
-from proxy.server.protocol import ProxyWebServer
+from proxy.server.protocol import Handler, ProxyWebServer
 from proxy.server.respond import error_response
 from proxy.telemetry import REQUEST_ID_HEADER, Telemetry
 from proxy.telemetry.tracing import recorded_traceparent
@@ -31,7 +31,6 @@ from proxy.webhooks.sink import Acceptance, EventSink, VerifiedEvent
 
 log = logging.getLogger("outrigger.webhooks")
 
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 Current = Callable[[], tuple[WebhookRoutes, str]]
 """The routes of the running config and its version, read once per request."""
 

@@ -575,6 +575,55 @@ async def test_a_cancelled_waiter_leaves_the_queue_and_its_token_goes_back() -> 
     assert await limiter.acquire() == 0.0, "the token reserved for the cancelled waiter is there"
 
 
+async def test_a_waiter_cancelled_as_its_token_comes_leaves_the_token_to_the_next() -> None:
+    """Cancelling a task cancels the future it awaits at once, but the task resumes (and leaves the
+    queue) only on the next loop turn; a timer due in between (the deadline's and the token's
+    fire together) must not serve the cancelled waiter."""
+    clock = FakeClock()
+    limiter = _queue_limiter(clock)
+    await limiter.acquire()
+    cancelled = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0)
+    after = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    clock.advance(0.1)  # the token is due before `cancelled` resumes
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert await after == pytest.approx(0.1), "the token went to the next waiter"
+    assert limiter.queue_lengths()["normal"] == 0
+
+
+async def test_a_waiter_cancelled_as_its_max_wait_runs_out_is_not_refused_too() -> None:
+    clock = FakeClock()
+    limiter = _queue_limiter(clock, max_wait=0.25)
+    await limiter.acquire()
+    pushed = asyncio.create_task(limiter.acquire(priority="low"))
+    await asyncio.sleep(0)
+    highs = [asyncio.create_task(limiter.acquire(priority="high")) for _ in range(2)]
+    await asyncio.sleep(0)
+    pushed.cancel()
+    clock.advance(0.25)  # the highs are served, then its max_wait runs out, before it resumes
+    with pytest.raises(asyncio.CancelledError):
+        await pushed
+    await clock.run(asyncio.gather(*highs))  # both served (the clock ran on before they resumed)
+    assert clock.next_timer() is None, "nobody waits: no timer"
+
+
+async def test_a_cancelled_waiter_evicted_by_a_higher_priority_arrival_makes_room() -> None:
+    clock = FakeClock()
+    limiter = _queue_limiter(clock, max_queued=1)
+    await limiter.acquire()
+    low = asyncio.create_task(limiter.acquire(priority="low"))
+    await asyncio.sleep(0)
+    high = asyncio.create_task(limiter.acquire(priority="high"))
+    low.cancel()  # `high` runs first, and finds `low` still queued
+    await asyncio.sleep(0)
+    with pytest.raises(asyncio.CancelledError):
+        await low
+    assert await clock.run(high) == pytest.approx(0.1)
+
+
 async def test_the_fast_path_sets_no_timer() -> None:
     clock = FakeClock()
     limiter = _limiter(clock, burst=5)
