@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import hashlib
-import hmac
 import json
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import stripe
 import yaml
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -31,6 +28,7 @@ from tests.conftest import AccessLog, RunningProxy, StartProxy, free_port
 from tests.e2e.procs import assert_error
 from tests.fakes import Reply, call
 from tests.webhooks.memory_sink import MemorySink
+from tests.webhooks.test_verify import sign_github, sign_stripe
 
 STRIPE_PATH = "/webhooks/stripe"
 GITHUB_PATH = "/webhooks/github"
@@ -82,13 +80,12 @@ def base(proxy: RunningProxy) -> str:
 
 
 def stripe_headers(body: bytes = BODY, secret: str = SECRET, at: int | None = None) -> dict[str, str]:
-    header = stripe.WebhookSignature.generate_signature_header(body.decode(), secret, timestamp=at)
-    return {"Stripe-Signature": header, "Content-Type": "application/json"}
+    signed = sign_stripe(secret, body, int(time.time()) if at is None else at)
+    return {**signed, "Content-Type": "application/json"}
 
 
 def github_headers(body: bytes, secret: str = SECRET) -> dict[str, str]:
-    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return {"X-Hub-Signature-256": f"sha256={digest}", "X-GitHub-Delivery": "d-1"}
+    return {**sign_github(secret, body, 0), "X-GitHub-Delivery": "d-1"}
 
 
 async def post(proxy: RunningProxy, path: str, body: bytes, headers: dict[str, str]) -> Reply:
