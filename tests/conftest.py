@@ -50,6 +50,18 @@ def pytest_asyncio_loop_factories(
     return None
 
 
+WEBHOOK_SECRET = "whsec_listener_test"
+"""The signing secret the webhook tests' routes read from `secret_file`."""
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    """A file holding WEBHOOK_SECRET, for a route's ``${file:...}`` secret."""
+    path = tmp_path / "whsec"
+    path.write_text(WEBHOOK_SECRET + "\n")
+    return path
+
+
 def free_port() -> int:
     """A port free on 127.0.0.1 now, never the same one twice in a test run."""
     while True:

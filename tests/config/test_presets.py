@@ -164,6 +164,15 @@ def test_a_bad_override_blames_the_policy_line(tmp_path: Path) -> None:
     assert found == (f"{path}:2: timeouts: per_try (90s) is longer than total (80s)",)
 
 
+def preset_shelf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, text: str) -> Path:
+    """A preset directory of our own holding `name`.yaml, in place of the shipped one."""
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    (shelf / f"{name}.yaml").write_text(text)
+    monkeypatch.setattr(presets, "PRESET_DIR", shelf)
+    return shelf
+
+
 def test_two_policies_on_one_preset_clash_on_its_hosts(tmp_path: Path) -> None:
     """The hosts come from the preset: the clash is reported where the policy starts (line 3)."""
     found = problems(tmp_path, {"a.yaml": "preset: github\n", "b.yaml": "\n\npreset: github\n"})
@@ -175,16 +184,16 @@ def test_two_policies_on_one_preset_clash_on_its_hosts(tmp_path: Path) -> None:
 def test_a_preset_with_routes_lends_them_unless_the_policy_has_its_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    shelf = tmp_path / "shelf"
-    shelf.mkdir()
-    (shelf / "llm.yaml").write_text(
+    preset_shelf(
+        tmp_path,
+        monkeypatch,
+        "llm",
         "hosts: [llm.test]\n"
         "timeouts: {per_try: 5s, total: 20s}\n"
         "routes:\n"
         "  - match: {path: /stream*}\n"
-        "    timeouts: {idle: 3s}\n"
+        "    timeouts: {idle: 3s}\n",
     )
-    monkeypatch.setattr(presets, "PRESET_DIR", shelf)
     lent = only(load(tmp_path / "a", {"a.yaml": "preset: llm\ntimeouts: {total: 15s}\n"}))
     (route,) = lent.routes
     assert route.match.path == "/stream*"
@@ -196,12 +205,12 @@ def test_a_preset_with_routes_lends_them_unless_the_policy_has_its_own(
 def test_a_preset_route_error_points_into_the_preset_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    shelf = tmp_path / "shelf"
-    shelf.mkdir()
-    (shelf / "llm.yaml").write_text(
-        "hosts: [llm.test]\nroutes:\n  - match: {path: /x}\n    timeouts: {per_try: 1m}\n"
+    shelf = preset_shelf(
+        tmp_path,
+        monkeypatch,
+        "llm",
+        "hosts: [llm.test]\nroutes:\n  - match: {path: /x}\n    timeouts: {per_try: 1m}\n",
     )
-    monkeypatch.setattr(presets, "PRESET_DIR", shelf)
     found = problems(tmp_path, {"p.yaml": "preset: llm\n"})
     assert found == (f"{shelf / 'llm.yaml'}:4: routes[0].timeouts: per_try (1m) is longer than total (30s)",)
 
@@ -274,10 +283,7 @@ def test_the_example_config_built_on_presets_passes_check_strict(capsys: pytest.
 def test_a_preset_file_that_is_not_one_policy_is_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    shelf = tmp_path / "shelf"
-    shelf.mkdir()
-    (shelf / "two.yaml").write_text("- hosts: [a.test]\n- hosts: [b.test]\n")
-    monkeypatch.setattr(presets, "PRESET_DIR", shelf)
+    shelf = preset_shelf(tmp_path, monkeypatch, "two", "- hosts: [a.test]\n- hosts: [b.test]\n")
     assert problems(tmp_path, {"p.yaml": "preset: two\n"}) == (
         f"{shelf / 'two.yaml'}:1: (top level): a preset file must hold one policy (a mapping)",
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -29,14 +28,6 @@ def new(n: int = 0, **extra: object) -> NewDelivery:
         **extra,
     }
     return NewDelivery(**fields)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    opened = SqliteStore(tmp_path / "data")
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 async def test_created_on_first_use_in_wal_mode_with_full_sync(tmp_path: Path) -> None:

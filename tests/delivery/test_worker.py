@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -44,14 +41,6 @@ class Results:
 
     def delivery_result(self, source: str, result: str) -> None:
         self.seen.append((source, result))
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    opened = SqliteStore(tmp_path / "data")
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 def make_worker(

@@ -27,19 +27,12 @@ from tests.e2e.otlp_receiver import OtlpReceiver
 from tests.e2e.procs import wait_until
 from tests.e2e.test_delivery_e2e import admin, settled
 from tests.fakes import Reply, ScriptedUpstream, call
-from tests.webhooks.test_listener import SECRET, stripe_headers
+from tests.webhooks.test_listener import stripe_headers
 
 PATH = "/webhooks/stripe"
 BODY = b'{"id": "evt_e2e_1", "object": "event", "type": "invoice.paid",  "data": {"amount": 1}}'
 """Odd spacing on purpose: the app must get these bytes, not a re-serialisation."""
 FAST = {"backoff": {"base": "100ms", "max": "300ms"}, "ttl": "1h"}
-
-
-@pytest.fixture
-def secret_file(tmp_path: Path) -> Path:
-    path = tmp_path / "whsec"
-    path.write_text(SECRET + "\n")
-    return path
 
 
 def webhooks(secret_file: Path, app: str, **delivery: Any) -> dict[str, Any]:

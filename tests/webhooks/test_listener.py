@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import hashlib
-import hmac
 import json
 import time
 from collections.abc import AsyncIterator
@@ -21,33 +19,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import stripe
 import yaml
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from proxy.config.model import WebhookRouteSettings
-from tests.conftest import AccessLog, RunningProxy, StartProxy, free_port
+from tests.conftest import WEBHOOK_SECRET, AccessLog, RunningProxy, StartProxy, free_port
 from tests.e2e.procs import assert_error
 from tests.fakes import Reply, call
 from tests.webhooks.memory_sink import MemorySink
+from tests.webhooks.test_verify import sign_github, sign_stripe
 
 STRIPE_PATH = "/webhooks/stripe"
 GITHUB_PATH = "/webhooks/github"
 BODY = b'{"id": "evt_1", "type": "invoice.paid"}'
-SECRET = "whsec_listener_test"
 
 
 @pytest.fixture
 def sink() -> MemorySink:
     return MemorySink()
-
-
-@pytest.fixture
-def secret_file(tmp_path: Path) -> Path:
-    path = tmp_path / "whsec"
-    path.write_text(SECRET + "\n")
-    return path
 
 
 def webhooks_section(secret_file: Path, port: int, **github: Any) -> dict[str, Any]:
@@ -81,14 +71,13 @@ def base(proxy: RunningProxy) -> str:
     return f"http://127.0.0.1:{webhooks.listen.port}"
 
 
-def stripe_headers(body: bytes = BODY, secret: str = SECRET, at: int | None = None) -> dict[str, str]:
-    header = stripe.WebhookSignature.generate_signature_header(body.decode(), secret, timestamp=at)
-    return {"Stripe-Signature": header, "Content-Type": "application/json"}
+def stripe_headers(body: bytes = BODY, secret: str = WEBHOOK_SECRET, at: int | None = None) -> dict[str, str]:
+    signed = sign_stripe(secret, body, int(time.time()) if at is None else at)
+    return {**signed, "Content-Type": "application/json"}
 
 
-def github_headers(body: bytes, secret: str = SECRET) -> dict[str, str]:
-    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return {"X-Hub-Signature-256": f"sha256={digest}", "X-GitHub-Delivery": "d-1"}
+def github_headers(body: bytes, secret: str = WEBHOOK_SECRET) -> dict[str, str]:
+    return {**sign_github(secret, body, 0), "X-GitHub-Delivery": "d-1"}
 
 
 async def post(proxy: RunningProxy, path: str, body: bytes, headers: dict[str, str]) -> Reply:
@@ -149,7 +138,7 @@ async def test_a_bad_signature_is_401_and_nothing_is_handed_on_or_echoed(
     )
     signature = forged["Stripe-Signature"].split("v1=")[1]
     assert signature not in reply.body.decode()
-    assert SECRET not in reply.body.decode()
+    assert WEBHOOK_SECRET not in reply.body.decode()
     assert "Stripe-Signature" in error["message"]
     missing = await post(proxy, STRIPE_PATH, BODY, {"Content-Type": "application/json"})
     assert missing.status == 401
@@ -277,7 +266,7 @@ async def test_span_and_access_log_line_name_the_route_and_result_never_the_secr
     assert lines[1]["request_id"] == forged.headers["x-request-id"]
     assert lines[0]["path"] == f"{STRIPE_PATH}?token=REDACTED"
     text = json.dumps([*lines, *attributes], default=str)
-    assert SECRET not in text
+    assert WEBHOOK_SECRET not in text
     assert "v1=" not in text
 
 
