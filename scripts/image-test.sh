@@ -104,7 +104,9 @@ stand_in() {
 podman image exists "$base_ref" || stand_in
 
 image="localhost/outrigger:image-test"
-podman build --quiet --format docker --network host --pull=never \
+# --no-cache: buildah keys a cached RUN by its text, not by what a --mount=from=builder brings in,
+# so a cached build would install the wheels of an older checkout (BuildKit has no such gap).
+podman build --quiet --no-cache --format docker --network host --pull=never \
     --build-arg "PYTHON_IMAGE=$base_ref" -t "$image" . >/dev/null
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -120,7 +122,9 @@ upstream_pid=$!
 
 # The example config, on free ports (the container shares the host's network namespace), and one
 # policy for the loopback upstream (private addresses are refused unless a policy allows them).
+# data_dir goes on the volume, as in the image's own config and the chart's values.
 sed -e "s/port: 15001/port: $main_port/" -e "s/port: 15000/port: $admin_port/" \
+    -e "s|^data_dir: .*|data_dir: /var/lib/outrigger|" \
     config.example.yaml >"$work/etc/config.yaml"
 cat >"$work/etc/policies/upstream.yaml" <<EOF
 hosts: [upstream.test]
