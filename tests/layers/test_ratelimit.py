@@ -632,6 +632,10 @@ async def test_the_fast_path_sets_no_timer() -> None:
     assert clock.next_timer() is None
 
 
+_TIMER_GRANULARITY_S = 0.002
+"""uvloop rounds timers to the millisecond: one may fire a hair before its due time."""
+
+
 async def test_real_clock_timers_serve_the_queue_on_time() -> None:
     limiter = _limiter(SYSTEM_CLOCK, rate=50, per=1.0, burst=1, max_wait=2.0)
     await limiter.acquire()
@@ -639,7 +643,7 @@ async def test_real_clock_timers_serve_the_queue_on_time() -> None:
     started = loop.time()
     waited = await asyncio.gather(*(limiter.acquire(priority="low") for _ in range(10)))
     elapsed = loop.time() - started
-    assert 10 / 50 <= elapsed < 10 / 50 + 0.05
+    assert 10 / 50 - _TIMER_GRANULARITY_S <= elapsed < 10 / 50 + 0.05
     assert max(waited) == pytest.approx(0.2, abs=0.02)
 
 
