@@ -21,7 +21,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy/ ./proxy/
 RUN python3 -m venv /opt/build \
-    && /opt/build/bin/pip wheel --quiet --wheel-dir /wheels .
+    && /opt/build/bin/pip wheel --quiet --wheel-dir /wheels '.[fleet]'
 
 FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH \
@@ -39,7 +39,7 @@ RUN groupadd --gid 10001 outrigger \
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --quiet --no-cache-dir --disable-pip-version-check \
-       --no-index --find-links=/wheels outrigger \
+       --no-index --find-links=/wheels 'outrigger[fleet]' \
     && install -d -o 10001 -g 10001 -m 0750 /var/lib/outrigger
 
 # Default config: the example config and policies, at the path the CMD uses.

@@ -23,6 +23,7 @@ from proxy.config.units import format_duration
 from proxy.deliveries_cli import DEFAULT_ADMIN_URL, deliveries_command
 from proxy.delivery.store import STATES
 from proxy.explain import explain
+from proxy.fleet import FleetUnavailable
 from proxy.reload import Reloader
 from proxy.server import ProxyServer
 from proxy.server.lifecycle import DrainEnd
@@ -98,7 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    event_loop.run(serve(config), args.loop)
+    try:
+        event_loop.run(serve(config), args.loop)
+    except FleetUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

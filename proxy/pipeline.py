@@ -33,12 +33,14 @@ from typing import Any
 
 from opentelemetry import trace
 
+from proxy import fleet as fleet_mode
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.config import defaults
 from proxy.config.loader import Config
 from proxy.config.model import HeaderRules, Policy, PolicySettings, RetryBudgetSettings
 from proxy.credentials import KeyPool, TokenSource, build_key_pool, build_token_source
 from proxy.exchange import Handler, Layer, ProxyRequest, ProxyResponse
+from proxy.fleet import FleetBackend
 from proxy.layers.attempt import AttemptLayer
 from proxy.layers.breaker import BreakerLayer, CircuitBreaker
 from proxy.layers.budget import RetryBudget
@@ -78,11 +80,13 @@ class PolicyState:
         clock: Clock,
         previous: tuple[Policy, PolicyState] | None = None,
         base_dir: Path = Path("."),
+        fleet: FleetBackend | None = None,
     ) -> PolicyState:
         """Fresh state, except that each piece whose section is unchanged since `previous` carries over
         (a reload must not reset an open breaker, a spent budget or a provider-imposed pause). The
         credentials compare as rendered: a rotated secret file renews only what it feeds (`base_dir`
-        resolves relative ``${file:}`` references)."""
+        resolves relative ``${file:}`` references). With `fleet`, sections of ``scope: fleet`` keep
+        their state in Redis."""
 
         name = policy.name
 
@@ -106,13 +110,17 @@ class PolicyState:
                     else None
                 ),
                 "breaker",
-                lambda key: CircuitBreaker(name, key[0], clock),
+                lambda key: fleet_mode.breaker(name, key[0], clock, fleet),
             ),
             bulkhead=carry(lambda p: p.settings.concurrency, "bulkhead", lambda c: Bulkhead(name, c)),
-            limiter=carry(lambda p: p.settings.rate_limit, "limiter", lambda r: RateLimiter(name, r, clock)),
+            limiter=carry(
+                lambda p: p.settings.rate_limit,
+                "limiter",
+                lambda r: fleet_mode.limiter(name, r, clock, fleet),
+            ),
             cache=carry(lambda p: p.settings.cache, "cache", lambda c: ResponseCache(c, clock)),
         )
-        state.failover_breakers = _failover_breakers(policy, clock, previous)
+        state.failover_breakers = _failover_breakers(policy, clock, previous, fleet)
         credentials = policy.settings.credentials
         state.token_source = build_token_source(
             name, credentials, base_dir, clock, previous[1].token_source if previous else None
@@ -135,7 +143,7 @@ def _failover_breaker_keys(policy: Policy) -> dict[str, tuple[Any, ...]]:
 
 
 def _failover_breakers(
-    policy: Policy, clock: Clock, previous: tuple[Policy, PolicyState] | None
+    policy: Policy, clock: Clock, previous: tuple[Policy, PolicyState] | None, fleet: FleetBackend | None
 ) -> dict[str, CircuitBreaker]:
     """Each failover upstream's breaker, carried over a reload when what it judged is unchanged."""
     keys = _failover_breaker_keys(policy)
@@ -145,7 +153,7 @@ def _failover_breakers(
         if previous is not None and old_keys.get(url) == key and url in previous[1].failover_breakers:
             breakers[url] = previous[1].failover_breakers[url]
         else:
-            breakers[url] = CircuitBreaker(f"{policy.name} -> {url}", key[0], clock)
+            breakers[url] = fleet_mode.breaker(f"{policy.name} -> {url}", key[0], clock, fleet)
     return breakers
 
 
@@ -231,6 +239,7 @@ class Pipelines:
         tracer: trace.Tracer,
         previous: Pipelines | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        fleet: FleetBackend | None = None,
     ) -> None:
         base_dir = config.path.parent
         self._handlers: dict[tuple[str, int | None], Handler] = {}
@@ -241,7 +250,7 @@ class Pipelines:
             policies.append(router.fallback)
         for policy in policies:
             before = previous.state_of(policy.name) if previous is not None else None
-            state = PolicyState.build(policy, clock, before, base_dir)
+            state = PolicyState.build(policy, clock, before, base_dir, fleet)
             if policy is router.fallback:
                 # Many unrelated hosts share this policy: one breaker, limiter, bulkhead or replay cache
                 # for all of them would let one failing host shut out the rest. Only the budget is shared.

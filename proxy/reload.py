@@ -19,7 +19,7 @@ from proxy.server import ProxyServer, Runtime, ShuttingDown
 
 log = logging.getLogger("outrigger.reload")
 
-RESTART_ONLY = ("listen", "admin", "limits", "drain_timeout", "drain_idle", "telemetry", "data_dir")
+RESTART_ONLY = ("listen", "admin", "limits", "drain_timeout", "drain_idle", "telemetry", "data_dir", "fleet")
 """Main-config keys bound to sockets, the HTTP parser or the exporter or the store at start-up."""
 WEBHOOKS_LISTEN = "webhooks.listen"
 """Restart-only too (the webhook listener's socket); the rest of ``webhooks`` reloads."""

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-scripts/system-deps.sh  # curl, python3-venv and nginx (apt-get, as root, when missing)
+scripts/system-deps.sh  # curl, python3-venv, nginx and redis-server (apt-get, as root, when missing)
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'

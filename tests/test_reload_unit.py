@@ -132,6 +132,7 @@ def _restart_value(key: str) -> Any:
         "drain_idle": "1s",
         "telemetry": {"access_log": False},
         "data_dir": "elsewhere",
+        "fleet": {"redis": "redis://127.0.0.1:6379/0"},
     }[key]
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Literal
 
 MAIN_LISTEN_HOST = "127.0.0.1"
 MAIN_LISTEN_PORT = 15001
@@ -73,6 +73,8 @@ BREAKER_FAILURE_THRESHOLD = 5
 BREAKER_RESET_TIMEOUT_S = 30.0
 BREAKER_HALF_OPEN_MAX = 1
 BREAKER_FAILURE_ON = ("connect-failure", "timeout", "5xx")
+SCOPE: Final[Literal["local", "fleet"]] = "local"
+"""Rate limit and breaker state stays in this sidecar unless a policy says ``scope: fleet``."""
 
 MAX_IN_FLIGHT = 100
 MAX_QUEUED = 100
@@ -85,6 +87,12 @@ RATE_LIMIT_MAX_WAIT_S = 0.5
 RATE_LIMIT_ADAPTIVE = True
 RATE_LIMIT_MAX_PAUSE_S = 300.0
 RATE_LIMIT_MAX_QUEUED = 1000
+
+FLEET_KEY_PREFIX = "outrigger"
+FLEET_TIMEOUT_S = 0.05
+"""A Redis slower than this is treated as down: the sidecar goes on with its local state."""
+FLEET_PROBE_INTERVAL_S = 1.0
+"""Not configurable: while Redis is down, how often it is asked whether it is back."""
 
 REDACT_PATHS: tuple[str, ...] = ()
 """No path is assumed to carry a secret; query values are always redacted."""

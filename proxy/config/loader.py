@@ -271,6 +271,9 @@ def load_config(path: str | Path) -> Config:
         if (policy := _build_policy(doc, defaults_raw, defaults_doc, context, problems)) is not None
     ]
     _check_claims(built, root, main, problems)
+    if main is not None and main.fleet is None:
+        for policy, doc in built:
+            _check_fleet_scope(doc, policy.settings, problems)
     if problems.lines or main is None:
         raise ConfigError(problems.lines)
     policies = [policy for policy, _ in built]
@@ -407,6 +410,16 @@ def _check_failover_primary(
                 path,
                 f"{primary} is this policy's upstream already: list only the other upstreams",
             )
+
+
+def _check_fleet_scope(doc: _Document, settings: PolicySettings, problems: _Problems) -> None:
+    """``scope: fleet`` needs the main config's ``fleet`` section, or there is nothing to share."""
+    for section in ("rate_limit", "circuit_breaker"):
+        value = getattr(settings, section)
+        if value is not None and value.scope == "fleet":
+            path = (*doc.prefix, section, "scope")
+            message = "scope: fleet needs a fleet section (fleet.redis) in the main config"
+            problems.add(doc.file, _line_of(doc, path), path, message)
 
 
 def _build_route(

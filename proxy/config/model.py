@@ -433,11 +433,17 @@ class Delivery(DeliveryRetries):
     max_body_bytes: ByteSize = Field(default=builtin.DELIVERY_MAX_BODY_BYTES, ge=0)
 
 
+Scope = Literal["local", "fleet"]
+"""``fleet``: the state lives in Redis (main config ``fleet``), shared by every sidecar whose
+policy has the same name (SPEC 12)."""
+
+
 class CircuitBreakerSettings(Frozen):
     failure_threshold: int = Field(default=builtin.BREAKER_FAILURE_THRESHOLD, ge=1)
     reset_timeout: Duration = Field(default=builtin.BREAKER_RESET_TIMEOUT_S, gt=0)
     half_open_max: int = Field(default=builtin.BREAKER_HALF_OPEN_MAX, ge=1)
     failure_on: tuple[OutcomeCondition, ...] = builtin.BREAKER_FAILURE_ON
+    scope: Scope = builtin.SCOPE
 
 
 CIRCUIT_OPEN = "circuit_open"
@@ -511,6 +517,7 @@ class RateLimit(Frozen):
     """Longest pause a provider's Retry-After/reset may impose (a stray "86400" must not stop a day)."""
     max_queued: int = Field(default=builtin.RATE_LIMIT_MAX_QUEUED, ge=0)
     """Requests that may wait for a token at once; beyond it the lowest priority is refused first."""
+    scope: Scope = builtin.SCOPE
 
     @property
     def per_second(self) -> float:
@@ -1029,6 +1036,30 @@ class Webhooks(Frozen):
         return routes
 
 
+def _check_redis_url(value: str) -> str:
+    url = URL(value)
+    if url.scheme not in ("redis", "rediss", "unix") or not (url.host or url.scheme == "unix"):
+        raise ValueError(f"redis {value!r} must be a redis://, rediss:// or unix:// URL")
+    return value
+
+
+def _check_key_prefix(value: str) -> str:
+    if not value or any(ch.isspace() or ch in "{}" for ch in value):
+        raise ValueError(
+            "key_prefix must be a non-empty word without spaces or braces (braces pick Redis slots)"
+        )
+    return value
+
+
+class Fleet(Frozen):
+    """Where fleet-scoped state lives (SPEC 12); restart-only."""
+
+    redis: Annotated[str, AfterValidator(_check_redis_url)]
+    key_prefix: Annotated[str, AfterValidator(_check_key_prefix)] = builtin.FLEET_KEY_PREFIX
+    """Keeps apart fleets (or environments) that share one Redis."""
+    timeout: Duration = Field(default=builtin.FLEET_TIMEOUT_S, gt=0)
+
+
 class MainConfig(Frozen):
     """The main config file. That ``listen`` and ``admin`` use different ports is checked by the
     loader with the policies' ports, where the clashing line is known."""
@@ -1049,6 +1080,8 @@ class MainConfig(Frozen):
     """Inbound webhooks (SPEC 11); absent: no webhook listener."""
     data_dir: Path = Field(default=Path(builtin.DATA_DIR), validate_default=True)
     """The embedded delivery store's folder; created on first use (only when something needs it)."""
+    fleet: Fleet | None = None
+    """Redis for ``scope: fleet`` rate limits and breakers (SPEC 12); absent: each sidecar alone."""
 
     @field_validator("data_dir")
     @classmethod

@@ -6,13 +6,17 @@ decided here with an injected clock (open -> half-open after
 `reset_timeout`), half-open admits at most `half_open_max` concurrent trials,
 and an outcome is reported to pybreaker only after the attempt completes, so a
 cancelled attempt (client gone, deadline hit) is neither success nor failure.
+
+A breaker with ``scope: fleet`` (`proxy.fleet.breaker.FleetBreaker`) keeps its state in Redis;
+its admission needs a round trip, so layers admit through `admit_async`, which for this local
+breaker is `admit` itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import pybreaker
 
@@ -24,6 +28,16 @@ from proxy.exchange import Handler, ProxyRequest, ProxyResponse
 log = logging.getLogger("outrigger.breaker")
 
 CLOSED, HALF_OPEN, OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_HALF_OPEN, pybreaker.STATE_OPEN
+
+
+class Admission(NamedTuple):
+    """The state an attempt was let through in, and whether the fleet's breaker did it."""
+
+    state: str
+    shared: bool = False
+
+
+_LOCAL = {state: Admission(state) for state in (CLOSED, HALF_OPEN)}
 
 
 class _AttemptFailed(Exception):
@@ -88,7 +102,11 @@ class CircuitBreaker:
             self._opened_at = self._clock.now()
         log.warning("circuit breaker %s: %s -> %s", self.name, old, new)
 
-    def admit(self) -> None:
+    async def admit_async(self) -> Admission:
+        """`admit`, for callers that may hold a fleet breaker."""
+        return self.admit()
+
+    def admit(self) -> Admission:
         """Let an attempt through or raise CircuitOpen; the caller must then call `finish`."""
         if self.state == OPEN:
             wait = self.seconds_until_half_open()
@@ -106,9 +124,12 @@ class CircuitBreaker:
                     retry_after=1.0,
                 )
             self._trials += 1
+            return _LOCAL[HALF_OPEN]
+        return _LOCAL[CLOSED]
 
-    def finish(self, admitted_state: str, failed: bool | None) -> None:
+    def finish(self, admission: Admission, failed: bool | None) -> None:
         """Report one admitted attempt: failed True/False, or None for neutral (cancelled)."""
+        admitted_state = admission.state
         if admitted_state == HALF_OPEN:
             self._trials -= 1
         state = self.state
@@ -125,6 +146,7 @@ class CircuitBreaker:
 
     def snapshot(self) -> dict[str, object]:
         return {
+            "scope": self.settings.scope,
             "state": self.state,
             "consecutive_failures": self.consecutive_failures,
             "transitions": self.transitions,
@@ -135,15 +157,18 @@ class CircuitBreaker:
 class BreakerLayer:
     def __init__(self, breaker: CircuitBreaker) -> None:
         self.breaker = breaker
+        self._shared = breaker.settings.scope == "fleet"
 
     async def __call__(self, request: ProxyRequest, next: Handler) -> ProxyResponse:
-        self.breaker.admit()
-        return await guarded(self.breaker, request, next)
+        breaker = self.breaker
+        admission = await breaker.admit_async() if self._shared else breaker.admit()
+        return await guarded(breaker, admission, request, next)
 
 
-async def guarded(breaker: CircuitBreaker, request: ProxyRequest, next: Handler) -> ProxyResponse:
+async def guarded(
+    breaker: CircuitBreaker, admission: Admission, request: ProxyRequest, next: Handler
+) -> ProxyResponse:
     """One attempt `breaker` has just admitted, its outcome reported back to it."""
-    admitted_state = breaker.state
     failed: bool | None = None
     try:
         response = await next(request)
@@ -153,4 +178,4 @@ async def guarded(breaker: CircuitBreaker, request: ProxyRequest, next: Handler)
         failed = breaker.is_failure(None, error)
         raise
     finally:
-        breaker.finish(admitted_state, failed)
+        breaker.finish(admission, failed)

@@ -8,7 +8,35 @@ two calls without touching the queue.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, NamedTuple, Protocol
+
+Outcome = Literal["granted", "refused", "paused"]
+
+
+class Reservation(NamedTuple):
+    """A fleet bucket's answer: `granted` (the token is ours, usable after `wait` seconds),
+    `refused` (it would take `wait`, more than allowed) or `paused` (a provider pause has `wait`
+    seconds left)."""
+
+    outcome: Outcome
+    wait: float
+
+
+class SharedBucket(Protocol):
+    """A bucket every sidecar of the fleet draws from (SPEC 12); asynchronous, unlike the local one."""
+
+    @property
+    def up(self) -> bool:
+        """False while its store is unreachable: the limiter uses its own local bucket meanwhile."""
+
+    async def reserve(self, max_wait: float) -> Reservation | None:
+        """Take a token if it comes within `max_wait` seconds; None when the store did not answer."""
+
+    def give_back(self) -> None:
+        """Return a granted token that was not used."""
+
+    def share_pause(self, seconds: float) -> None:
+        """Tell the fleet of a provider pause this sidecar learned."""
 
 
 class TokenBucket(Protocol):

@@ -32,7 +32,7 @@ from proxy import errors
 from proxy.config.model import CIRCUIT_OPEN, OutcomeSet, PolicySettings, UpstreamTarget
 from proxy.exchange import FailoverState, Handler, HeaderEdits, ProxyRequest, ProxyResponse
 from proxy.layers.attempt import render_rules
-from proxy.layers.breaker import CircuitBreaker, guarded
+from proxy.layers.breaker import Admission, CircuitBreaker, guarded
 
 
 @dataclass(frozen=True)
@@ -89,24 +89,31 @@ class FailoverLayer:
         for step in range(count):
             index = (start + step) % count
             upstream = self.upstreams[index]
+            admission: Admission | None = None
             if upstream.breaker is not None:
                 try:
-                    upstream.breaker.admit()
+                    admission = await upstream.breaker.admit_async()
                 except errors.CircuitOpen as refusal:
                     if not self.skip_refused:
                         raise
                     refusals.append(refusal)
                     continue
-            return await self._attempt(request, next, state, index, upstream)
+            return await self._attempt(request, next, state, index, upstream, admission)
         waits = [r.retry_after for r in refusals if r.retry_after is not None]
         raise errors.CircuitOpen(
             f"the circuit breakers of all {count} upstreams are open", retry_after=min(waits, default=None)
         )
 
     async def _attempt(
-        self, request: ProxyRequest, next: Handler, state: FailoverState, index: int, upstream: _Upstream
+        self,
+        request: ProxyRequest,
+        next: Handler,
+        state: FailoverState,
+        index: int,
+        upstream: _Upstream,
+        admission: Admission | None,
     ) -> ProxyResponse:
-        """One attempt to `upstream` (its breaker, if any, has admitted it)."""
+        """One attempt to `upstream` (its breaker, if any, has admitted it: `admission`)."""
         request.target = upstream.target or state.primary
         request.settings = upstream.settings or state.settings
         state.edits = upstream.edits
@@ -114,8 +121,8 @@ class FailoverLayer:
             state.moves.append(str(request.target))
         state.index, state.move_on = index, False
         try:
-            if upstream.breaker is not None:
-                response = await guarded(upstream.breaker, request, next)
+            if upstream.breaker is not None and admission is not None:
+                response = await guarded(upstream.breaker, admission, request, next)
             else:
                 response = await next(request)
         except errors.OutriggerError as error:

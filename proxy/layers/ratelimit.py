@@ -16,6 +16,11 @@ whoever is first in the queue by then. A request whose expected wait is longer t
 waited in vain. When the quota came through a pooled key (`credential_key`), the
 pause and pacing belong to that key (the credentials layer), not to the whole host;
 the quota is still kept for /state and metrics.
+
+With ``scope: fleet`` the bucket is shared (`SharedBucket`, in Redis): each attempt asks it for
+a token and waits out what it answers, and a provider pause learned here is told to the fleet.
+The fleet hands out tokens in arrival order (priorities order only a local queue). While the
+fleet's store is unreachable the limiter works as above with its own bucket (fails open).
 """
 
 from __future__ import annotations
@@ -31,12 +36,15 @@ from proxy import errors
 from proxy.clock import Clock, Timer
 from proxy.config.model import RateLimit
 from proxy.exchange import PRIORITIES, Handler, ProxyRequest, ProxyResponse
-from proxy.layers.bucket import LocalTokenBucket, TokenBucket
+from proxy.layers.bucket import LocalTokenBucket, SharedBucket, TokenBucket
 from proxy.provider_headers import ProviderQuota, pause_requested
 
 log = logging.getLogger("outrigger.ratelimit")
 
 _RANK = {priority: rank for rank, priority in enumerate(PRIORITIES)}
+
+_FLEET_ROUNDS = 8
+"""Bounds the asks of one attempt to the fleet bucket (each after a provider pause ran out)."""
 
 
 @dataclass
@@ -70,12 +78,20 @@ class RateLimiter:
     the last quota seen."""
 
     def __init__(
-        self, name: str, settings: RateLimit, clock: Clock, bucket: TokenBucket | None = None
+        self,
+        name: str,
+        settings: RateLimit,
+        clock: Clock,
+        bucket: TokenBucket | None = None,
+        shared: SharedBucket | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
         self._clock = clock
         self._bucket = bucket or LocalTokenBucket(settings.per_second, settings.burst)
+        self.shared = shared
+        """The fleet's bucket (``scope: fleet``), used while it is up; the local one otherwise."""
+        self._fleet_waiting = [0 for _ in PRIORITIES]
         self._queues: tuple[deque[_Waiter], ...] = tuple(deque() for _ in PRIORITIES)
         self._queued = 0
         """Waiters in all the queues (the fast path's one check)."""
@@ -100,6 +116,8 @@ class RateLimiter:
 
     async def acquire(self, deadline: float | None = None, priority: str = "normal") -> float:
         """Wait for a token up to max_wait and never past `deadline`; returns the seconds waited."""
+        if self.shared is not None and self.shared.up:
+            return await self._acquire_shared(self.shared, deadline, _RANK[priority])
         now = self._clock.now()
         if not self._queued and self._gate(now) <= now:
             delay = self._bucket.reserve(now)
@@ -136,6 +154,58 @@ class RateLimiter:
                 self._bucket.cancel(self._clock.now())  # served, but gone before using the token
             raise
         return self._clock.now() - now
+
+    async def _acquire_shared(self, shared: SharedBucket, deadline: float | None, rank: int) -> float:
+        """A token from the fleet's bucket, waited for here; the local bucket if the fleet is gone."""
+        clock = self._clock
+        start = now = clock.now()
+        ends = now + (
+            self.settings.max_wait if deadline is None else min(self.settings.max_wait, deadline - now)
+        )
+        if sum(self._fleet_waiting) >= self.settings.max_queued:
+            raise errors.RateLimited(
+                f"the rate limit queue for {self.name} is full ({self.settings.max_queued} waiting)",
+                retry_after=self._bucket.interval,
+            )
+        self._fleet_waiting[rank] += 1
+        try:
+            for _ in range(_FLEET_ROUNDS):
+                gate = self._gate(now)
+                if gate > now:  # a pause or pacing known here: no need to ask the fleet yet
+                    if gate > ends:
+                        raise self._refusal(now, gate - now)
+                    await clock.sleep(gate - now)
+                    now = clock.now()
+                    continue
+                reservation = await shared.reserve(ends - now)
+                if reservation is None:  # the fleet's store is gone: this sidecar's own bucket
+                    break
+                now = clock.now()
+                if reservation.outcome == "granted":
+                    if reservation.wait > 0:
+                        try:
+                            await clock.sleep(reservation.wait)
+                        except asyncio.CancelledError:
+                            shared.give_back()
+                            raise
+                    self._last_sent = clock.now()
+                    return self._last_sent - start
+                if reservation.outcome == "refused":
+                    limit = f"{self.settings.rate:g} per {self.settings.per:g}s"
+                    raise errors.RateLimited(
+                        f"fleet rate limit for {self.name}: {limit} exceeded", retry_after=reservation.wait
+                    )
+                self._adopt_pause(now + reservation.wait)
+            else:
+                raise self._refusal(now, self._bucket.interval)
+        finally:
+            self._fleet_waiting[rank] -= 1
+        return clock.now() - start + await self.acquire(deadline, PRIORITIES[rank])
+
+    def _adopt_pause(self, until: float) -> None:
+        """A provider pause another sidecar learned (the fleet told us), kept here too."""
+        if self._pause is None or until > self._pause.until:
+            self._pause = _Pause(until, "a pause the provider asked of another sidecar")
 
     def _gate(self, now: float) -> float:
         """Earliest time the provider lets the next attempt go (its pause, its pacing)."""
@@ -282,6 +352,8 @@ class RateLimiter:
         if self._pause is None or until > self._pause.until:
             self._pause = _Pause(until, reason)
             log.warning("pausing %s for %.1fs: %s", self.name, seconds, reason)
+            if self.shared is not None and self.shared.up:
+                self.shared.share_pause(seconds)
 
     def _pace(self, remaining: int, reset: float) -> None:
         """`remaining` requests for `reset` seconds, less those already on their way: one every
@@ -300,7 +372,10 @@ class RateLimiter:
     # ------------------------------------------------------------------ /state and metrics
 
     def queue_lengths(self) -> dict[str, int]:
-        return {priority: len(queue) for priority, queue in zip(PRIORITIES, self._queues, strict=True)}
+        return {
+            priority: len(queue) + fleet
+            for priority, queue, fleet in zip(PRIORITIES, self._queues, self._fleet_waiting, strict=True)
+        }
 
     def snapshot(self) -> dict[str, object]:
         now = self._clock.now()
@@ -308,6 +383,8 @@ class RateLimiter:
         self._gate(now)  # drops pacing that has run out
         pacing = self._pacing
         return {
+            "scope": self.settings.scope,
+            **({} if self.shared is None else {"fleet_backend": "up" if self.shared.up else "down"}),
             "has_capacity": tokens >= 1,
             "tokens": round(tokens, 3),
             "paused_for_seconds": round(self.pause_remaining(), 3),

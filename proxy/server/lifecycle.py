@@ -14,6 +14,7 @@ from proxy import errors
 from proxy.config.loader import Config
 from proxy.delivery import service as delivery
 from proxy.delivery.webhook import WebhookSink
+from proxy.fleet import FleetBackend
 from proxy.pipeline import PolicyState
 from proxy.server import handler
 from proxy.server.protocol import Handler, ProxyWebServer
@@ -92,6 +93,8 @@ class ProxyServer:
         self._webhook_sink = webhook_sink
         """Where verified webhook events go instead of the delivery store (tests only)."""
         self._webhooks: WebhookListener | None = None
+        self.fleet: FleetBackend | None = None
+        """Redis for ``scope: fleet`` state (main config ``fleet``, restart-only); None: all local."""
         self.deliveries: delivery.DeliveryService | None = None
         """Built when a config first needs it (a policy with ``delivery``, or ``webhooks``); None
         costs nothing."""
@@ -114,7 +117,10 @@ class ProxyServer:
     async def start(self) -> None:
         config = self._initial
         self._upstream = UpstreamClient(max_header_bytes=config.main.limits.max_header_bytes)
-        self._runtime = Runtime.build(config, self._upstream, self.telemetry.tracer)
+        if config.main.fleet is not None:
+            fleet = self.fleet = FleetBackend(config.main.fleet)
+            self.telemetry.metrics.watch_fleet(lambda: fleet.up)
+        self._runtime = Runtime.build(config, self._upstream, self.telemetry.tracer, fleet=self.fleet)
         limits = config.main.limits
         server = ProxyWebServer(
             self._tracked(self._proxy),
@@ -149,7 +155,9 @@ class ProxyServer:
     def build_runtime(self, config: Config) -> Runtime:
         """The runtime for `config`, carrying state over from the running one. Blocking: it renders
         ``${file:}`` secrets, so a reload calls it in a thread (the loop keeps serving)."""
-        return Runtime.build(config, self.upstream, self.telemetry.tracer, previous=self.runtime)
+        return Runtime.build(
+            config, self.upstream, self.telemetry.tracer, previous=self.runtime, fleet=self.fleet
+        )
 
     async def apply(self, config: Config, runtime: Runtime | None = None) -> None:
         """Swap in a validated config: open new policy ports, swap atomically, then close stale ports.
@@ -272,6 +280,8 @@ class ProxyServer:
             await self._webhooks.cleanup()
         if self._upstream is not None:
             await self._upstream.close()
+        if self.fleet is not None:  # after the requests: their last breaker reports go out first
+            await self.fleet.close()
         await asyncio.to_thread(self.telemetry.close)
 
     def _tracked(self, serve: Handler) -> Handler:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from opentelemetry import trace
 
 from proxy.config.loader import Config
+from proxy.fleet import FleetBackend
 from proxy.pipeline import Pipelines
 from proxy.routing import Router
 from proxy.transport import UpstreamClient
@@ -25,10 +26,16 @@ class Runtime:
 
     @classmethod
     def build(
-        cls, config: Config, upstream: UpstreamClient, tracer: trace.Tracer, previous: Runtime | None = None
+        cls,
+        config: Config,
+        upstream: UpstreamClient,
+        tracer: trace.Tracer,
+        previous: Runtime | None = None,
+        fleet: FleetBackend | None = None,
     ) -> Runtime:
         router = Router(config)
-        pipelines = Pipelines(config, router, upstream, tracer, previous.pipelines if previous else None)
+        before = previous.pipelines if previous else None
+        pipelines = Pipelines(config, router, upstream, tracer, before, fleet=fleet)
         webhooks = config.main.webhooks
         routes = WebhookRoutes(webhooks, config.path.parent) if webhooks is not None else None
         return cls(config, router, pipelines, routes)

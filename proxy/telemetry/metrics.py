@@ -109,6 +109,18 @@ class _StateCollector(Collector):
         yield from (circuit, remaining, limit, keys, queued)
 
 
+class _FleetCollector(Collector):
+    def __init__(self, up: Callable[[], bool]) -> None:
+        self._up = up
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "outrigger_fleet_backend_up",
+            "1 while the fleet's Redis answers; 0 while each sidecar runs on its local state",
+            value=1 if self._up() else 0,
+        )
+
+
 RATELIMIT_WAIT_BUCKETS = (0.0, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -195,6 +207,10 @@ class Metrics:
             registry=r,
         )
         r.register(_StateCollector(states))
+
+    def watch_fleet(self, up: Callable[[], bool]) -> None:
+        """Expose ``outrigger_fleet_backend_up`` (only a sidecar in fleet mode has one)."""
+        self.registry.register(_FleetCollector(up))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

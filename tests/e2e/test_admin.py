@@ -179,6 +179,7 @@ async def test_state_has_a_section_per_policy_and_null_for_absent_layers(
     }
     full = body["full.test"]
     assert full["circuit_breaker"] == {
+        "scope": "local",
         "state": "closed",
         "consecutive_failures": 0,
         "transitions": 0,
@@ -186,6 +187,7 @@ async def test_state_has_a_section_per_policy_and_null_for_absent_layers(
     }
     assert full["retry_budget"] == {"requests": 0, "retries": 0}
     assert full["rate_limit"] == {
+        "scope": "local",
         "has_capacity": True,
         "tokens": full["rate_limit"]["tokens"],
         "paused_for_seconds": 0.0,

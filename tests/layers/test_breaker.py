@@ -347,6 +347,7 @@ async def test_snapshot() -> None:
     clock = FakeClock()
     breaker = _breaker(clock, threshold=3, reset=10)
     assert breaker.snapshot() == {
+        "scope": "local",
         "state": CLOSED,
         "consecutive_failures": 0,
         "transitions": 0,
@@ -355,6 +356,7 @@ async def test_snapshot() -> None:
     await _attempt(breaker, 503)
     await _attempt(breaker, 503)
     assert breaker.snapshot() == {
+        "scope": "local",
         "state": CLOSED,
         "consecutive_failures": 2,
         "transitions": 0,
@@ -423,8 +425,7 @@ class _TripDuringBackoff(FakeClock):
         breaker = self.breaker
         assert breaker is not None
         while breaker.state != OPEN:
-            breaker.admit()
-            breaker.finish(breaker.state, True)
+            breaker.finish(breaker.admit(), True)
 
 
 async def test_a_retry_refused_by_an_open_breaker_returns_the_previous_upstream_response() -> None:

@@ -270,6 +270,7 @@ async def test_snapshot_exposes_the_quota_as_last_reported() -> None:
     clock = FakeClock()
     limiter = _limiter(clock, burst=10, max_wait=5.0)
     assert limiter.snapshot() == {
+        "scope": "local",
         "has_capacity": True,
         "tokens": 10.0,
         "paused_for_seconds": 0,

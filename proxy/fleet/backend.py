@@ -1,0 +1,147 @@
+"""Redis for fleet-scoped state (SPEC 12): one client, one health flag, failing open.
+
+Every call is bounded by ``fleet.timeout``. The first call that fails or is late marks Redis
+down (logged once, ``outrigger_fleet_backend_up 0``) and answers None, so its caller goes on
+with local state; from then on calls answer None at once (a dead Redis costs the request path
+nothing) while one probe pings Redis every `FLEET_PROBE_INTERVAL_S`; its first answer marks
+Redis up again and fleet state is shared once more.
+
+redis-py's asyncio client is imported here only, so the default (local) mode runs without the
+``redis`` package (``pip install 'outrigger[fleet]'``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine, Sequence
+from typing import Any, Protocol
+
+from yarl import URL
+
+from proxy.config import defaults
+from proxy.config.model import Fleet
+
+log = logging.getLogger("outrigger.fleet")
+
+_CLOSE_GRACE_S = 1.0
+"""On shutdown, how long reports still on their way to Redis get to land."""
+
+
+class Script(Protocol):
+    async def __call__(self, keys: Sequence[str], args: Sequence[int]) -> Any: ...
+
+
+class FleetUnavailable(RuntimeError):
+    """Fleet mode is configured but cannot run here (the redis package is missing)."""
+
+
+def redacted(url: str) -> str:
+    """The Redis URL for logs and /state: a password in it is not shown."""
+    parsed = URL(url)
+    return str(parsed.with_password("****")) if parsed.password else url
+
+
+class FleetBackend:
+    def __init__(self, settings: Fleet, probe_interval: float = defaults.FLEET_PROBE_INTERVAL_S) -> None:
+        try:
+            from redis.asyncio import Redis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+        except ImportError as error:
+            raise FleetUnavailable(
+                "the main config has a fleet section but the redis package is not installed:"
+                " pip install 'outrigger[fleet]'"
+            ) from error
+        self.settings = settings
+        self.key_prefix = settings.key_prefix
+        self.timeout = settings.timeout
+        self._redis = Redis.from_url(
+            settings.redis,
+            socket_timeout=settings.timeout,
+            socket_connect_timeout=settings.timeout,
+            retry=Retry(NoBackoff(), 0),  # a slow or dead Redis is a fallback to local state, not a retry
+            health_check_interval=0,
+        )
+        self._probe_interval = probe_interval
+        self.up = True
+        """Optimistic at start: the first call tells (and a failed one falls back at once)."""
+        self._probe: asyncio.Task[None] | None = None
+        self._reports: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    def key(self, kind: str, name: str) -> str:
+        """One key per policy and kind; the braces keep a policy's keys in one Redis Cluster slot
+        (a script may only touch keys of one slot)."""
+        return f"{self.key_prefix}:{{{name}}}:{kind}"
+
+    def script(self, source: str) -> Script:
+        """A Lua script run with EVALSHA (loaded again by redis-py when Redis has forgotten it)."""
+        script: Script = self._redis.register_script(source)
+        return script
+
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[int]) -> Any | None:
+        """The script's answer, or None when Redis is down, fails or is slower than the timeout."""
+        if not self.up:
+            return None
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await script(keys=keys, args=args)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # whatever Redis did, the request goes on locally
+            self._mark_down(error)
+            return None
+
+    def report(self, call: Coroutine[Any, Any, Any]) -> None:
+        """Run `call` (a `run` whose answer nobody waits for) without holding up the request."""
+        if self._closed:
+            call.close()
+            return
+        task = asyncio.get_running_loop().create_task(call)
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    def _mark_down(self, error: BaseException) -> None:
+        if not self.up:
+            return
+        self.up = False
+        reason = str(error) or type(error).__name__
+        log.error(
+            "fleet Redis %s is unreachable (%s): each sidecar goes on with its local state",
+            redacted(self.settings.redis),
+            reason,
+        )
+        if not self._closed:
+            self._probe = asyncio.get_running_loop().create_task(self._wait_for_redis())
+
+    async def _wait_for_redis(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self._probe_interval)
+            try:
+                # the pooled connections lead to the Redis that went away (a restarted one has
+                # closed them): without this, the first script after the rejoin would fail again
+                await self._redis.connection_pool.disconnect()
+                async with asyncio.timeout(self.timeout):
+                    await self._redis.ping()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # still down: the next probe asks again
+                continue
+            self.up = True
+            log.warning(
+                "fleet Redis %s answers again: fleet state is shared again", redacted(self.settings.redis)
+            )
+            return
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._reports:
+            await asyncio.wait(set(self._reports), timeout=_CLOSE_GRACE_S)
+        for task in (*self._reports, self._probe):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self._redis.aclose()
