@@ -12,6 +12,7 @@ from proxy.config.model import Policy
 from proxy.delivery.service import DeliveryService
 from proxy.delivery.store import STATES, Delivery, State
 from proxy.explain import redacted_settings, redacted_webhooks
+from proxy.fleet.backend import redacted
 from proxy.pipeline import PolicyState
 from proxy.reload import Reloader
 from proxy.server import ProxyServer
@@ -71,7 +72,10 @@ async def config(request: web.Request) -> web.Response:
         "last_reload": last.as_dict() if last else None,
         "last_reload_error": last.error if last and not last.ok else None,
         "main": {
-            **main.model_dump(mode="json", exclude={"defaults", "webhooks"}),
+            **main.model_dump(mode="json", exclude={"defaults", "webhooks", "fleet"}),
+            "fleet": None
+            if main.fleet is None
+            else {**main.fleet.model_dump(mode="json"), "redis": redacted(main.fleet.redis)},
             "defaults": redacted_settings(main.defaults),
             "webhooks": redacted_webhooks(main.webhooks),
         },

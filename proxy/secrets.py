@@ -23,6 +23,24 @@ def has_reference(template: str) -> bool:
     return _REFERENCE.search(template) is not None
 
 
+def secret_placeholders(template: str) -> str:
+    """`template` with each reference replaced by a plain word, to check the shape around it."""
+    return masked_references(template)[0]
+
+
+def masked_references(template: str) -> tuple[str, dict[str, str]]:
+    """`template` with each reference replaced by a distinct plain word, and the references by
+    word: what is around them can be parsed (a URL), then the words put back."""
+    found: dict[str, str] = {}
+
+    def word(match: re.Match[str]) -> str:
+        key = f"secretref{len(found)}"
+        found[key] = match.group(0)
+        return key
+
+    return _REFERENCE.sub(word, template), found
+
+
 def referenced_files(template: str, base_dir: Path) -> list[Path]:
     return [_file_path(ref, base_dir) for kind, ref in _REFERENCE.findall(template) if kind == "file"]
 

@@ -175,6 +175,7 @@ check "HEALTHCHECK" 0 "$(podman healthcheck run "$container" >/dev/null 2>&1; ec
 check "runs as" 10001 "$(podman exec "$container" id -u)"
 check "read-only root" 1 "$(podman exec "$container" sh -c 'touch /opt/venv/x 2>/dev/null; echo $?')"
 check "writable data_dir" 0 "$(podman exec "$container" sh -c 'touch /var/lib/outrigger/x; echo $?')"
+check "fleet mode's redis client" ok "$(podman exec "$container" python -c 'import redis.asyncio; print("ok")')"
 podman stop --time 30 "$container" >/dev/null 2>>"$work/podman.log"
 check "exit code after SIGTERM (drain)" 0 "$(podman inspect --format '{{.State.ExitCode}}' "$container")"
 echo "image-test: passed ($image on $base_ref)"

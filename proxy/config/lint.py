@@ -24,6 +24,7 @@ from proxy.config.defaults import KEYED_METHODS
 from proxy.config.loader import Config, format_path, webhook_secret_templates
 from proxy.config.model import Backoff, Policy, PolicySettings, Retries, Route, split_host_pattern
 from proxy.config.units import format_duration
+from proxy.fleet.backend import inline_password
 
 
 @dataclass(frozen=True)
@@ -296,6 +297,16 @@ def _inline_webhook_secrets(config: Config) -> Iterator[_Finding]:
             )
 
 
+def _inline_fleet_password(config: Config) -> Iterator[_Finding]:
+    fleet = config.main.fleet
+    if fleet is not None and inline_password(fleet.redis):
+        yield _Finding(
+            "fleet.redis",
+            "Redis password written inline; write it as ${file:PATH} or ${env:NAME}"
+            " (redis://:${env:REDIS_PASSWORD}@host:6379/0) so it stays out of config files",
+        )
+
+
 def _main_key_line(config_path: Path, name: str) -> int:
     """Line of a top-level key (``defaults:``, ``webhooks:``) in the main config (1 if not found)."""
     try:
@@ -326,6 +337,8 @@ def lint(config: Config) -> list[str]:
     where = f"{config.path}:{_main_key_line(config.path, 'defaults')}"
     warnings += [_format(where, f"defaults.{f.path}", f.message) for f in inherited]
     warnings += [_format(where, f.path, f.message) for f in _open_proxy(config)]
+    at_fleet = f"{config.path}:{_main_key_line(config.path, 'fleet')}"
+    warnings += [_format(at_fleet, f.path, f.message) for f in _inline_fleet_password(config)]
     webhooks = list(_inline_webhook_secrets(config))
     if webhooks:
         at = f"{config.path}:{_main_key_line(config.path, 'webhooks')}"

@@ -264,6 +264,7 @@ def load_config(path: str | Path) -> Config:
         _resources_load(main.defaults, [defaults_doc], context, problems)
     if main is not None:
         _webhook_secrets_load(main, root, context, problems)
+        _fleet_secret_load(main, root, context, problems)
 
     built = [
         (policy, doc)
@@ -508,6 +509,19 @@ def _webhook_secrets_load(
             route_key(scheme, template, context["base_dir"])
         except ValueError as exc:  # SecretError is one
             problems.add(root.file, _line_of(root, at), at, str(exc))
+
+
+def _fleet_secret_load(
+    main: MainConfig, root: _Document, context: dict[str, Any], problems: _Problems
+) -> None:
+    """A ``${env:}``/``${file:}`` in ``fleet.redis`` must resolve now, not when Redis is first needed."""
+    if main.fleet is None or not secrets.has_reference(main.fleet.redis):
+        return
+    try:
+        secrets.render(main.fleet.redis, context["base_dir"])
+    except secrets.SecretError as exc:
+        at: KeyPath = ("fleet", "redis")
+        problems.add(root.file, _line_of(root, at), at, str(exc))
 
 
 def _check_claims(

@@ -31,6 +31,7 @@ from yarl import URL
 from proxy.config import defaults as builtin
 from proxy.config.units import ByteSize, Duration, format_duration, parse_duration
 from proxy.redaction import NO_REDACTION, PathRedactor, check_glob, compile_globs
+from proxy.secrets import secret_placeholders
 
 
 class Frozen(BaseModel):
@@ -1037,7 +1038,7 @@ class Webhooks(Frozen):
 
 
 def _check_redis_url(value: str) -> str:
-    url = URL(value)
+    url = URL(secret_placeholders(value))
     if url.scheme not in ("redis", "rediss", "unix") or not (url.host or url.scheme == "unix"):
         raise ValueError(f"redis {value!r} must be a redis://, rediss:// or unix:// URL")
     return value
@@ -1055,6 +1056,7 @@ class Fleet(Frozen):
     """Where fleet-scoped state lives (SPEC 12); restart-only."""
 
     redis: Annotated[str, AfterValidator(_check_redis_url)]
+    """May carry ``${env:NAME}`` / ``${file:PATH}`` (a password); rendered when Outrigger starts."""
     key_prefix: Annotated[str, AfterValidator(_check_key_prefix)] = builtin.FLEET_KEY_PREFIX
     """Keeps apart fleets (or environments) that share one Redis."""
     timeout: Duration = Field(default=builtin.FLEET_TIMEOUT_S, gt=0)

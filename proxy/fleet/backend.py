@@ -16,12 +16,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from yarl import URL
 
+from proxy import secrets
 from proxy.config import defaults
 from proxy.config.model import Fleet
+from proxy.fleet import scripts
 
 log = logging.getLogger("outrigger.fleet")
 
@@ -34,17 +37,49 @@ class Script(Protocol):
 
 
 class FleetUnavailable(RuntimeError):
-    """Fleet mode is configured but cannot run here (the redis package is missing)."""
+    """Fleet mode is configured but cannot start (the redis package is missing, a secret is gone)."""
+
+
+_MASK = "****"
+
+
+def _inline(value: str | None, references: dict[str, str]) -> bool:
+    return bool(value) and value not in references
+
+
+def inline_password(url: str) -> bool:
+    """The Redis URL (as written) carries a password, in its userinfo or its query, that is not
+    a ``${file:}``/``${env:}`` reference."""
+    text, references = secrets.masked_references(url)
+    parsed = URL(text)
+    return _inline(parsed.password, references) or _inline(parsed.query.get("password"), references)
 
 
 def redacted(url: str) -> str:
-    """The Redis URL for logs and /state: a password in it is not shown."""
-    parsed = URL(url)
-    return str(parsed.with_password("****")) if parsed.password else url
+    """The Redis URL as written, for logs and /config: references as written, an inline password
+    shown as ``****``."""
+    if not inline_password(url):
+        return url
+    text, references = secrets.masked_references(url)
+    parsed = URL(text)
+    if _inline(parsed.password, references):
+        parsed = parsed.with_password(_MASK)
+    if _inline(parsed.query.get("password"), references):
+        parsed = parsed.update_query(password=_MASK)
+    shown = str(parsed)
+    for word, reference in references.items():
+        shown = shown.replace(word, reference)
+    return shown
 
 
 class FleetBackend:
-    def __init__(self, settings: Fleet, probe_interval: float = defaults.FLEET_PROBE_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        settings: Fleet,
+        base_dir: Path = Path("."),
+        probe_interval: float = defaults.FLEET_PROBE_INTERVAL_S,
+    ) -> None:
+        """`base_dir` resolves a relative ``${file:}`` in the URL (the main config's folder)."""
         try:
             from redis.asyncio import Redis
             from redis.asyncio.retry import Retry
@@ -54,22 +89,50 @@ class FleetBackend:
                 "the main config has a fleet section but the redis package is not installed:"
                 " pip install 'outrigger[fleet]'"
             ) from error
+        try:
+            url = secrets.render(settings.redis, base_dir)
+        except secrets.SecretError as error:
+            raise FleetUnavailable(f"fleet.redis: {error}") from error
         self.settings = settings
         self.key_prefix = settings.key_prefix
         self.timeout = settings.timeout
         self._redis = Redis.from_url(
-            settings.redis,
+            url,
             socket_timeout=settings.timeout,
             socket_connect_timeout=settings.timeout,
             retry=Retry(NoBackoff(), 0),  # a slow or dead Redis is a fallback to local state, not a retry
             health_check_interval=0,
         )
         self._probe_interval = probe_interval
+        self._probe_script = self.script(scripts.PROBE)
+        self._probe_key = f"{self.key_prefix}:probe"
         self.up = True
-        """Optimistic at start: the first call tells (and a failed one falls back at once)."""
+        """Until `start`'s first ping, or the first call, says otherwise."""
         self._probe: asyncio.Task[None] | None = None
         self._reports: set[asyncio.Task[Any]] = set()
         self._closed = False
+
+    def start(self) -> None:
+        """Ask Redis once, in the background: a Redis unreachable from the start shows as down at
+        once (gauge, /state), not only at the first fleet-scoped request."""
+        self.report(self._first_ping())
+
+    async def _first_ping(self) -> None:
+        error = await self._ping()
+        if error is not None:
+            self._mark_down(error)
+
+    async def _ping(self) -> Exception | None:
+        """None when Redis took a write within the timeout, else what went wrong. A write, not a
+        PING: a Redis out of memory or a read-only replica answers PING but fails every script."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._probe_script(keys=(self._probe_key,), args=())
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # whatever it is, Redis is not answering
+            return error
+        return None
 
     def key(self, kind: str, name: str) -> str:
         """One key per policy and kind; the braces keep a policy's keys in one Redis Cluster slot
@@ -119,16 +182,12 @@ class FleetBackend:
     async def _wait_for_redis(self) -> None:
         while not self._closed:
             await asyncio.sleep(self._probe_interval)
-            try:
-                # the pooled connections lead to the Redis that went away (a restarted one has
-                # closed them): without this, the first script after the rejoin would fail again
+            # the pooled connections lead to the Redis that went away (a restarted one has
+            # closed them): without this, the first script after the rejoin would fail again
+            with contextlib.suppress(Exception):  # closing a dead connection may time out
                 await self._redis.connection_pool.disconnect()
-                async with asyncio.timeout(self.timeout):
-                    await self._redis.ping()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # still down: the next probe asks again
-                continue
+            if await self._ping() is not None:
+                continue  # still down: the next probe asks again
             self.up = True
             log.warning(
                 "fleet Redis %s answers again: fleet state is shared again", redacted(self.settings.redis)

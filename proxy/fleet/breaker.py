@@ -23,7 +23,6 @@ log = logging.getLogger("outrigger.breaker")
 _MICROS = 1_000_000
 _STATES = {scripts.CLOSED: CLOSED, scripts.HALF_OPEN: HALF_OPEN, scripts.OPEN: OPEN}
 _CODES = {name: code for code, name in _STATES.items()}
-_ADMITTED = {state: Admission(state, shared=True) for state in (CLOSED, HALF_OPEN)}
 _HALF_OPEN_BUSY_RETRY_S = 1.0
 
 
@@ -63,13 +62,12 @@ class FleetBreaker(CircuitBreaker):
         )
         if answer is None:
             return self.admit()
-        admitted, state, failures, micros, _, moved = (int(item) for item in answer)
-        previous = self._shared_state
+        admitted, state, failures, micros, version, moved = (int(item) for item in answer)
         self._learn(state, failures, micros)
         if moved:
-            self._moved(previous, self._shared_state)
+            self._moved()
         if admitted:
-            return _ADMITTED[self._shared_state]
+            return Admission(self._shared_state, shared=True, round=version)
         if self._shared_state == OPEN:
             raise errors.CircuitOpen(
                 f"circuit breaker for {self.name} is open after {self.settings.failure_threshold}"
@@ -91,6 +89,7 @@ class FleetBreaker(CircuitBreaker):
             outcome,
             self.settings.failure_threshold,
             self._reset_micros,
+            admission.round,
             self._expiry_ms,
         )
         self._backend.report(self._report(args))
@@ -100,10 +99,9 @@ class FleetBreaker(CircuitBreaker):
         if answer is None:
             return
         state, failures, micros, _, moved = (int(item) for item in answer)
-        previous = self._shared_state
         self._learn(state, failures, micros)
         if moved:
-            self._moved(previous, self._shared_state)
+            self._moved()
 
     def _learn(self, state: int, failures: int, micros: int) -> None:
         self._shared_state = _STATES[state]
@@ -111,10 +109,10 @@ class FleetBreaker(CircuitBreaker):
         if self._shared_state == OPEN:
             self._half_open_at = self._clock.now() + micros / _MICROS
 
-    def _moved(self, old: str, new: str) -> None:
+    def _moved(self) -> None:
         """A transition this sidecar's call made (others' are logged where they happened)."""
         self.transitions += 1
-        log.warning("circuit breaker %s (fleet): %s -> %s", self.name, old, new)
+        log.warning("circuit breaker %s (fleet): now %s", self.name, self._shared_state)
 
     def snapshot(self) -> dict[str, object]:
         return {

@@ -63,6 +63,12 @@ return 0
 )
 """A provider's Retry-After learned by one sidecar, for all (a longer pause already set stays)."""
 
+PROBE = """
+redis.call('SET', KEYS[1], '1', 'PX', 10000)
+return 1
+"""
+"""Whether Redis takes a script that writes, as the fleet's scripts do (the health check)."""
+
 CLOSED, HALF_OPEN, OPEN = 0, 1, 2
 
 _BREAKER_READ = """
@@ -117,9 +123,15 @@ BREAKER_FINISH = (
     + _BREAKER_READ
     + """
 -- ARGV[1] the state the attempt was admitted in, ARGV[2] outcome (1 failed, 0 succeeded, -1 neutral),
--- ARGV[3] failure_threshold, ARGV[4] reset_timeout (us)
+-- ARGV[3] failure_threshold, ARGV[4] reset_timeout (us), ARGV[5] the version it was admitted at
 -- answer: state, failures, us until half-open, version, moved
 local admitted, outcome = tonumber(ARGV[1]), tonumber(ARGV[2])
+local left = 0
+if admitted == 1 and version ~= tonumber(ARGV[5]) then
+  -- a trial of an earlier half-open round: its slot went with that round, its result counts for nothing
+  if state == 2 then left = math.max(0, opened + tonumber(ARGV[4]) - now) end
+  return {state, failures, left, version, 0}
+end
 if admitted == 1 and trials > 0 then
   trials = trials - 1
 end
@@ -137,7 +149,6 @@ else
   end
 end
 save()
-local left = 0
 if state == 2 then left = math.max(0, opened + tonumber(ARGV[4]) - now) end
 return {state, failures, left, version, moved}
 """

@@ -35,6 +35,9 @@ class Admission(NamedTuple):
 
     state: str
     shared: bool = False
+    round: int = 0
+    """For the fleet's breaker: which state change it was admitted after (a trial's result
+    from an earlier half-open round counts for nothing)."""
 
 
 _LOCAL = {state: Admission(state) for state in (CLOSED, HALF_OPEN)}

@@ -162,45 +162,50 @@ class RateLimiter:
         ends = now + (
             self.settings.max_wait if deadline is None else min(self.settings.max_wait, deadline - now)
         )
+        for _ in range(_FLEET_ROUNDS):
+            gate = self._gate(now)
+            if gate > now:  # a pause or pacing known here: no need to ask the fleet yet
+                if gate > ends:
+                    raise self._refusal(now, gate - now)
+                await self._wait_in_line(rank, gate - now)
+                now = clock.now()
+                continue
+            reservation = await shared.reserve(ends - now)
+            if reservation is None:  # the fleet's store is gone: this sidecar's own bucket
+                break
+            now = clock.now()
+            if reservation.outcome == "granted":
+                if reservation.wait > 0:
+                    try:
+                        await self._wait_in_line(rank, reservation.wait)
+                    except (asyncio.CancelledError, errors.RateLimited):
+                        shared.give_back()
+                        raise
+                self._last_sent = clock.now()
+                return self._last_sent - start
+            if reservation.outcome == "refused":
+                limit = f"{self.settings.rate:g} per {self.settings.per:g}s"
+                raise errors.RateLimited(
+                    f"fleet rate limit for {self.name}: {limit} exceeded", retry_after=reservation.wait
+                )
+            self._adopt_pause(now + reservation.wait)
+        else:
+            raise self._refusal(now, self._bucket.interval)
+        return clock.now() - start + await self.acquire(deadline, PRIORITIES[rank])
+
+    async def _wait_in_line(self, rank: int, seconds: float) -> None:
+        """Sleep `seconds` as one of this sidecar's waiters for the fleet, bounded by max_queued
+        (an attempt whose token is due at once never counts)."""
         if sum(self._fleet_waiting) >= self.settings.max_queued:
             raise errors.RateLimited(
                 f"the rate limit queue for {self.name} is full ({self.settings.max_queued} waiting)",
-                retry_after=self._bucket.interval,
+                retry_after=seconds,
             )
         self._fleet_waiting[rank] += 1
         try:
-            for _ in range(_FLEET_ROUNDS):
-                gate = self._gate(now)
-                if gate > now:  # a pause or pacing known here: no need to ask the fleet yet
-                    if gate > ends:
-                        raise self._refusal(now, gate - now)
-                    await clock.sleep(gate - now)
-                    now = clock.now()
-                    continue
-                reservation = await shared.reserve(ends - now)
-                if reservation is None:  # the fleet's store is gone: this sidecar's own bucket
-                    break
-                now = clock.now()
-                if reservation.outcome == "granted":
-                    if reservation.wait > 0:
-                        try:
-                            await clock.sleep(reservation.wait)
-                        except asyncio.CancelledError:
-                            shared.give_back()
-                            raise
-                    self._last_sent = clock.now()
-                    return self._last_sent - start
-                if reservation.outcome == "refused":
-                    limit = f"{self.settings.rate:g} per {self.settings.per:g}s"
-                    raise errors.RateLimited(
-                        f"fleet rate limit for {self.name}: {limit} exceeded", retry_after=reservation.wait
-                    )
-                self._adopt_pause(now + reservation.wait)
-            else:
-                raise self._refusal(now, self._bucket.interval)
+            await self._clock.sleep(seconds)
         finally:
             self._fleet_waiting[rank] -= 1
-        return clock.now() - start + await self.acquire(deadline, PRIORITIES[rank])
 
     def _adopt_pause(self, until: float) -> None:
         """A provider pause another sidecar learned (the fleet told us), kept here too."""

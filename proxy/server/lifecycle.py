@@ -118,8 +118,9 @@ class ProxyServer:
         config = self._initial
         self._upstream = UpstreamClient(max_header_bytes=config.main.limits.max_header_bytes)
         if config.main.fleet is not None:
-            fleet = self.fleet = FleetBackend(config.main.fleet)
+            fleet = self.fleet = FleetBackend(config.main.fleet, config.path.parent)
             self.telemetry.metrics.watch_fleet(lambda: fleet.up)
+            fleet.start()
         self._runtime = Runtime.build(config, self._upstream, self.telemetry.tracer, fleet=self.fleet)
         limits = config.main.limits
         server = ProxyWebServer(

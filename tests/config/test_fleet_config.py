@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.config.lint import lint
 from tests.config.test_loader import Tree, at
 
 
@@ -91,3 +92,25 @@ def test_an_unknown_scope_is_refused(tree: Tree) -> None:
         "a.yaml", "hosts: [a.example]\nupstream: https://a.example\nrate_limit: {scope: global}\n"
     )
     assert tree.problems() == at(path, (3, "rate_limit.scope: Input should be 'local' or 'fleet'"))
+
+
+def test_a_redis_password_reference_must_resolve_at_load(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLEET_REDIS_PASSWORD", raising=False)
+    path = tree.main("fleet:\n  redis: 'redis://:${env:FLEET_REDIS_PASSWORD}@redis:6379/0'\n")
+    assert tree.problems() == at(
+        path, (5, "fleet.redis: environment variable FLEET_REDIS_PASSWORD is not set")
+    )
+    monkeypatch.setenv("FLEET_REDIS_PASSWORD", "s3cret")
+    fleet = tree.load().main.fleet
+    assert fleet is not None
+    assert fleet.redis == "redis://:${env:FLEET_REDIS_PASSWORD}@redis:6379/0", "kept as written"
+
+
+def test_lint_warns_of_an_inline_redis_password_only(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
+    tree.main("fleet:\n  redis: 'redis://:s3cret@redis:6379/0'\n")
+    warnings = lint(tree.load())
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"{tree.config}:4: fleet.redis: warning: Redis password written inline")
+    monkeypatch.setenv("FLEET_REDIS_PASSWORD", "s3cret")
+    tree.main("fleet:\n  redis: 'redis://:${env:FLEET_REDIS_PASSWORD}@redis:6379/0'\n")
+    assert lint(tree.load()) == []

@@ -3,6 +3,7 @@ because of Redis (down, frozen, back again)."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import uuid
 from pathlib import Path
@@ -122,3 +123,85 @@ def test_run_without_the_redis_package_says_how_to_install_it(
     error = capsys.readouterr().err
     assert "the redis package is not installed: pip install 'outrigger[fleet]'" in error
     assert "Traceback" not in error
+
+
+async def test_the_redis_password_comes_from_its_reference(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", redis_server.port)
+    writer.write(b"CONFIG SET requirepass s3cret\r\n")
+    assert await reader.readline() == b"+OK\r\n"
+    writer.close()
+    monkeypatch.setenv("FLEET_REDIS_PASSWORD", "s3cret")
+    (tmp_path / "redis-password").write_text("wrong\n")
+    good = FleetBackend(
+        Fleet(redis=f"redis://:${{env:FLEET_REDIS_PASSWORD}}@127.0.0.1:{redis_server.port}/0")
+    )
+    bad = FleetBackend(
+        Fleet(redis=f"redis://:${{file:redis-password}}@127.0.0.1:{redis_server.port}/0"), tmp_path
+    )
+    try:
+        ping = good.script("return redis.call('PING')")
+        assert await good.run(ping, (), ()) == b"PONG"
+        assert good.up
+        assert await bad.run(bad.script("return redis.call('PING')"), (), ()) is None
+        assert not bad.up, "refused for its wrong password: down, and the sidecar goes on locally"
+    finally:
+        await good.close()
+        await bad.close()
+
+
+async def test_config_shows_an_inline_redis_password_masked(
+    start_proxy: StartProxy, client: aiohttp.ClientSession
+) -> None:
+    fleet = {"redis": "redis://:s3cret@127.0.0.1:9/0", "key_prefix": "t"}
+    proxy = await start_proxy([], fleet=fleet)
+    async with client.get(f"http://127.0.0.1:{proxy.admin_port}/config") as response:
+        text = await response.text()
+    assert "s3cret" not in text
+    assert (await response.json())["main"]["fleet"] == {
+        "redis": "redis://:****@127.0.0.1:9/0",
+        "key_prefix": "t",
+        "timeout": "50ms",
+    }
+
+
+async def test_a_redis_unreachable_from_the_start_shows_as_down_before_any_request(
+    start_proxy: StartProxy, client: aiohttp.ClientSession
+) -> None:
+    fleet = {"redis": f"redis://127.0.0.1:{free_port()}/0", "key_prefix": "t"}  # nothing listens there
+    proxy = await start_proxy([], fleet=fleet)
+
+    async def down() -> bool:
+        return await _gauge(client, proxy.admin_port) == "0.0"
+
+    assert await wait_until(down, within=2.0)
+
+
+def test_redacted_masks_only_inline_passwords_and_keeps_references() -> None:
+    assert redacted("redis://${env:REDIS_HOST}:6379/0") == "redis://${env:REDIS_HOST}:6379/0"
+    assert redacted("redis://u:hunter2@h/${env:DB}") == "redis://u:****@h/${env:DB}"
+    assert redacted("redis://:${env:PW}@h:6379/0") == "redis://:${env:PW}@h:6379/0"
+    assert redacted("redis://h:6379/0?password=abc") == "redis://h:6379/0?password=****"
+    assert redacted("unix:///run/redis.sock") == "unix:///run/redis.sock"
+
+
+async def test_the_probe_survives_a_pool_that_fails_to_close(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = FleetBackend(Fleet(redis=redis_server.url, key_prefix="t"), probe_interval=0.05)
+    try:
+        pool = backend._redis.connection_pool
+
+        async def broken(*args: object, **kwargs: object) -> None:
+            raise TimeoutError  # closing a connection to a frozen TLS peer times out
+
+        monkeypatch.setattr(pool, "disconnect", broken)
+        redis_server.stop()
+        ping = backend.script("return 1")
+        assert await backend.run(ping, (), ()) is None
+        redis_server.start()
+        assert await wait_until(lambda: backend.up, within=3.0)
+    finally:
+        monkeypatch.undo()
+        await backend.close()

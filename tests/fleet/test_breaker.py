@@ -88,7 +88,7 @@ async def test_half_open_trials_are_limited_fleet_wide(sidecar: Sidecar) -> None
         await attempt(a, failed=True)
     await asyncio.sleep(0.35)
     trial = await a.admit_async()
-    assert trial == Admission(HALF_OPEN, shared=True)
+    assert (trial.state, trial.shared) == (HALF_OPEN, True)
     refusal = await refused(b)
     assert "trial requests are in flight" in str(refusal)
     a.finish(trial, failed=False)
@@ -172,3 +172,20 @@ async def test_failover_upstreams_get_fleet_breakers_of_their_own(
         assert local.limiter.shared is None
     finally:
         await backend.close()
+
+
+async def test_a_late_trial_of_an_earlier_half_open_round_counts_for_nothing(sidecar: Sidecar) -> None:
+    a, b = await sidecar(half_open_max=2), await sidecar(half_open_max=2)
+    for _ in range(3):
+        await attempt(a, failed=True)
+    await asyncio.sleep(0.35)
+    slow = await a.admit_async()  # a trial of the first half-open round, slow to finish
+    await attempt(b, failed=True)  # another trial fails: open again
+    await asyncio.sleep(0.35)
+    second = await b.admit_async()  # the second round's trial
+    assert second.state == HALF_OPEN
+    assert second.round != slow.round
+    a.finish(slow, failed=False)  # late: it must neither close the breaker nor free a slot
+    await asyncio.sleep(0.05)
+    assert (await a.admit_async()).state == HALF_OPEN  # the 2nd slot of this round, not a closed breaker
+    await refused(b)  # both slots of this round are taken

@@ -130,3 +130,18 @@ async def test_a_redis_slower_than_the_timeout_counts_as_down(
     finally:
         redis_server.thaw()
     assert await wait_until(lambda: a.shared is not None and a.shared.up, within=3.0)
+
+
+async def test_max_queued_counts_only_waiters_and_a_refused_waiter_gives_its_token_back(
+    sidecar: Sidecar,
+) -> None:
+    a = await sidecar(rate=2, burst=2, max_wait="2s", max_queued=0)
+    b = await sidecar(rate=2, burst=2, max_wait="2s", max_queued=0)
+    assert await timed(a) < 0.05  # due at once: not a waiter, so max_queued 0 lets it through
+    assert await timed(b) < 0.05
+    with pytest.raises(errors.RateLimited) as full:
+        await a.acquire()  # its token is 0.5 s away: it would wait, and nobody may
+    assert "queue for api.example is full (0 waiting)" in str(full.value)
+    await asyncio.sleep(0.05)  # the give-back is reported without waiting
+    patient = await sidecar(rate=2, burst=2, max_wait="2s")
+    assert 0.3 < await timed(patient) < 0.6  # the refused one's token came back: 0.5 s, not 1 s
