@@ -12,11 +12,14 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from proxy.config.model import Fleet
+from proxy.fleet import FleetBackend
 from tests.conftest import free_port
 
 
@@ -91,3 +94,19 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def fleet_backends(redis_server: RedisServer) -> AsyncIterator[Callable[[], FleetBackend]]:
+    """A new Redis client per call, as each sidecar has its own, all under one fresh key prefix."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    backends: list[FleetBackend] = []
+
+    def make() -> FleetBackend:
+        backend = FleetBackend(Fleet(redis=redis_server.url, key_prefix=prefix), probe_interval=0.05)
+        backends.append(backend)
+        return backend
+
+    yield make
+    for backend in backends:
+        await backend.close()

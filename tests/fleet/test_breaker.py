@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import pytest
 from proxy import errors, fleet
 from proxy.clock import SYSTEM_CLOCK
 from proxy.config.loader import load_config
-from proxy.config.model import CircuitBreakerSettings, Fleet
+from proxy.config.model import CircuitBreakerSettings
 from proxy.fleet import FleetBackend
 from proxy.fleet.breaker import FleetBreaker
 from proxy.layers.breaker import CLOSED, HALF_OPEN, OPEN, Admission, CircuitBreaker
@@ -26,20 +26,13 @@ Sidecar = Callable[..., Awaitable[CircuitBreaker]]
 
 
 @pytest.fixture
-async def sidecar(redis_server: RedisServer) -> AsyncIterator[Sidecar]:
-    prefix = f"t{uuid.uuid4().hex[:8]}"
-    backends: list[FleetBackend] = []
-
+def sidecar(fleet_backends: Callable[[], FleetBackend]) -> Sidecar:
     async def make(**settings: Any) -> CircuitBreaker:
-        backend = FleetBackend(Fleet(redis=redis_server.url, key_prefix=prefix), probe_interval=0.05)
-        backends.append(backend)
         values = {"failure_threshold": 3, "reset_timeout": "300ms", **settings}
         breaker_settings = CircuitBreakerSettings(scope="fleet", **values)
-        return fleet.breaker("api.example", breaker_settings, SYSTEM_CLOCK, backend)
+        return fleet.breaker("api.example", breaker_settings, SYSTEM_CLOCK, fleet_backends())
 
-    yield make
-    for backend in backends:
-        await backend.close()
+    return make
 
 
 async def attempt(breaker: CircuitBreaker, failed: bool | None) -> Admission:

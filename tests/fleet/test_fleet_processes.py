@@ -253,6 +253,20 @@ async def assert_backend(sidecars: list[Sidecar], section: str, backend: str) ->
         assert state["fleet_backend"] == backend, (sidecar.name, state)
 
 
+async def reported(sidecars: list[Sidecar], up: bool, within: float, since: str) -> float:
+    """Wait until every sidecar's metric and /state show the backend `up`; the time they all did."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    assert await wait_until(lambda: all_report(sidecars, up=float(up)), within=within, interval=0.05), [
+        await s.backend_up() for s in sidecars
+    ]
+    done = loop.time()
+    word = "up" if up else "down"
+    print(f"every sidecar reported the backend {word} {done - began:.2f}s after {since}")
+    await assert_backend(sidecars, "rate_limit", word)
+    return done
+
+
 # --------------------------------------------------------------------------- rate limit
 
 
@@ -308,13 +322,7 @@ async def test_with_redis_gone_each_sidecar_limits_alone_and_rejoins_when_it_is_
 
         # Redis gone: each sidecar on its own bucket
         await asyncio.to_thread(redis_server.stop)
-        killed = loop.time()
-        assert await wait_until(lambda: all_report(sidecars, up=0), within=3, interval=0.05), [
-            await s.backend_up() for s in sidecars
-        ]
-        down_at = loop.time()
-        print(f"every sidecar reported the backend down {down_at - killed:.2f}s after the kill")
-        await assert_backend(sidecars, "rate_limit", "down")
+        down_at = await reported(sidecars, up=False, within=3, since="the kill")
         await asyncio.sleep(max(0.0, down_at + 2.2 - loop.time()))
         alone = upstream.count(down_at + 0.2, down_at + 2.2)
         shares = upstream.shares(down_at + 0.2, down_at + 2.2, sidecars)
@@ -325,13 +333,7 @@ async def test_with_redis_gone_each_sidecar_limits_alone_and_rejoins_when_it_is_
 
         # Redis back: everyone rejoins the shared bucket
         await asyncio.to_thread(redis_server.start)
-        restarted = loop.time()
-        assert await wait_until(lambda: all_report(sidecars, up=1), within=5, interval=0.05), [
-            await s.backend_up() for s in sidecars
-        ]
-        rejoined = loop.time()
-        print(f"every sidecar reported the backend up {rejoined - restarted:.2f}s after the restart")
-        await assert_backend(sidecars, "rate_limit", "up")
+        rejoined = await reported(sidecars, up=True, within=5, since="the restart")
         await asyncio.sleep(max(0.0, rejoined + 2.5 - loop.time()))
         again = upstream.count(rejoined + 0.5, rejoined + 2.5)
         shares = upstream.shares(rejoined + 0.5, rejoined + 2.5, sidecars)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -14,7 +13,7 @@ from multidict import CIMultiDict
 
 from proxy import errors, fleet
 from proxy.clock import SYSTEM_CLOCK
-from proxy.config.model import Fleet, RateLimit
+from proxy.config.model import RateLimit
 from proxy.fleet import FleetBackend
 from proxy.layers.ratelimit import RateLimiter
 from tests.e2e.procs import wait_until
@@ -24,19 +23,13 @@ Sidecar = Callable[..., Awaitable[RateLimiter]]
 
 
 @pytest.fixture
-async def sidecar(redis_server: RedisServer) -> AsyncIterator[Sidecar]:
+def sidecar(fleet_backends: Callable[[], FleetBackend]) -> Sidecar:
     """One limiter per call, each on its own Redis client, as two sidecars would be."""
-    prefix = f"t{uuid.uuid4().hex[:8]}"
-    backends: list[FleetBackend] = []
 
     async def make(**limit: Any) -> RateLimiter:
-        backend = FleetBackend(Fleet(redis=redis_server.url, key_prefix=prefix), probe_interval=0.05)
-        backends.append(backend)
-        return fleet.limiter("api.example", RateLimit(scope="fleet", **limit), SYSTEM_CLOCK, backend)
+        return fleet.limiter("api.example", RateLimit(scope="fleet", **limit), SYSTEM_CLOCK, fleet_backends())
 
-    yield make
-    for backend in backends:
-        await backend.close()
+    return make
 
 
 async def timed(limiter: RateLimiter) -> float:
