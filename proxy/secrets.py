@@ -23,11 +23,6 @@ def has_reference(template: str) -> bool:
     return _REFERENCE.search(template) is not None
 
 
-def secret_placeholders(template: str) -> str:
-    """`template` with each reference replaced by a plain word, to check the shape around it."""
-    return masked_references(template)[0]
-
-
 def masked_references(template: str) -> tuple[str, dict[str, str]]:
     """`template` with each reference replaced by a distinct plain word, and the references by
     word: what is around them can be parsed (a URL), then the words put back."""

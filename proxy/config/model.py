@@ -31,7 +31,7 @@ from yarl import URL
 from proxy.config import defaults as builtin
 from proxy.config.units import ByteSize, Duration, format_duration, parse_duration
 from proxy.redaction import NO_REDACTION, PathRedactor, check_glob, compile_globs
-from proxy.secrets import secret_placeholders
+from proxy.secrets import masked_references
 
 
 class Frozen(BaseModel):
@@ -1038,7 +1038,7 @@ class Webhooks(Frozen):
 
 
 def _check_redis_url(value: str) -> str:
-    url = URL(secret_placeholders(value))
+    url = URL(masked_references(value)[0])  # a reference may stand for any part (a password)
     if url.scheme not in ("redis", "rediss", "unix") or not (url.host or url.scheme == "unix"):
         raise ValueError(f"redis {value!r} must be a redis://, rediss:// or unix:// URL")
     return value

@@ -50,21 +50,21 @@ def _inline(value: str | None, references: dict[str, str]) -> bool:
 def inline_password(url: str) -> bool:
     """The Redis URL (as written) carries a password, in its userinfo or its query, that is not
     a ``${file:}``/``${env:}`` reference."""
-    text, references = secrets.masked_references(url)
-    parsed = URL(text)
-    return _inline(parsed.password, references) or _inline(parsed.query.get("password"), references)
+    return redacted(url) != url
 
 
 def redacted(url: str) -> str:
     """The Redis URL as written, for logs and /config: references as written, an inline password
     shown as ``****``."""
-    if not inline_password(url):
-        return url
     text, references = secrets.masked_references(url)
     parsed = URL(text)
-    if _inline(parsed.password, references):
+    in_userinfo = _inline(parsed.password, references)
+    in_query = _inline(parsed.query.get("password"), references)
+    if not (in_userinfo or in_query):
+        return url
+    if in_userinfo:
         parsed = parsed.with_password(_MASK)
-    if _inline(parsed.query.get("password"), references):
+    if in_query:
         parsed = parsed.update_query(password=_MASK)
     shown = str(parsed)
     for word, reference in references.items():
@@ -94,8 +94,6 @@ class FleetBackend:
         except secrets.SecretError as error:
             raise FleetUnavailable(f"fleet.redis: {error}") from error
         self.settings = settings
-        self.key_prefix = settings.key_prefix
-        self.timeout = settings.timeout
         self._redis = Redis.from_url(
             url,
             socket_timeout=settings.timeout,
@@ -105,7 +103,7 @@ class FleetBackend:
         )
         self._probe_interval = probe_interval
         self._probe_script = self.script(scripts.PROBE)
-        self._probe_key = f"{self.key_prefix}:probe"
+        self._probe_key = f"{settings.key_prefix}:probe"
         self.up = True
         """Until `start`'s first ping, or the first call, says otherwise."""
         self._probe: asyncio.Task[None] | None = None
@@ -126,7 +124,7 @@ class FleetBackend:
         """None when Redis took a write within the timeout, else what went wrong. A write, not a
         PING: a Redis out of memory or a read-only replica answers PING but fails every script."""
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.settings.timeout):
                 await self._probe_script(keys=(self._probe_key,), args=())
         except asyncio.CancelledError:
             raise
@@ -137,7 +135,7 @@ class FleetBackend:
     def key(self, kind: str, name: str) -> str:
         """One key per policy and kind; the braces keep a policy's keys in one Redis Cluster slot
         (a script may only touch keys of one slot)."""
-        return f"{self.key_prefix}:{{{name}}}:{kind}"
+        return f"{self.settings.key_prefix}:{{{name}}}:{kind}"
 
     def script(self, source: str) -> Script:
         """A Lua script run with EVALSHA (loaded again by redis-py when Redis has forgotten it)."""
@@ -149,7 +147,7 @@ class FleetBackend:
         if not self.up:
             return None
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.settings.timeout):
                 return await script(keys=keys, args=args)
         except asyncio.CancelledError:
             raise

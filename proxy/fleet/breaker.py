@@ -63,9 +63,7 @@ class FleetBreaker(CircuitBreaker):
         if answer is None:
             return self.admit()
         admitted, state, failures, micros, version, moved = (int(item) for item in answer)
-        self._learn(state, failures, micros)
-        if moved:
-            self._moved()
+        self._learn(state, failures, micros, moved)
         if admitted:
             return Admission(self._shared_state, shared=True, round=version)
         if self._shared_state == OPEN:
@@ -99,20 +97,18 @@ class FleetBreaker(CircuitBreaker):
         if answer is None:
             return
         state, failures, micros, _, moved = (int(item) for item in answer)
-        self._learn(state, failures, micros)
-        if moved:
-            self._moved()
+        self._learn(state, failures, micros, moved)
 
-    def _learn(self, state: int, failures: int, micros: int) -> None:
+    def _learn(self, state: int, failures: int, micros: int, moved: int) -> None:
+        """Keep what Redis answered; `moved`: this sidecar's call made a transition (others' are
+        counted and logged where they happened)."""
         self._shared_state = _STATES[state]
         self._shared_failures = failures
         if self._shared_state == OPEN:
             self._half_open_at = self._clock.now() + micros / _MICROS
-
-    def _moved(self) -> None:
-        """A transition this sidecar's call made (others' are logged where they happened)."""
-        self.transitions += 1
-        log.warning("circuit breaker %s (fleet): now %s", self.name, self._shared_state)
+        if moved:
+            self.transitions += 1
+            log.warning("circuit breaker %s (fleet): now %s", self.name, self._shared_state)
 
     def snapshot(self) -> dict[str, object]:
         return {

@@ -184,10 +184,7 @@ class RateLimiter:
                 self._last_sent = clock.now()
                 return self._last_sent - start
             if reservation.outcome == "refused":
-                limit = f"{self.settings.rate:g} per {self.settings.per:g}s"
-                raise errors.RateLimited(
-                    f"fleet rate limit for {self.name}: {limit} exceeded", retry_after=reservation.wait
-                )
+                raise errors.RateLimited(self._exceeded("fleet"), retry_after=reservation.wait)
             self._adopt_pause(now + reservation.wait)
         else:
             raise self._refusal(now, self._bucket.interval)
@@ -209,8 +206,14 @@ class RateLimiter:
 
     def _adopt_pause(self, until: float) -> None:
         """A provider pause another sidecar learned (the fleet told us), kept here too."""
-        if self._pause is None or until > self._pause.until:
-            self._pause = _Pause(until, "a pause the provider asked of another sidecar")
+        self._extend_pause(until, "a pause the provider asked of another sidecar")
+
+    def _extend_pause(self, until: float, reason: str) -> bool:
+        """Pause until `until` unless a pause already lasts longer; True if this one is new."""
+        if self._pause is not None and until <= self._pause.until:
+            return False
+        self._pause = _Pause(until, reason)
+        return True
 
     def _gate(self, now: float) -> float:
         """Earliest time the provider lets the next attempt go (its pause, its pacing)."""
@@ -241,9 +244,12 @@ class RateLimiter:
         elif self._pacing is not None and self._gate(now) > now:
             message = f"pacing {self.name} to its quota ({self._pacing.remaining} left until its reset)"
         else:
-            limit = f"{self.settings.rate:g} per {self.settings.per:g}s"
-            message = f"local rate limit for {self.name}: {limit} exceeded"
+            message = self._exceeded("local")
         return errors.RateLimited(message, retry_after=expected)
+
+    def _exceeded(self, scope: str) -> str:
+        limit = f"{self.settings.rate:g} per {self.settings.per:g}s"
+        return f"{scope} rate limit for {self.name}: {limit} exceeded"
 
     def _evict_for(self, rank: int) -> bool:
         """Make room for an arrival of `rank`: the newest waiter of the lowest priority present
@@ -353,9 +359,7 @@ class RateLimiter:
         if seconds > self.settings.max_pause:
             log.warning("%s asked for a %.0fs pause; capped at max_pause", self.name, seconds)
             seconds = self.settings.max_pause
-        until = self._clock.now() + seconds
-        if self._pause is None or until > self._pause.until:
-            self._pause = _Pause(until, reason)
+        if self._extend_pause(self._clock.now() + seconds, reason):
             log.warning("pausing %s for %.1fs: %s", self.name, seconds, reason)
             if self.shared is not None and self.shared.up:
                 self.shared.share_pause(seconds)
